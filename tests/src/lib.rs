@@ -1,0 +1,7 @@
+//! Shared helpers for Ferry's integration tests and benchmarks: what the
+//! host can do, the guests (probe and Linux), network namespaces, and
+//! driving `ferry` and QEMU processes.
+
+pub mod host;
+pub mod netns;
+pub mod probe;
