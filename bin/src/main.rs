@@ -1,1 +1,123 @@
-fn main() {}
+//! `ferry`: run a VM (`ferry run`) or say what this host can do
+//! (`ferry check`). Every failure is one line on stderr and a non-zero
+//! exit status: 1 when Ferry could not start or run the VM, 2 when the
+//! guest ended abnormally (triple fault, KVM internal error, ...).
+
+mod cli;
+mod logger;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    logger::init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::report_usage_error(e),
+    };
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Check(args) => check(args),
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ferry: {message}");
+    ExitCode::from(1)
+}
+
+fn run(args: cli::RunArgs) -> ExitCode {
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let vm = match vmm::Vm::new(&config) {
+        Ok(vm) => vm,
+        Err(e) => return fail(e),
+    };
+    match vm.run() {
+        Ok(exit) if exit.is_clean() => {
+            log::info!("{exit}");
+            ExitCode::SUCCESS
+        }
+        Ok(exit) => {
+            eprintln!("ferry: {exit}");
+            ExitCode::from(2)
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn check(args: cli::CheckArgs) -> ExitCode {
+    let report = match vmm::check::probe() {
+        Ok(r) => r,
+        Err(e) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "kvm": false, "error": e.to_string() })
+                );
+            }
+            return fail(e);
+        }
+    };
+    let usable = report.missing_required().is_none();
+    if args.json {
+        let caps: serde_json::Map<String, serde_json::Value> = report
+            .capabilities
+            .iter()
+            .map(|c| (c.name.to_string(), c.present.into()))
+            .collect();
+        let kind = match report.kind {
+            vmm::check::KvmKind::Hardware => "hardware",
+            vmm::check::KvmKind::Pvm => "kvm_pvm",
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "kvm": true,
+                "usable": usable,
+                "kind": kind,
+                "api_version": report.api_version,
+                "max_vcpus": report.max_vcpus,
+                "linux_userspace": report.linux_userspace(),
+                "capabilities": caps,
+            })
+        );
+    } else {
+        println!(
+            "KVM:            /dev/kvm, API version {}",
+            report.api_version
+        );
+        println!("Virtualization: {}", report.kind);
+        println!("vCPUs:          up to {} per VM", report.max_vcpus);
+        if report.linux_userspace() {
+            println!("Linux guests:   boot to userspace");
+        } else {
+            println!(
+                "Linux guests:   early boot only (banner, memory map, ACPI, CPUs); no userspace."
+            );
+            println!(
+                "                Ferry refuses a Linux kernel here unless --allow-no-userspace;"
+            );
+            println!("                run the probe guest instead (see README).");
+        }
+        println!("Capabilities Ferry uses:");
+        for c in &report.capabilities {
+            let mark = if c.present { "yes" } else { "NO " };
+            let need = if c.required { "required" } else { "optional" };
+            println!("  {mark}  {:<44} {need}", c.name);
+        }
+    }
+    if usable {
+        ExitCode::SUCCESS
+    } else {
+        fail(format!(
+            "KVM lacks a capability Ferry requires: {}",
+            report.missing_required().unwrap_or("?")
+        ))
+    }
+}

@@ -11,7 +11,9 @@ pub use vmm::check::KvmKind;
 
 /// True when running under CI, where nothing may be skipped for lack of KVM.
 pub fn is_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }
 
 /// Prints a visible skip line for `test`.
@@ -73,7 +75,10 @@ pub fn require_tool(test: &str, tool: &str) -> bool {
         if is_ci() {
             panic!("{test}: CI requires `{tool}` (resources/setup-host installs it)");
         }
-        skip(test, &format!("`{tool}` is not installed (run resources/setup-host)"));
+        skip(
+            test,
+            &format!("`{tool}` is not installed (run resources/setup-host)"),
+        );
     }
     found
 }

@@ -5,3 +5,4 @@
 pub mod host;
 pub mod netns;
 pub mod probe;
+pub mod tiny;

@@ -99,7 +99,11 @@ pub fn probe() -> Result<HostReport, CheckError> {
         required,
     };
     let capabilities = vec![
-        cap("irqchip (in-kernel PIC + IOAPIC + LAPIC)", Cap::Irqchip, true),
+        cap(
+            "irqchip (in-kernel PIC + IOAPIC + LAPIC)",
+            Cap::Irqchip,
+            true,
+        ),
         cap("pit2 (in-kernel PIT)", Cap::Pit2, true),
         cap("user memory", Cap::UserMemory, true),
         cap("irqfd", Cap::Irqfd, true),

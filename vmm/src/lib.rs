@@ -1,1 +1,64 @@
+//! The machine: a KVM VM with its memory, vCPUs and devices, booted from a
+//! kernel, and the loop that runs it.
+
+pub mod acpi;
+pub mod boot;
 pub mod check;
+pub mod config;
+pub mod console;
+pub mod cpu;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{BootConfig, MachineConfig, SerialConfig, VmConfig};
+pub use exit::VmExit;
+pub use vm::Vm;
+
+use std::path::PathBuf;
+
+/// Everything that can stop Ferry from building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error("device layout: {0}")]
+    Bus(#[from] devices::BusError),
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open serial output {path}: {source}")]
+    SerialFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--cpus {asked} is more than this host's KVM allows ({max})")]
+    TooManyVcpus { asked: u8, max: usize },
+    #[error("this host's KVM is kvm_pvm: a Linux guest cannot reach userspace here (run `ferry check`); boot the probe guest instead, or pass --allow-no-userspace to watch its early boot")]
+    LinuxNeedsHardwareVirt,
+    #[error("event loop: {0}")]
+    EventLoop(String),
+}

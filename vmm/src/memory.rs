@@ -1,0 +1,155 @@
+//! Guest RAM: how it is laid out around the MMIO gap, how it is mapped in
+//! the VMM, and the e820 view of it the guest boots with.
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::layout::*;
+
+/// Guest memory as the VMM sees it. The bitmap records pages the VMM
+/// itself writes (device DMA), which KVM's dirty log cannot see.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot map {size} bytes of guest memory: {source}")]
+    Map {
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("cannot register guest memory with KVM: {0}")]
+    Register(#[source] kvm_ioctls::Error),
+}
+
+/// The RAM ranges of a guest with `size` bytes: below the MMIO gap first,
+/// the rest from 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
+    let low = size.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), low)];
+    if size > low {
+        ranges.push((GuestAddress(MMIO_GAP_END), size - low));
+    }
+    ranges
+}
+
+/// Maps guest RAM in this process (anonymous, private, not reserved: pages
+/// cost host memory only once the guest touches them).
+pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
+        .into_iter()
+        .map(|(a, s)| (a, s as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { size, source })
+}
+
+/// Registers every region with KVM as memory slot 0, 1, ...
+pub fn register_with_kvm(
+    vm: &kvm_ioctls::VmFd,
+    memory: &GuestMemoryMmap,
+    flags: u32,
+) -> Result<(), MemoryError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let mem_region = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size`
+        // bytes owned by `memory`, which the VMM keeps alive for as long as
+        // the VM exists.
+        unsafe { vm.set_user_memory_region(mem_region) }.map_err(MemoryError::Register)?;
+    }
+    Ok(())
+}
+
+/// e820 entry types shared by the Linux boot protocol and PVH.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum E820Type {
+    Ram = 1,
+    Reserved = 2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: E820Type,
+}
+
+/// The memory map the guest boots with: conventional RAM up to the EBDA,
+/// the EBDA and BIOS area (MP table, ACPI tables) reserved, then RAM from
+/// 1 MiB, and RAM above 4 GiB when the guest is larger than the gap.
+pub fn e820_map(size: u64) -> Vec<E820Entry> {
+    let mut map = vec![
+        E820Entry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820Type::Ram,
+        },
+        E820Entry {
+            addr: EBDA_START,
+            size: 0xa0000 - EBDA_START,
+            kind: E820Type::Reserved,
+        },
+        E820Entry {
+            addr: BIOS_AREA_START,
+            size: BIOS_AREA_END - BIOS_AREA_START,
+            kind: E820Type::Reserved,
+        },
+    ];
+    for (start, len) in ram_ranges(size) {
+        let (addr, end) = (start.0.max(HIMEM_START), start.0 + len);
+        if end > addr {
+            map.push(E820Entry {
+                addr,
+                size: end - addr,
+                kind: E820Type::Ram,
+            });
+        }
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_has_no_high_ram() {
+        let map = e820_map(512 << 20);
+        assert_eq!(map.len(), 4);
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: HIMEM_START,
+                size: (512 << 20) - HIMEM_START,
+                kind: E820Type::Ram
+            }
+        );
+    }
+
+    #[test]
+    fn large_guest_moves_ram_above_the_gap() {
+        let size = 4u64 << 30;
+        let ranges = ram_ranges(size);
+        assert_eq!(
+            ranges,
+            vec![
+                (GuestAddress(0), MMIO_GAP_START),
+                (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START)
+            ]
+        );
+        let map = e820_map(size);
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820Type::Ram)
+            .map(|e| e.size)
+            .sum();
+        // Everything but the legacy hole below 1 MiB is RAM.
+        assert_eq!(ram, size - (HIMEM_START - EBDA_START));
+        assert_eq!(map.last().unwrap().addr, MMIO_GAP_END);
+    }
+}

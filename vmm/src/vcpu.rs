@@ -1,0 +1,286 @@
+//! One thread per vCPU: the KVM_RUN loop and what each exit means.
+//!
+//! Port and MMIO exits go to the device buses on this thread. A vCPU is
+//! kicked out of KVM_RUN by a signal whose handler sets `immediate_exit`
+//! in this thread's kvm_run, so a kick that lands just before KVM_RUN is
+//! not lost.
+
+use std::cell::Cell;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use devices::Bus;
+use kvm_bindings::{
+    kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::exit::{ExitState, VmExit};
+
+/// KVM_INTERNAL_ERROR_EMULATION and the flag saying the instruction bytes
+/// follow in `data`.
+const INTERNAL_ERROR_EMULATION: u32 = 1;
+const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
+const INT3_OPCODE: u8 = 0xcc;
+const BP_VECTOR: u8 = 3;
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(|r| r.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set
+        // before the thread first enters KVM_RUN and valid until the
+        // thread ends; a byte store is async-signal-safe.
+        unsafe { (*run).immediate_exit = 1 };
+        fence(Ordering::Release);
+    }
+}
+
+/// Installs the kick handler (process-wide, once).
+pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+}
+
+/// What the VMM wants a vCPU thread to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuCommand {
+    Run,
+    Pause,
+    Exit,
+}
+
+/// Shared between a vCPU thread and the VMM thread.
+pub struct VcpuControl {
+    command: Mutex<VcpuCommand>,
+    changed: Condvar,
+}
+
+impl VcpuControl {
+    pub fn new(initial: VcpuCommand) -> Self {
+        Self {
+            command: Mutex::new(initial),
+            changed: Condvar::new(),
+        }
+    }
+
+    pub fn set(&self, command: VcpuCommand) {
+        *devices::bus::lock(&self.command) = command;
+        self.changed.notify_all();
+    }
+
+    fn current(&self) -> VcpuCommand {
+        *devices::bus::lock(&self.command)
+    }
+
+    /// Blocks while paused; returns Run or Exit.
+    fn wait_runnable(&self) -> VcpuCommand {
+        let mut cmd = devices::bus::lock(&self.command);
+        while *cmd == VcpuCommand::Pause {
+            cmd = self.changed.wait(cmd).unwrap_or_else(|p| p.into_inner());
+        }
+        *cmd
+    }
+}
+
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitState>,
+    control: Arc<VcpuControl>,
+}
+
+impl Vcpu {
+    pub fn new(
+        id: u8,
+        fd: VcpuFd,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<ExitState>,
+        control: Arc<VcpuControl>,
+    ) -> Self {
+        Self {
+            id,
+            fd,
+            pio,
+            mmio,
+            exit,
+            control,
+        }
+    }
+
+    /// The vCPU thread's body: run until told to exit or the VM ends.
+    pub fn run_loop(mut self) {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|r| r.set(run_ptr));
+        loop {
+            if self.control.wait_runnable() == VcpuCommand::Exit {
+                break;
+            }
+            let step = match self.fd.run() {
+                Ok(exit) => handle_exit(self.id, exit, &self.pio, &self.mmio),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Kicked: clear the flag and look at the command again.
+                    self.fd.set_kvm_immediate_exit(0);
+                    Ok(())
+                }
+                Err(e) => Err(VmExit::VcpuError {
+                    vcpu: self.id,
+                    detail: format!("KVM_RUN: {e}"),
+                }),
+            };
+            let step = match step {
+                Err(VmExit::InternalError { detail, .. }) if self.fix_up_int3() => {
+                    log::debug!("vcpu {}: injected #BP for int3 ({detail})", self.id);
+                    Ok(())
+                }
+                Err(VmExit::InternalError { detail, .. }) => {
+                    Err(self.describe_internal_error(detail))
+                }
+                Err(VmExit::TripleFault { .. }) => {
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    Err(VmExit::TripleFault { vcpu: self.id, rip })
+                }
+                other => other,
+            };
+            if let Err(exit) = step {
+                self.exit.record(exit);
+                break;
+            }
+            if self.control.current() == VcpuCommand::Exit {
+                break;
+            }
+        }
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    }
+
+    fn internal_error(&mut self) -> (u32, Vec<u64>) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: after KVM_EXIT_INTERNAL_ERROR, the `internal` member is
+        // the active one of kvm_run's exit union.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        (internal.suberror, internal.data[..n].to_vec())
+    }
+
+    /// The bytes of the instruction KVM failed to emulate, if it said.
+    /// Layout (KVM API, emulation_failure): data[0] = flags, then one
+    /// byte of instruction size followed by up to 15 instruction bytes.
+    fn failed_instruction(&mut self) -> Option<Vec<u8>> {
+        let (suberror, data) = self.internal_error();
+        if suberror != INTERNAL_ERROR_EMULATION
+            || data.first()? & EMULATION_FLAG_INSTRUCTION_BYTES == 0
+        {
+            return None;
+        }
+        let raw: Vec<u8> = data
+            .get(1..3)?
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let len = usize::from(*raw.first()?).min(15);
+        let mut bytes = raw[1..=len].to_vec();
+        // kvm_pvm reports 15 bytes whatever the instruction's length;
+        // trailing zeros are not part of it.
+        while bytes.len() > 1 && bytes.last() == Some(&0) {
+            bytes.pop();
+        }
+        Some(bytes)
+    }
+
+    /// kvm_pvm's emulator cannot run `int3` in ring 0 (Linux runs one as a
+    /// self-test). Do what the CPU would: step over it and raise #BP.
+    fn fix_up_int3(&mut self) -> bool {
+        if self.failed_instruction().and_then(|b| b.first().copied()) != Some(INT3_OPCODE) {
+            return false;
+        }
+        let (Ok(mut regs), Ok(mut events)) = (self.fd.get_regs(), self.fd.get_vcpu_events()) else {
+            return false;
+        };
+        regs.rip += 1;
+        events.exception.injected = 1;
+        events.exception.nr = BP_VECTOR;
+        events.exception.has_error_code = 0;
+        self.fd.set_regs(&regs).is_ok() && self.fd.set_vcpu_events(&events).is_ok()
+    }
+
+    fn describe_internal_error(&mut self, fallback: String) -> VmExit {
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        let (suberror, data) = self.internal_error();
+        let detail = match self.failed_instruction() {
+            Some(bytes) => {
+                let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                format!(
+                    "emulation failure at RIP {rip:#x}, instruction bytes [{}]",
+                    hex.join(" ")
+                )
+            }
+            None if suberror == INTERNAL_ERROR_EMULATION => {
+                format!("emulation failure at RIP {rip:#x}")
+            }
+            None => format!("suberror {suberror} at RIP {rip:#x}, data {data:x?} ({fallback})"),
+        };
+        VmExit::InternalError {
+            vcpu: self.id,
+            detail,
+        }
+    }
+}
+
+fn handle_exit(id: u8, exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Result<(), VmExit> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            pio.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                data.fill(0);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            mmio.write(addr, data);
+        }
+        // With the in-kernel LAPIC, HLT waits in KVM; an exit here is spurious.
+        VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
+        VcpuExit::Shutdown => return Err(VmExit::TripleFault { vcpu: id, rip: 0 }),
+        VcpuExit::SystemEvent(kind, _) => {
+            return Err(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+                KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                KVM_SYSTEM_EVENT_CRASH => VmExit::GuestCrash { vcpu: id },
+                other => VmExit::VcpuError {
+                    vcpu: id,
+                    detail: format!("unknown system event {other}"),
+                },
+            })
+        }
+        VcpuExit::InternalError => {
+            return Err(VmExit::InternalError {
+                vcpu: id,
+                detail: String::new(),
+            })
+        }
+        VcpuExit::FailEntry(reason, _) => return Err(VmExit::EntryFailure { vcpu: id, reason }),
+        other => {
+            return Err(VmExit::VcpuError {
+                vcpu: id,
+                detail: format!("unexpected KVM exit {other:?}"),
+            })
+        }
+    }
+    Ok(())
+}
