@@ -40,7 +40,9 @@ fn run(args: cli::RunArgs) -> ExitCode {
     };
     match vm.run() {
         Ok(exit) if exit.is_clean() => {
-            log::info!("{exit}");
+            if matches!(exit, vmm::VmExit::Signal(_)) {
+                eprintln!("ferry: {exit}");
+            }
             ExitCode::SUCCESS
         }
         Ok(exit) => {

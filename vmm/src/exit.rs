@@ -31,9 +31,13 @@ pub enum VmExit {
 }
 
 impl VmExit {
-    /// Whether this is an orderly end (exit status 0).
+    /// Whether this is an orderly end (exit status 0). Like QEMU, a
+    /// termination signal is one: it is how supervisors stop a VM.
     pub fn is_clean(&self) -> bool {
-        matches!(self, VmExit::PowerOff | VmExit::Reset | VmExit::UserQuit)
+        matches!(
+            self,
+            VmExit::PowerOff | VmExit::Reset | VmExit::UserQuit | VmExit::Signal(_)
+        )
     }
 }
 
