@@ -103,10 +103,8 @@ pub fn patch(cpuid: &mut CpuId, id: u8, vcpus: u8, kind: KvmKind) {
                 e.ecx = 0;
                 e.edx = 0;
             }
-            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
-                if !topology_leaves.contains(&e.function) {
-                    topology_leaves.push(e.function);
-                }
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 if !topology_leaves.contains(&e.function) => {
+                topology_leaves.push(e.function);
             }
             LEAF_EXT_FEATURES => {
                 if count > 1 {
