@@ -56,7 +56,14 @@ impl Arp {
             m.copy_from_slice(&payload[at..at + 6]);
             MacAddr(m)
         };
-        let ip = |at: usize| Ipv4Addr([payload[at], payload[at + 1], payload[at + 2], payload[at + 3]]);
+        let ip = |at: usize| {
+            Ipv4Addr([
+                payload[at],
+                payload[at + 1],
+                payload[at + 2],
+                payload[at + 3],
+            ])
+        };
         Ok(Arp {
             op,
             sender_mac: mac(8),

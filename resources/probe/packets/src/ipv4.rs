@@ -2,9 +2,7 @@
 
 use crate::checksum::{internet_checksum, Checksum};
 use crate::ethernet::{self, MacAddr};
-use crate::{
-    be16, put_be16, BuildError, ParseError, ETHERTYPE_IPV4, IP_PROTO_ICMP, IP_PROTO_UDP,
-};
+use crate::{be16, put_be16, BuildError, ParseError, ETHERTYPE_IPV4, IP_PROTO_ICMP, IP_PROTO_UDP};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct Ipv4Addr(pub [u8; 4]);
@@ -263,7 +261,14 @@ pub fn write_udp_frame(
 ) -> Result<usize, BuildError> {
     let eth = ethernet::write_header(buf, ends.dst_mac, ends.src_mac, ends.vlan, ETHERTYPE_IPV4)?;
     let udp_len = 8 + udp.data.len();
-    let ip = write_header(&mut buf[eth..], ends.src_ip, ends.dst_ip, IP_PROTO_UDP, ip_id, udp_len)?;
+    let ip = write_header(
+        &mut buf[eth..],
+        ends.src_ip,
+        ends.dst_ip,
+        IP_PROTO_UDP,
+        ip_id,
+        udp_len,
+    )?;
     let n = udp.write(&mut buf[eth + ip..], ends.src_ip, ends.dst_ip)?;
     Ok(ethernet::pad_to_minimum(buf, eth + ip + n))
 }
@@ -277,7 +282,14 @@ pub fn write_icmp_echo_frame(
 ) -> Result<usize, BuildError> {
     let eth = ethernet::write_header(buf, ends.dst_mac, ends.src_mac, ends.vlan, ETHERTYPE_IPV4)?;
     let icmp_len = 8 + echo.data.len();
-    let ip = write_header(&mut buf[eth..], ends.src_ip, ends.dst_ip, IP_PROTO_ICMP, ip_id, icmp_len)?;
+    let ip = write_header(
+        &mut buf[eth..],
+        ends.src_ip,
+        ends.dst_ip,
+        IP_PROTO_ICMP,
+        ip_id,
+        icmp_len,
+    )?;
     let n = echo.write(&mut buf[eth + ip..])?;
     Ok(ethernet::pad_to_minimum(buf, eth + ip + n))
 }
@@ -345,7 +357,10 @@ mod tests {
         assert_eq!(&buf[34 + 6..34 + 8], &[0x93, 0x92]);
         let eth = Ethernet::parse(&buf[..n]).unwrap();
         let ip = Ipv4::parse(eth.payload).unwrap();
-        assert_eq!((ip.src, ip.dst, ip.protocol, ip.fragment), (A, B, IP_PROTO_UDP, false));
+        assert_eq!(
+            (ip.src, ip.dst, ip.protocol, ip.fragment),
+            (A, B, IP_PROTO_UDP, false)
+        );
         // Total length cuts the Ethernet padding off.
         assert_eq!(ip.payload.len(), 13);
         assert_eq!(Udp::parse(ip.src, ip.dst, ip.payload).unwrap(), udp);
