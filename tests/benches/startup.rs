@@ -1,0 +1,210 @@
+//! Start-up and memory overhead, Ferry against QEMU (`-M microvm
+//! -enable-kvm`) on the same guest: a tiny PVH ELF that prints one line at
+//! its first instructions.
+//!
+//! - time to first guest byte: process spawn → first console byte read,
+//!   median of N runs (default 20; FERRY_BENCH_RUNS overrides);
+//! - VMM CPU time until then: all threads' on-CPU time (schedstat);
+//! - memory: the process's RSS minus what its guest-memory mapping holds,
+//!   and peak RSS (VmHWM).
+//!
+//! Run with `cargo bench -p ferry-tests --bench startup`.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_tests::ferry::ferry_bin;
+use ferry_tests::tiny::{write_guest, Ending};
+
+const GUEST_MEMORY_MIB: u64 = 64;
+
+struct Sample {
+    first_byte: Duration,
+    cpu: Duration,
+    rss_kib: u64,
+    guest_rss_kib: u64,
+    hwm_kib: u64,
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// RSS of the mapping that is guest memory: the one whose size is exactly
+/// the guest's memory.
+fn guest_rss_kib(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut in_guest = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        if let Some(rest) = line.strip_prefix("Size:") {
+            let kib: u64 = rest
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            in_guest = kib == GUEST_MEMORY_MIB * 1024;
+        } else if let Some(rest) = line.strip_prefix("Rss:") {
+            if in_guest {
+                total += rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// On-CPU time of every thread of `pid` (ns precision from schedstat).
+fn cpu_time(pid: u32) -> Duration {
+    let mut ns = 0u64;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(ns)
+}
+
+fn measure(mut cmd: Command) -> Sample {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn VMM");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut byte = [0u8; 1];
+    let n = out.read(&mut byte).expect("read console");
+    let first_byte = start.elapsed();
+    assert_eq!(n, 1, "VMM ended before the guest printed");
+    let pid = child.id();
+    let cpu = cpu_time(pid);
+    // Let the guest finish its line, then look at memory.
+    std::thread::sleep(Duration::from_millis(50));
+    let sample = Sample {
+        first_byte,
+        cpu,
+        rss_kib: proc_status_kib(pid, "VmRSS:"),
+        guest_rss_kib: guest_rss_kib(pid),
+        hwm_kib: proc_status_kib(pid, "VmHWM:"),
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    sample
+}
+
+fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn report(name: &str, samples: &[Sample]) -> Duration {
+    let first = median(samples.iter().map(|s| s.first_byte).collect());
+    let cpu = median(samples.iter().map(|s| s.cpu).collect());
+    let overhead = median(
+        samples
+            .iter()
+            .map(|s| s.rss_kib.saturating_sub(s.guest_rss_kib))
+            .collect(),
+    );
+    let hwm = median(samples.iter().map(|s| s.hwm_kib).collect());
+    let guest = median(samples.iter().map(|s| s.guest_rss_kib).collect());
+    println!(
+        "| {name:<8} | {:>10.2} ms | {:>10.2} ms | {:>9.2} MiB | {:>9.2} MiB | {:>9.2} MiB |",
+        first.as_secs_f64() * 1e3,
+        cpu.as_secs_f64() * 1e3,
+        overhead as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        guest as f64 / 1024.0,
+    );
+    first
+}
+
+fn main() {
+    let runs: usize = std::env::var("FERRY_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let guest = write_guest("bench-startup", b"first byte\n", Ending::Spin);
+    let ferry = ferry_bin();
+    let mem = format!("{GUEST_MEMORY_MIB}M");
+
+    let ferry_cmd = || {
+        let mut c = Command::new(&ferry);
+        c.args(["run", "--kernel", guest.to_str().unwrap(), "--memory", &mem]);
+        c
+    };
+    let qemu_cmd = || {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args([
+            "-M",
+            "microvm",
+            "-enable-kvm",
+            "-m",
+            &mem,
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+        ]);
+        c.args([
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            "-kernel",
+            guest.to_str().unwrap(),
+        ]);
+        c
+    };
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+
+    // Warm the page cache and both binaries once, then interleave runs so
+    // machine noise hits both alike.
+    measure(ferry_cmd());
+    if have_qemu {
+        measure(qemu_cmd());
+    }
+    let (mut f, mut q) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        f.push(measure(ferry_cmd()));
+        if have_qemu {
+            q.push(measure(qemu_cmd()));
+        }
+    }
+
+    println!("\nStart-up: spawn → first guest byte on the console; median of {runs} runs; guest memory {mem}.");
+    println!("| VMM      | first byte    | VMM CPU time  | RSS − guest   | peak RSS      | guest RSS     |");
+    println!("|----------|---------------|---------------|---------------|---------------|---------------|");
+    let ferry_first = report("ferry", &f);
+    if have_qemu {
+        let qemu_first = report("qemu", &q);
+        println!(
+            "\nferry reaches the guest's first byte {:.1}x faster than QEMU microvm.",
+            qemu_first.as_secs_f64() / ferry_first.as_secs_f64()
+        );
+    } else {
+        println!("\n(qemu-system-x86_64 not installed: no comparison)");
+    }
+    let _ = std::fs::remove_file(guest);
+}
