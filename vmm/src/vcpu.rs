@@ -23,6 +23,7 @@ const INTERNAL_ERROR_EMULATION: u32 = 1;
 const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
 const INT3_OPCODE: u8 = 0xcc;
 const BP_VECTOR: u8 = 3;
+const FWAIT_OPCODE: u8 = 0x9b;
 
 thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -139,8 +140,11 @@ impl Vcpu {
                 }),
             };
             let step = match step {
-                Err(VmExit::InternalError { detail, .. }) if self.fix_up_int3() => {
-                    log::debug!("vcpu {}: injected #BP for int3 ({detail})", self.id);
+                Err(VmExit::InternalError { detail, .. }) if self.fix_up_unemulated() => {
+                    log::debug!(
+                        "vcpu {}: completed an instruction KVM could not emulate ({detail})",
+                        self.id
+                    );
                     Ok(())
                 }
                 Err(VmExit::InternalError { detail, .. }) => {
@@ -197,20 +201,45 @@ impl Vcpu {
         Some(bytes)
     }
 
-    /// kvm_pvm's emulator cannot run `int3` in ring 0 (Linux runs one as a
-    /// self-test). Do what the CPU would: step over it and raise #BP.
-    fn fix_up_int3(&mut self) -> bool {
-        if self.failed_instruction().and_then(|b| b.first().copied()) != Some(INT3_OPCODE) {
-            return false;
-        }
-        let (Ok(mut regs), Ok(mut events)) = (self.fd.get_regs(), self.fd.get_vcpu_events()) else {
+    /// Completes an instruction kvm_pvm's ring-0 emulator gave up on,
+    /// when doing so needs nothing but registers: `int3` (Linux runs one
+    /// as a self-test) raises #BP after it; `fwait` with no x87 exception
+    /// pending is a no-op; `clac`/`stac` clear/set RFLAGS.AC. Anything
+    /// else stays an error.
+    fn fix_up_unemulated(&mut self) -> bool {
+        const RFLAGS_AC: u64 = 1 << 18;
+        let Some(bytes) = self.failed_instruction() else {
             return false;
         };
-        regs.rip += 1;
-        events.exception.injected = 1;
-        events.exception.nr = BP_VECTOR;
-        events.exception.has_error_code = 0;
-        self.fd.set_regs(&regs).is_ok() && self.fd.set_vcpu_events(&events).is_ok()
+        let Ok(mut regs) = self.fd.get_regs() else {
+            return false;
+        };
+        match bytes.as_slice() {
+            [INT3_OPCODE, ..] => {
+                let Ok(mut events) = self.fd.get_vcpu_events() else {
+                    return false;
+                };
+                regs.rip += 1;
+                events.exception.injected = 1;
+                events.exception.nr = BP_VECTOR;
+                events.exception.has_error_code = 0;
+                self.fd.set_regs(&regs).is_ok() && self.fd.set_vcpu_events(&events).is_ok()
+            }
+            [FWAIT_OPCODE, ..] => {
+                regs.rip += 1;
+                self.fd.set_regs(&regs).is_ok()
+            }
+            [0x0f, 0x01, op @ (0xca | 0xcb), ..] => {
+                regs.rflags = if *op == 0xca {
+                    regs.rflags & !RFLAGS_AC
+                } else {
+                    regs.rflags | RFLAGS_AC
+                };
+                regs.rip += 3;
+                self.fd.set_regs(&regs).is_ok()
+            }
+            _ => false,
+        }
     }
 
     fn describe_internal_error(&mut self, fallback: String) -> VmExit {
