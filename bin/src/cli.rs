@@ -46,6 +46,10 @@ pub struct RunArgs {
     /// Serial console: stdio, file:PATH or none.
     #[arg(long, value_name = "WHERE", default_value = "stdio")]
     pub serial: String,
+    /// A virtio-net NIC on a TAP (repeatable):
+    /// tap=NAME[,mac=MAC][,id=ID][,guest-announce=on|off].
+    #[arg(long = "net", value_name = "SPEC")]
+    pub nets: Vec<String>,
     /// Boot a Linux kernel even where it cannot reach userspace (kvm_pvm):
     /// for watching its early boot.
     #[arg(long)]
@@ -89,6 +93,11 @@ impl RunArgs {
                 cmdline: self.cmdline,
             },
             serial: parse_serial(&self.serial)?,
+            nets: self
+                .nets
+                .iter()
+                .map(|spec| vmm::NetConfig::parse(spec).map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?,
             allow_no_userspace: self.allow_no_userspace,
         })
     }

@@ -1,12 +1,18 @@
 //! What the guest touches: the port-I/O and MMIO buses and the devices on
-//! them (16550 serial, i8042 reset line, the ACPI sleep/reset registers;
-//! the virtio-mmio transport and virtio-net arrive with issue #4).
+//! them (16550 serial, i8042 reset line, the ACPI sleep/reset registers,
+//! the virtio-mmio transport and virtio-net).
 
 pub mod acpi_pm;
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusBuilder, BusDevice, BusError};
+
+/// Guest memory as devices and the VMM see it. The bitmap records the
+/// pages the VMM itself writes (rx buffers, used rings), which KVM's
+/// dirty log cannot see.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Why the guest asked the machine to stop. Devices report it; the VMM
 /// decides what it means for the process (Ferry exits).

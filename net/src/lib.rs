@@ -1,1 +1,11 @@
-//! net
+//! The host side of the guest's network: the TAP backend, MAC addresses,
+//! and the `Nic` trait through which every NIC model tells the host which
+//! addresses it answers to (and, with issue #7, announces them).
+
+pub mod mac;
+pub mod nic;
+pub mod tap;
+
+pub use mac::MacAddr;
+pub use nic::Nic;
+pub use tap::{Tap, TapError};

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use net::MacAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::layout;
@@ -32,6 +33,79 @@ pub enum SerialConfig {
     None,
 }
 
+/// One `--net` NIC: a virtio-net device on a TAP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<MacAddr>,
+    pub id: Option<String>,
+    /// Offer VIRTIO_NET_F_GUEST_ANNOUNCE (default on).
+    pub guest_announce: bool,
+}
+
+impl NetConfig {
+    /// Parses `tap=NAME[,mac=MAC][,id=ID][,guest-announce=on|off]`.
+    pub fn parse(spec: &str) -> Result<NetConfig, ConfigError> {
+        let bad = |why: String| ConfigError::BadNet {
+            spec: spec.to_string(),
+            why,
+        };
+        let mut net = NetConfig {
+            tap: String::new(),
+            mac: None,
+            id: None,
+            guest_announce: true,
+        };
+        let mut seen = Vec::new();
+        for part in spec.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+            if seen.contains(&key) {
+                return Err(bad(format!("{key} given twice")));
+            }
+            seen.push(key);
+            match key {
+                "tap" if !value.is_empty() && value.len() <= 15 => net.tap = value.to_string(),
+                "tap" => return Err(bad("the TAP name must be 1 to 15 bytes".into())),
+                "mac" => {
+                    let mac: MacAddr = value
+                        .parse()
+                        .map_err(|e: net::mac::MacParseError| bad(e.to_string()))?;
+                    if mac.is_multicast() {
+                        return Err(bad(format!("{mac} is a multicast address")));
+                    }
+                    net.mac = Some(mac);
+                }
+                "id" if !value.is_empty()
+                    && value
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+                {
+                    net.id = Some(value.to_string())
+                }
+                "id" => return Err(bad("the id must be letters, digits, '-', '_' or '.'".into())),
+                "guest-announce" => {
+                    net.guest_announce = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad("guest-announce is on or off".into())),
+                    }
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key {key:?} (expected tap, mac, id, guest-announce)"
+                    )))
+                }
+            }
+        }
+        if net.tap.is_empty() {
+            return Err(bad("tap=NAME is required".into()));
+        }
+        Ok(net)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     /// Boot a Linux kernel even on kvm_pvm, where it cannot reach userspace.
@@ -39,6 +113,7 @@ pub struct VmConfig {
     pub machine: MachineConfig,
     pub boot: BootConfig,
     pub serial: SerialConfig,
+    pub nets: Vec<NetConfig>,
 }
 
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
@@ -58,6 +133,10 @@ pub enum ConfigError {
     MemoryTooLarge { asked: String, host: String },
     #[error("--cpus must be between 1 and {MAX_VCPUS}, got {0}")]
     BadCpus(u64),
+    #[error("--net {spec}: {why}")]
+    BadNet { spec: String, why: String },
+    #[error("--net: {0}")]
+    Nets(String),
 }
 
 /// Parses `512M`, `2G`, `1048576`, `64k` (binary units).
@@ -133,9 +212,68 @@ fn host_memory_bytes() -> Option<u64> {
     Some(field("MemTotal:")? + field("SwapTotal:").unwrap_or(0))
 }
 
+/// Gives every NIC its id (`net0`, `net1`, ... when not given) and MAC,
+/// and checks they are unique.
+pub fn resolve_nets(nets: &[NetConfig]) -> Result<Vec<(String, MacAddr, NetConfig)>, ConfigError> {
+    let mut out: Vec<(String, MacAddr, NetConfig)> = Vec::new();
+    for (i, n) in nets.iter().enumerate() {
+        let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
+        let mac = n.mac.unwrap_or_else(|| MacAddr::local_for_id(&id));
+        if out.iter().any(|(other, ..)| *other == id) {
+            return Err(ConfigError::Nets(format!("two NICs have the id {id}")));
+        }
+        if out.iter().any(|(_, m, _)| *m == mac) {
+            return Err(ConfigError::Nets(format!("two NICs have the MAC {mac}")));
+        }
+        if out.iter().any(|(.., c)| c.tap == n.tap) {
+            return Err(ConfigError::Nets(format!("two NICs use the TAP {}", n.tap)));
+        }
+        out.push((id, mac, n.clone()));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_specs() {
+        let n =
+            NetConfig::parse("tap=ftap0,mac=52:54:00:12:34:56,id=lan,guest-announce=off").unwrap();
+        assert_eq!(n.tap, "ftap0");
+        assert_eq!(n.mac, Some("52:54:00:12:34:56".parse().unwrap()));
+        assert_eq!(n.id.as_deref(), Some("lan"));
+        assert!(!n.guest_announce);
+        assert!(NetConfig::parse("tap=t").unwrap().guest_announce);
+        for bad in [
+            "",
+            "mac=52:54:00:12:34:56",
+            "tap=",
+            "tap=0123456789abcdef",
+            "tap=t,mac=01:00:5e:00:00:01",
+            "tap=t,mac=zz",
+            "tap=t,color=red",
+            "tap=t,tap=u",
+            "tap=t,guest-announce=maybe",
+            "tap",
+            "tap=t,id=a b",
+        ] {
+            assert!(NetConfig::parse(bad).is_err(), "{bad:?}");
+        }
+        let nets = resolve_nets(&[
+            NetConfig::parse("tap=a").unwrap(),
+            NetConfig::parse("tap=b,id=x").unwrap(),
+        ])
+        .unwrap();
+        assert_eq!((nets[0].0.as_str(), nets[1].0.as_str()), ("net0", "x"));
+        assert_eq!(nets[0].1, MacAddr::local_for_id("net0"));
+        assert!(resolve_nets(&[
+            NetConfig::parse("tap=a").unwrap(),
+            NetConfig::parse("tap=a").unwrap()
+        ])
+        .is_err());
+    }
 
     #[test]
     fn sizes_parse_in_binary_units() {

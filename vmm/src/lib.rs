@@ -14,7 +14,7 @@ pub mod mptable;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{BootConfig, MachineConfig, SerialConfig, VmConfig};
+pub use config::{BootConfig, MachineConfig, NetConfig, SerialConfig, VmConfig};
 pub use exit::VmExit;
 pub use vm::Vm;
 
@@ -61,4 +61,10 @@ pub enum VmmError {
     LinuxNeedsHardwareVirt,
     #[error("event loop: {0}")]
     EventLoop(String),
+    #[error(transparent)]
+    Tap(#[from] net::TapError),
+    #[error("{0} virtio devices do not fit the interrupt lines of the IOAPIC")]
+    TooManyDevices(usize),
+    #[error("virtio: {0}")]
+    Virtio(String),
 }

@@ -1,14 +1,11 @@
 //! Guest RAM: how it is laid out around the MMIO gap, how it is mapped in
 //! the VMM, and the e820 view of it the guest boots with.
 
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::*;
 
-/// Guest memory as the VMM sees it. The bitmap records pages the VMM
-/// itself writes (device DMA), which KVM's dirty log cannot see.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub use devices::GuestMemoryMmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

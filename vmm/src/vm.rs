@@ -10,16 +10,20 @@ use devices::acpi_pm::{AcpiPm, ACPI_PM_BASE, ACPI_PM_LEN};
 use devices::legacy::i8042::{I8042_BASE, I8042_LEN};
 use devices::legacy::serial::{InputDrained, COM1_BASE, COM1_IRQ, COM1_LEN};
 use devices::legacy::{Serial, SerialOutput, I8042};
+use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::net::{Net, NetEventHandler, NetOptions};
+use devices::virtio::VirtioInterrupt;
 use devices::{Bus, BusBuilder};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi::VirtioMmioDevice;
 use crate::boot::{self, BootProtocol, LoadedKernel};
 use crate::check::{kvm_kind, KvmKind};
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{resolve_nets, SerialConfig, VmConfig};
 use crate::console::{ConsoleInput, RawTerminal};
 use crate::cpu::{self, cpuid, msr, regs};
 use crate::exit::{ExitState, VmExit};
@@ -39,6 +43,7 @@ pub struct Vm {
     drained: Arc<InputDrained>,
     exit: Arc<ExitState>,
     stdio_console: bool,
+    nets: Vec<Arc<Mutex<MmioTransport<Net>>>>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -72,7 +77,7 @@ fn serial_output(config: &SerialConfig) -> Result<SerialOutput, VmmError> {
 
 /// The kernel command line: the user's, then what Ferry adds for its
 /// devices (the `virtio_mmio.device=` form for kernels without ACPI).
-fn full_cmdline(config: &VmConfig, virtio: &[crate::acpi::VirtioMmioDevice]) -> String {
+fn full_cmdline(config: &VmConfig, virtio: &[VirtioMmioDevice]) -> String {
     let mut cmdline = config.boot.cmdline.trim().to_string();
     for dev in virtio {
         cmdline.push_str(&format!(
@@ -124,38 +129,6 @@ impl Vm {
         let memory = memory::create_guest_memory(config.machine.memory_bytes)?;
         memory::register_with_kvm(&vm_fd, &memory, 0)?;
 
-        // Boot data.
-        let kernel = boot::load_kernel(&memory, &config.boot.kernel)?;
-        let (cmdline_max, initrd_max) = match kernel.protocol {
-            BootProtocol::Linux64 { header } => (
-                boot::linux::cmdline_limit(header),
-                boot::linux::initrd_addr_max(header),
-            ),
-            BootProtocol::Pvh => (CMDLINE_MAX_SIZE, MMIO_GAP_START - 1),
-        };
-        let initrd = match &config.boot.initrd {
-            Some(path) => Some(boot::load_initrd(&memory, path, kernel.end, initrd_max)?),
-            None => None,
-        };
-        let virtio_devices: Vec<crate::acpi::VirtioMmioDevice> = Vec::new();
-        let cmdline = full_cmdline(config, &virtio_devices);
-        boot::write_cmdline(&memory, &cmdline, cmdline_max)?;
-        let rsdp = crate::acpi::write(&memory, vcpu_count, &virtio_devices)?;
-        crate::mptable::write(&memory, vcpu_count)?;
-        match kernel.protocol {
-            BootProtocol::Linux64 { header } => boot::linux::write_zero_page(
-                &memory,
-                header,
-                cmdline.len(),
-                initrd,
-                rsdp,
-                config.machine.memory_bytes,
-            )?,
-            BootProtocol::Pvh => {
-                boot::pvh::write_start_info(&memory, initrd, rsdp, config.machine.memory_bytes)?
-            }
-        }
-
         // Devices.
         let exit = Arc::new(ExitState::new().map_err(|source| VmmError::Io {
             what: "eventfd",
@@ -183,7 +156,83 @@ impl Vm {
         pio.insert(i8042, I8042_BASE, I8042_LEN)?;
         pio.insert(acpi_pm, ACPI_PM_BASE, ACPI_PM_LEN)?;
         let pio: Arc<Bus> = Arc::new(pio.build());
-        let mmio: Arc<Bus> = Arc::new(BusBuilder::new().build());
+
+        // virtio-net devices, one MMIO window and GSI each.
+        let mut mmio = BusBuilder::new();
+        let mut virtio_devices = Vec::new();
+        let mut nets = Vec::new();
+        for (i, (id, mac, net)) in resolve_nets(&config.nets)?.into_iter().enumerate() {
+            let dev = VirtioMmioDevice {
+                base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE,
+                size: VIRTIO_MMIO_SIZE,
+                irq: VIRTIO_IRQ_BASE + i as u32,
+            };
+            if dev.irq > IRQ_MAX {
+                return Err(VmmError::TooManyDevices(i + 1));
+            }
+            let tap = net::Tap::open(&net.tap)?;
+            let device = Net::new(NetOptions {
+                id,
+                tap,
+                mac,
+                guest_announce: net.guest_announce,
+            })
+            .map_err(io_err("eventfd"))?;
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+            vm_fd
+                .register_irqfd(&irqfd, dev.irq)
+                .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+            let queue_evts = device.queue_evts().to_vec();
+            for (q, evt) in queue_evts.iter().enumerate() {
+                let addr = IoEventAddress::Mmio(dev.base + QUEUE_NOTIFY_OFFSET);
+                vm_fd
+                    .register_ioevent(evt.as_ref(), &addr, q as u32)
+                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            }
+            let transport = MmioTransport::new(
+                device,
+                memory.clone(),
+                VirtioInterrupt::new(irqfd),
+                queue_evts,
+            )
+            .map_err(|e| VmmError::Virtio(format!("{e:?}")))?;
+            let transport = Arc::new(Mutex::new(transport));
+            mmio.insert(transport.clone(), dev.base, dev.size)?;
+            virtio_devices.push(dev);
+            nets.push(transport);
+        }
+        let mmio: Arc<Bus> = Arc::new(mmio.build());
+
+        // Boot data.
+        let kernel = boot::load_kernel(&memory, &config.boot.kernel)?;
+        let (cmdline_max, initrd_max) = match kernel.protocol {
+            BootProtocol::Linux64 { header } => (
+                boot::linux::cmdline_limit(header),
+                boot::linux::initrd_addr_max(header),
+            ),
+            BootProtocol::Pvh => (CMDLINE_MAX_SIZE, MMIO_GAP_START - 1),
+        };
+        let initrd = match &config.boot.initrd {
+            Some(path) => Some(boot::load_initrd(&memory, path, kernel.end, initrd_max)?),
+            None => None,
+        };
+        let cmdline = full_cmdline(config, &virtio_devices);
+        boot::write_cmdline(&memory, &cmdline, cmdline_max)?;
+        let rsdp = crate::acpi::write(&memory, vcpu_count, &virtio_devices)?;
+        crate::mptable::write(&memory, vcpu_count)?;
+        match kernel.protocol {
+            BootProtocol::Linux64 { header } => boot::linux::write_zero_page(
+                &memory,
+                header,
+                cmdline.len(),
+                initrd,
+                rsdp,
+                config.machine.memory_bytes,
+            )?,
+            BootProtocol::Pvh => {
+                boot::pvh::write_start_info(&memory, initrd, rsdp, config.machine.memory_bytes)?
+            }
+        }
 
         // vCPUs.
         let supported = kvm
@@ -226,6 +275,7 @@ impl Vm {
             drained,
             exit,
             stdio_console: config.serial == SerialConfig::Stdio,
+            nets,
         })
     }
 
@@ -268,6 +318,10 @@ impl Vm {
                 self.drained.clone(),
                 self.exit.clone(),
             ))));
+        }
+
+        for net in &self.nets {
+            event_manager.add_subscriber(Arc::new(Mutex::new(NetEventHandler::new(net.clone()))));
         }
 
         let mut threads: Vec<JoinHandle<()>> = Vec::new();

@@ -1,0 +1,365 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x, 4.2.2): the register
+//! file a driver programs to negotiate features and hand over its queues.
+//!
+//! Every register access comes from a vCPU and carries guest data: wrong
+//! sizes, unaligned offsets, writes in the wrong state and out-of-range
+//! queue numbers are ignored (and logged), never trusted.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{status, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::bus::BusDevice;
+use crate::GuestMemoryMmap;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x5952_5246; // "FRRY"
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_SHM_SEL: u64 = 0x0ac;
+const REG_SHM_LEN_LOW: u64 = 0x0b0;
+const REG_SHM_LEN_HIGH: u64 = 0x0b4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG_SPACE: u64 = 0x100;
+
+/// Offset of QueueNotify in the window: the VMM registers an ioeventfd
+/// there, one per queue (datamatch = queue index).
+pub const QUEUE_NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
+
+/// What the transport remembers of a driver's configuration, to be saved
+/// with the device (issue #6).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmioTransportState {
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+}
+
+pub struct MmioTransport<D: VirtioDevice> {
+    device: D,
+    mem: GuestMemoryMmap,
+    interrupt: VirtioInterrupt,
+    queues: Vec<Queue>,
+    /// One per queue: the fallback for a notify that reaches userspace
+    /// instead of the ioeventfd (they share the same eventfd).
+    queue_evts: Vec<Arc<EventFd>>,
+    state: MmioTransportState,
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    pub fn new(
+        device: D,
+        mem: GuestMemoryMmap,
+        interrupt: VirtioInterrupt,
+        queue_evts: Vec<Arc<EventFd>>,
+    ) -> Result<Self, virtio_queue::Error> {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            device,
+            mem,
+            interrupt,
+            queues,
+            queue_evts,
+            state: MmioTransportState::default(),
+        })
+    }
+
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    pub fn state(&self) -> MmioTransportState {
+        MmioTransportState {
+            interrupt_status: self.interrupt.status(),
+            ..self.state.clone()
+        }
+    }
+
+    pub fn interrupt(&self) -> &VirtioInterrupt {
+        &self.interrupt
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        let sel = self.state.queue_sel as usize;
+        self.queues.get_mut(sel)
+    }
+
+    fn driver_ok(&self) -> bool {
+        self.state.status & status::DRIVER_OK != 0
+    }
+
+    /// Queue registers may change only between FEATURES_OK and DRIVER_OK.
+    fn queue_config_allowed(&self) -> bool {
+        self.state.status & (status::FEATURES_OK | status::DRIVER_OK | status::FAILED)
+            == status::FEATURES_OK
+    }
+
+    fn read_reg(&mut self, offset: u64) -> u32 {
+        match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.state.device_features_sel {
+                0 => self.device.device_features() as u32,
+                1 => (self.device.device_features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.state.status,
+            // No shared memory regions: length all ones.
+            REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH => u32::MAX,
+            REG_CONFIG_GENERATION => self.device.config_generation(),
+            _ => {
+                log::debug!("virtio-mmio: read of write-only or unknown register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.state.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => self.state.driver_features_sel = value,
+            REG_DRIVER_FEATURES => {
+                if self.state.status & (status::FEATURES_OK | status::DRIVER_OK) != 0
+                    || self.state.status & status::DRIVER == 0
+                {
+                    log::warn!(
+                        "virtio-mmio: driver features written in status {:#x}, ignored",
+                        self.state.status
+                    );
+                    return;
+                }
+                let f = &mut self.state.driver_features;
+                match self.state.driver_features_sel {
+                    0 => *f = (*f & !0xffff_ffff) | u64::from(value),
+                    1 => *f = (*f & 0xffff_ffff) | (u64::from(value) << 32),
+                    _ => log::debug!(
+                        "virtio-mmio: driver features word {} ignored",
+                        self.state.driver_features_sel
+                    ),
+                }
+            }
+            REG_QUEUE_SEL => self.state.queue_sel = value,
+            REG_QUEUE_NUM
+            | REG_QUEUE_READY
+            | REG_QUEUE_DESC_LOW
+            | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_DRIVER_LOW
+            | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW
+            | REG_QUEUE_DEVICE_HIGH => self.write_queue_reg(offset, value),
+            REG_QUEUE_NOTIFY => match self.queue_evts.get(value as usize) {
+                Some(evt) => {
+                    if let Err(e) = evt.write(1) {
+                        log::error!("virtio-mmio: queue notify: {e}");
+                    }
+                }
+                None => log::debug!("virtio-mmio: notify for queue {value} that does not exist"),
+            },
+            REG_INTERRUPT_ACK => self.interrupt.ack(value),
+            REG_STATUS => self.write_status(value),
+            REG_SHM_SEL => {}
+            _ => log::debug!(
+                "virtio-mmio: write {value:#x} to read-only or unknown register {offset:#x}"
+            ),
+        }
+    }
+
+    fn write_queue_reg(&mut self, offset: u64, value: u32) {
+        if !self.queue_config_allowed() {
+            log::warn!(
+                "virtio-mmio: queue register {offset:#x} written in status {:#x}, ignored",
+                self.state.status
+            );
+            return;
+        }
+        let Some(q) = self.selected_queue() else {
+            log::debug!("virtio-mmio: queue register for a queue that does not exist");
+            return;
+        };
+        if q.ready() && offset != REG_QUEUE_READY {
+            log::warn!(
+                "virtio-mmio: queue register {offset:#x} written while the queue is ready, ignored"
+            );
+            return;
+        }
+        match offset {
+            REG_QUEUE_NUM => {
+                if let Err(e) = q.try_set_size(value.min(u32::from(u16::MAX)) as u16) {
+                    log::warn!("virtio-mmio: queue size {value}: {e:?}");
+                }
+            }
+            REG_QUEUE_READY => q.set_ready(value == 1),
+            REG_QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
+            REG_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
+            REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
+            REG_QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
+            REG_QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
+            REG_QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(value)),
+            _ => {}
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.state.status;
+        // The driver may only add bits (besides resetting with 0).
+        if value & old != old {
+            log::warn!("virtio-mmio: status {old:#x} -> {value:#x} clears bits, ignored");
+            return;
+        }
+        let added = value & !old;
+        if added & status::FEATURES_OK != 0 {
+            let offered = self.device.device_features();
+            let wanted = self.state.driver_features;
+            if wanted & !offered != 0 || wanted & (1 << VIRTIO_F_VERSION_1) == 0 {
+                // Leave FEATURES_OK clear: the driver reads it back and
+                // gives up (virtio 1.x, 3.1.1).
+                log::warn!("virtio-mmio: driver asked for features {wanted:#x} of {offered:#x} (VERSION_1 is required)");
+                self.state.status = value & !status::FEATURES_OK;
+                return;
+            }
+            self.device.set_acked_features(wanted);
+        }
+        self.state.status = value;
+        if added & status::DRIVER_OK != 0 && value & status::FEATURES_OK != 0 {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.ready() && !q.is_valid(&self.mem) {
+                log::warn!("virtio-mmio: queue {i} is not usable; device needs reset");
+                self.needs_reset();
+                return;
+            }
+            match Queue::try_from(q.state()) {
+                Ok(copy) => queues.push(copy),
+                Err(e) => {
+                    log::warn!("virtio-mmio: queue {i}: {e:?}; device needs reset");
+                    self.needs_reset();
+                    return;
+                }
+            }
+        }
+        if let Err(e) = self
+            .device
+            .activate(self.mem.clone(), self.interrupt.clone(), queues)
+        {
+            log::warn!("virtio-mmio: activation failed: {e}");
+            self.needs_reset();
+        }
+    }
+
+    /// The device found the driver's rings unusable: tell the driver.
+    pub fn set_needs_reset(&mut self, why: &str) {
+        log::warn!("virtio-mmio: device needs reset: {why}");
+        self.needs_reset();
+    }
+
+    fn needs_reset(&mut self) {
+        self.state.status |= status::DEVICE_NEEDS_RESET;
+        if self.driver_ok() {
+            self.interrupt.signal_config_change();
+        }
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.interrupt.clear();
+        self.state = MmioTransportState::default();
+    }
+
+    /// The memory the device works on (replaced when memory moves).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    #[cfg(test)]
+    pub fn queue(&self, i: usize) -> &Queue {
+        &self.queues[i]
+    }
+}
+
+impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            log::debug!(
+                "virtio-mmio: {}-byte read at {offset:#x} ignored",
+                data.len()
+            );
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.write_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            log::debug!(
+                "virtio-mmio: {}-byte write at {offset:#x} ignored",
+                data.len()
+            );
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            return;
+        }
+        self.write_reg(offset, u32::from_le_bytes(bytes));
+    }
+}

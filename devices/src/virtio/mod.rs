@@ -1,0 +1,128 @@
+//! Virtio over MMIO: the transport (register file, feature negotiation,
+//! queues, interrupts) and the devices behind it.
+
+pub mod mmio;
+pub mod net;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::GuestMemoryMmap;
+
+/// Device status bits (virtio 1.x, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Transport-level feature bits.
+pub const VIRTIO_F_RING_INDIRECT_DESC: u32 = 28;
+pub const VIRTIO_F_RING_EVENT_IDX: u32 = 29;
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Interrupt status bits (InterruptStatus register).
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG_CHANGE: u32 = 2;
+
+pub const TYPE_NET: u32 = 1;
+
+/// How a device raises its interrupt: set a bit in the transport's
+/// InterruptStatus and pulse the irqfd.
+#[derive(Clone)]
+pub struct VirtioInterrupt {
+    status: Arc<AtomicU32>,
+    irqfd: Arc<EventFd>,
+}
+
+impl VirtioInterrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Self {
+            status: Arc::new(AtomicU32::new(0)),
+            irqfd: Arc::new(irqfd),
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            log::error!("virtio: cannot raise interrupt: {e}");
+        }
+    }
+
+    pub fn signal_used_queue(&self) {
+        self.raise(INT_USED_RING);
+    }
+
+    pub fn signal_config_change(&self) {
+        self.raise(INT_CONFIG_CHANGE);
+    }
+
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {0} is not ready or its rings are outside guest memory")]
+    BadQueue(usize),
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// A device model behind the MMIO transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers.
+    fn device_features(&self) -> u64;
+    /// Features the driver accepted (already checked to be a subset of
+    /// the offered ones).
+    fn set_acked_features(&mut self, features: u64);
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Incremented whenever the device changes its config space.
+    fn config_generation(&self) -> u32;
+    /// Starts the device with the driver's queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: VirtioInterrupt,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError>;
+    /// Stops the device; the transport forgets the queues.
+    fn reset(&mut self);
+}
+
+/// Reads `data.len()` bytes of a config structure at `offset`, padding
+/// with zeros beyond its end.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}

@@ -1,0 +1,13 @@
+//! virtio-net: the model (`device.rs`), its wiring to the event loop
+//! (`event_handler.rs`), its saved state (`persist.rs`), and the control
+//! queue's commands and receive filter.
+
+pub mod ctrl;
+pub mod device;
+pub mod event_handler;
+pub mod filter;
+pub mod persist;
+
+pub use device::{Net, NetMetrics, NetOptions};
+pub use event_handler::NetEventHandler;
+pub use persist::NetState;
