@@ -81,7 +81,8 @@ pub fn start_timer(period_ms: u32) -> u32 {
     crate::platform::delay_us(2000);
     let elapsed_ns = crate::platform::now_ns() - start;
     let counted = u32::MAX - lapic_read(LAPIC_TIMER_CURRENT);
-    let per_ms = ((counted as u64 * 1_000_000) / elapsed_ns.max(1)).clamp(1, u32::MAX as u64) as u32;
+    let per_ms =
+        ((counted as u64 * 1_000_000) / elapsed_ns.max(1)).clamp(1, u32::MAX as u64) as u32;
     TIMER_COUNT_PER_MS.store(per_ms, Ordering::Relaxed);
     lapic_write(
         LAPIC_LVT_TIMER,

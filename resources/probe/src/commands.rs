@@ -28,17 +28,24 @@ impl LineReader {
         }
     }
 
-    /// Adds a byte; returns the line when it ends. Overlong lines are
-    /// answered as such rather than cut into two commands.
-    pub fn push(&mut self, byte: u8) -> Option<&str> {
+    /// Adds a byte; returns the line when it ends, with whether it was cut
+    /// (overlong lines are refused as a whole, not run as two commands; the
+    /// kept start still carries the tag for the reply).
+    pub fn push(&mut self, byte: u8) -> Option<(&str, Fault)> {
         match byte {
             b'\r' | b'\n' => {
                 let len = core::mem::take(&mut self.len);
-                if core::mem::take(&mut self.overflow) {
-                    return Some("\u{1}overlong");
-                }
-                let text = core::str::from_utf8(&self.bytes[..len]).unwrap_or("\u{1}binary");
-                (!text.trim().is_empty()).then_some(text)
+                let overflow = core::mem::take(&mut self.overflow);
+                let (text, fault) = match core::str::from_utf8(&self.bytes[..len]) {
+                    Ok(t) if overflow => (t, Fault::TooLong),
+                    Ok(t) => (t, Fault::None),
+                    Err(e) => (
+                        // The valid start still gives the tag.
+                        core::str::from_utf8(&self.bytes[..e.valid_up_to()]).unwrap_or(""),
+                        Fault::NotText,
+                    ),
+                };
+                (!text.trim().is_empty() || fault != Fault::None).then_some((text, fault))
             }
             _ if self.len < MAX_LINE => {
                 self.bytes[self.len] = byte;
@@ -53,9 +60,16 @@ impl LineReader {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    TooLong,
+    NotText,
+}
+
 type Outcome = Result<(), &'static str>;
 
-pub fn execute(probe: &mut Probe, line: &str) {
+pub fn execute(probe: &mut Probe, line: &str, fault: Fault) {
     let mut words = line.split_ascii_whitespace();
     let mut first = words.next().unwrap_or("");
     let mut tag = "-";
@@ -67,18 +81,37 @@ pub fn execute(probe: &mut Probe, line: &str) {
     let mut argc = 0;
     for w in words {
         if argc == args.len() {
-            println!("={} {} err too many arguments", tag, first);
-            return;
+            if fault == Fault::None {
+                println!("={} {} err too many arguments", tag, first);
+                return;
+            }
+            break;
         }
         args[argc] = w;
         argc += 1;
     }
     let args = &args[..argc];
-    let name = if first.starts_with('\u{1}') { "?" } else { first };
-    let outcome = match name {
+    let name = if first.is_empty() { "?" } else { first };
+    let outcome = match (fault, name) {
+        (Fault::TooLong, _) => Err("line too long"),
+        (Fault::NotText, _) => Err("line is not text"),
+        (Fault::None, name) => run(probe, tag, name, line, args),
+    };
+    match outcome {
+        Ok(()) => println!("={} {} ok", tag, name),
+        Err(reason) => println!("={} {} err {}", tag, name, reason),
+    }
+}
+
+fn run(probe: &mut Probe, tag: &str, name: &str, line: &str, args: &[&str]) -> Outcome {
+    match name {
         "help" => help(tag),
         "echo" => {
-            println!("={} echo text={}", tag, line.split_once("echo").map_or("", |(_, t)| t.trim()));
+            println!(
+                "={} echo text={}",
+                tag,
+                line.split_once("echo").map_or("", |(_, t)| t.trim())
+            );
             Ok(())
         }
         "uptime" => {
@@ -97,16 +130,7 @@ pub fn execute(probe: &mut Probe, line: &str) {
         "udp-blast" => udp_blast(probe, args),
         "garp" => garp(probe, tag, args),
         "workloads" => workloads_status(probe, tag),
-        "?" => Err(if first.contains("overlong") {
-            "line too long"
-        } else {
-            "line is not text"
-        }),
         _ => Err("unknown command (try help)"),
-    };
-    match outcome {
-        Ok(()) => println!("={} {} ok", tag, name),
-        Err(reason) => println!("={} {} err {}", tag, name, reason),
     }
 }
 
@@ -210,7 +234,11 @@ fn id_add(probe: &mut Probe, args: &[&str]) -> Outcome {
     let vlan = parse_vlan(vlan).ok_or("bad VLAN")?;
     let (ip, prefix) = parse_cidr(cidr).ok_or("bad IP/PREFIX")?;
     let nic = probe.nics[index].as_mut().ok_or("no such NIC")?;
-    let device_mac = nic.driver.as_ref().map(|d| d.mac).ok_or("that NIC is not up")?;
+    let device_mac = nic
+        .driver
+        .as_ref()
+        .map(|d| d.mac)
+        .ok_or("that NIC is not up")?;
     nic.stack.add_identity(Identity {
         mac: mac.unwrap_or(device_mac),
         device_mac: mac.is_none_or(|m| m == device_mac),
@@ -230,7 +258,10 @@ fn id_del(probe: &mut Probe, args: &[&str]) -> Outcome {
     let index = nic_index(probe, nic)?;
     let ip = Ipv4Addr::parse(ip).ok_or("bad IP")?;
     let nic = probe.nics[index].as_mut().ok_or("no such NIC")?;
-    let removed = nic.stack.remove_identity(ip, vlan).ok_or("no such identity")?;
+    let removed = nic
+        .stack
+        .remove_identity(ip, vlan)
+        .ok_or("no such identity")?;
     let mut vlans = [0u16; crate::net::MAX_IDS];
     let still = nic.stack.vlans(&mut vlans);
     if let (Some(vid), Some(driver)) = (removed.vlan, nic.driver.as_mut()) {
@@ -264,8 +295,10 @@ fn counters(probe: &mut Probe, tag: &str, args: &[&str], reset: bool) -> Outcome
             continue;
         }
         let c = &nic.stack.counters;
-        let (tx_frames, tx_bytes, tx_dropped) =
-            nic.driver.as_ref().map_or((0, 0, 0), |d| (d.tx.frames, d.tx.bytes, d.tx.dropped));
+        let (tx_frames, tx_bytes, tx_dropped) = nic
+            .driver
+            .as_ref()
+            .map_or((0, 0, 0), |d| (d.tx.frames, d.tx.bytes, d.tx.dropped));
         println!(
             "={} counters nic={} rx_frames={} rx_bytes={} tx_frames={} tx_bytes={} tx_dropped={} arp_replies={} icmp_echo={} udp_echo={} udp_sink_frames={} udp_sink_bytes={} announces={} garps={} ignored={} malformed={} irqs={}",
             tag, index, c.rx_frames, c.rx_bytes, tx_frames, tx_bytes, tx_dropped, c.arp_replies,
@@ -299,10 +332,17 @@ fn dirty(probe: &mut Probe, tag: &str, args: &[&str]) -> Outcome {
             Ok(())
         }
         [rate, size] => {
-            let rate = if *rate == "max" { 0 } else { parse_size(rate).ok_or("bad RATE")? };
+            let rate = if *rate == "max" {
+                0
+            } else {
+                parse_size(rate).ok_or("bad RATE")?
+            };
             let size = parse_size(size).ok_or("bad SIZE")?;
             let base = probe.start_dirtier(rate, size)?;
-            println!("={} dirty base={:#x} size={} rate={}", tag, base, size, rate);
+            println!(
+                "={} dirty base={:#x} size={} rate={}",
+                tag, base, size, rate
+            );
             Ok(())
         }
         _ => Err("usage: dirty RATE SIZE | dirty off"),
@@ -376,7 +416,9 @@ fn udp_blast(probe: &mut Probe, args: &[&str]) -> Outcome {
     let src = Ipv4Addr::parse(src).ok_or("bad SRC_IP")?;
     let (dst, port) = dst.split_once(':').ok_or("bad DST_IP:PORT")?;
     let dst = Ipv4Addr::parse(dst).ok_or("bad DST_IP")?;
-    let port = parse_number(port).filter(|&p| p > 0 && p < 65536).ok_or("bad PORT")? as u16;
+    let port = parse_number(port)
+        .filter(|&p| p > 0 && p < 65536)
+        .ok_or("bad PORT")? as u16;
     let size = parse_size(size).ok_or("bad SIZE")? as usize;
     let rate = parse_number(rate).ok_or("bad RATE")?;
     let count = parse_number(count).ok_or("bad COUNT")?;

@@ -163,7 +163,10 @@ impl Config {
                     }
                     _ => false,
                 },
-                "probe.id" => match (parse_identity(value), config.ids.iter_mut().find(|s| s.is_none())) {
+                "probe.id" => match (
+                    parse_identity(value),
+                    config.ids.iter_mut().find(|s| s.is_none()),
+                ) {
                     (Some(id), Some(slot)) => {
                         *slot = Some(id);
                         true
@@ -181,9 +184,13 @@ impl Config {
                     }
                     _ => false,
                 },
-                "probe.heartbeat" => parse_number(value).map(|ms| config.heartbeat_ms = ms).is_some(),
+                "probe.heartbeat" => parse_number(value)
+                    .map(|ms| config.heartbeat_ms = ms)
+                    .is_some(),
                 "probe.dirty" => parse_pair(value).map(|d| config.dirty = Some(d)).is_some(),
-                "probe.pattern" => parse_pair(value).map(|p| config.pattern = Some(p)).is_some(),
+                "probe.pattern" => parse_pair(value)
+                    .map(|p| config.pattern = Some(p))
+                    .is_some(),
                 "probe.idle" => {
                     config.idle = match value {
                         "auto" => IdleMode::Auto,

@@ -91,7 +91,11 @@ pub extern "C" fn probe_main() -> ! {
         if emulated { "pvm" } else { "hardware" },
         r0,
         r3,
-        if platform::kvmclock_on() { "kvmclock" } else { "tsc" }
+        if platform::kvmclock_on() {
+            "kvmclock"
+        } else {
+            "tsc"
+        }
     );
     let (lapic_id, lapic_version) = apic::init_lapic();
     let pins = apic::init_ioapic();
@@ -99,7 +103,11 @@ pub extern "C" fn probe_main() -> ! {
         "probe: apic lapic_id={} lapic_version={:#x} ioapic_pins={}",
         lapic_id, lapic_version, pins
     );
-    let serial_route = apic::route(serial::COM1_IRQ as u32, interrupts::VECTOR_SERIAL, apic::Trigger::Edge);
+    let serial_route = apic::route(
+        serial::COM1_IRQ as u32,
+        interrupts::VECTOR_SERIAL,
+        apic::Trigger::Edge,
+    );
     apic::start_timer(TIMER_PERIOD_MS);
     ring0_service!(interrupts::SERVICE_ENABLE_INTERRUPTS);
     serial::enable_interrupts();
@@ -143,7 +151,11 @@ pub extern "C" fn probe_main() -> ! {
 
 impl Probe {
     fn identity_count(&self) -> usize {
-        self.nics.iter().flatten().map(|n| n.stack.ids.iter().flatten().count()).sum()
+        self.nics
+            .iter()
+            .flatten()
+            .map(|n| n.stack.ids.iter().flatten().count())
+            .sum()
     }
 
     fn bring_up_nics(&mut self) -> usize {
@@ -162,7 +174,13 @@ impl Probe {
                 last_status_poll_ns: 0,
             };
             // Locally administered fallback when the device has no MAC.
-            let first_own = self.config.ids.iter().flatten().find(|i| i.nic == index).and_then(|i| i.mac);
+            let first_own = self
+                .config
+                .ids
+                .iter()
+                .flatten()
+                .find(|i| i.nic == index)
+                .and_then(|i| i.mac);
             let fallback = first_own.unwrap_or(MacAddr([0x02, 0, 0, 0, 0, 1 + index as u8]));
             NIC_MMIO_BASE[index].store(spec.base, Ordering::Release);
             match VirtioNet::init(index, spec.base, self.config.announce, fallback) {
@@ -174,7 +192,11 @@ impl Probe {
             }
             if nic.driver.is_some() {
                 interrupts::NIC_PIN[index].store(spec.irq, Ordering::Relaxed);
-                if let Err(e) = apic::route(spec.irq, VECTOR_NIC_BASE + index as u8, apic::Trigger::Level) {
+                if let Err(e) = apic::route(
+                    spec.irq,
+                    VECTOR_NIC_BASE + index as u8,
+                    apic::Trigger::Level,
+                ) {
                     nic.irq_error = Some(e);
                 }
             }
@@ -203,14 +225,19 @@ impl Probe {
                     );
                     up += 1;
                 }
-                (None, Some(e)) => println!("probe: error nic={} addr={:#x}: {}", index, spec.base, e),
+                (None, Some(e)) => {
+                    println!("probe: error nic={} addr={:#x}: {}", index, spec.base, e)
+                }
                 (None, None) => {}
             }
             if let Err(e) = vlan_filter {
                 println!("probe: error nic={} filters: {}", index, e);
             }
             if let Some(e) = nic.irq_error {
-                println!("probe: error nic={} irq={}: {} (polling only)", index, spec.irq, e);
+                println!(
+                    "probe: error nic={} irq={}: {} (polling only)",
+                    index, spec.irq, e
+                );
             }
             if let Some(d) = &mut nic.driver {
                 d.set_rx_interrupts(true);
@@ -223,7 +250,8 @@ impl Probe {
 
     fn start_configured_workloads(&mut self) {
         if self.config.heartbeat_ms > 0 {
-            self.heartbeat.set(self.config.heartbeat_ms, platform::now_ms());
+            self.heartbeat
+                .set(self.config.heartbeat_ms, platform::now_ms());
         }
         if let Some((seed, size)) = self.config.pattern {
             match self.arena.pattern_region(size) {
@@ -265,8 +293,8 @@ impl Probe {
             let mut busy = false;
             while let Some(byte) = serial::RX.pop() {
                 busy = true;
-                if let Some(text) = line.push(byte) {
-                    commands::execute(self, text);
+                if let Some((text, fault)) = line.push(byte) {
+                    commands::execute(self, text, fault);
                 }
             }
             for index in 0..MAX_NICS {
@@ -275,7 +303,11 @@ impl Probe {
                 }
             }
             if let Some(count) = self.heartbeat.due(now / 1_000_000) {
-                println!("probe: heartbeat n={} uptime_ms={}", count, platform::now_ms());
+                println!(
+                    "probe: heartbeat n={} uptime_ms={}",
+                    count,
+                    platform::now_ms()
+                );
             }
             if let Some(d) = self.dirtier.as_mut() {
                 d.step(now);
@@ -324,13 +356,18 @@ impl Nic {
         interrupts::NIC_IRQS_UNSEEN[index].store(0, Ordering::Relaxed);
         let pending = NIC_PENDING[index].swap(0, Ordering::Acquire);
         let mut busy = pending != 0;
-        if pending & INTERRUPT_CONFIG_CHANGE != 0 || now - self.last_status_poll_ns > STATUS_POLL_NS {
+        if pending & INTERRUPT_CONFIG_CHANGE != 0 || now - self.last_status_poll_ns > STATUS_POLL_NS
+        {
             self.last_status_poll_ns = now;
             let status = driver.config_status();
             let link = status & S_LINK_UP != 0 || !driver.has(virtio_net::F_STATUS);
             if link != self.link_up {
                 self.link_up = link;
-                println!("probe: link nic={} {}", index, if link { "up" } else { "down" });
+                println!(
+                    "probe: link nic={} {}",
+                    index,
+                    if link { "up" } else { "down" }
+                );
             }
             if status & S_ANNOUNCE != 0 && driver.has(F_GUEST_ANNOUNCE) {
                 let garps = self.stack.send_garps(&mut driver.tx);
@@ -355,19 +392,29 @@ impl Nic {
                     index, frames, bytes, ms
                 ),
                 Some(BlastEvent::NoArpReply) => {
-                    println!("probe: udp-blast err nic={} no ARP reply from the destination", index)
+                    println!(
+                        "probe: udp-blast err nic={} no ARP reply from the destination",
+                        index
+                    )
                 }
                 None => {}
             }
         }
         driver.tx.reclaim();
-        if interrupts::NIC_STORM_MASKED[index].load(Ordering::Acquire) != 0 && driver.error.is_none() {
+        if interrupts::NIC_STORM_MASKED[index].load(Ordering::Acquire) != 0
+            && driver.error.is_none()
+        {
             driver.error = Some("interrupt storm: InterruptStatus never clears (irq masked)");
         }
         if let Some(e) = driver.error.or(driver.tx.error) {
             apic::mask(self.spec.irq);
-            println!("probe: error nic={} device misbehaved: {} (nic disabled)", index, e);
-            driver.transport.set_status(driver.transport.status() | virtio_mmio::STATUS_FAILED);
+            println!(
+                "probe: error nic={} device misbehaved: {} (nic disabled)",
+                index, e
+            );
+            driver
+                .transport
+                .set_status(driver.transport.status() | virtio_mmio::STATUS_FAILED);
             NIC_MMIO_BASE[index].store(0, Ordering::Release);
             self.error = Some(e);
             self.driver = None;

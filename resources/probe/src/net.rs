@@ -106,7 +106,12 @@ impl NetStack {
     }
 
     pub fn add_identity(&mut self, id: Identity) -> Result<(), &'static str> {
-        if self.ids.iter().flatten().any(|i| i.ip == id.ip && i.vlan == id.vlan) {
+        if self
+            .ids
+            .iter()
+            .flatten()
+            .any(|i| i.ip == id.ip && i.vlan == id.vlan)
+        {
             return Err("identity with that address on that vlan exists");
         }
         let slot = self
@@ -119,9 +124,10 @@ impl NetStack {
     }
 
     pub fn remove_identity(&mut self, ip: Ipv4Addr, vlan: Option<Option<u16>>) -> Option<Identity> {
-        let slot = self.ids.iter_mut().find(|s| {
-            s.is_some_and(|i| i.ip == ip && vlan.is_none_or(|v| v == i.vlan))
-        })?;
+        let slot = self
+            .ids
+            .iter_mut()
+            .find(|s| s.is_some_and(|i| i.ip == ip && vlan.is_none_or(|v| v == i.vlan)))?;
         slot.take()
     }
 
@@ -150,7 +156,11 @@ impl NetStack {
     }
 
     fn identity_for(&self, vlan: Option<u16>, ip: Ipv4Addr) -> Option<Identity> {
-        self.ids.iter().flatten().find(|i| i.vlan == vlan && i.ip == ip).copied()
+        self.ids
+            .iter()
+            .flatten()
+            .find(|i| i.vlan == vlan && i.ip == ip)
+            .copied()
     }
 
     fn next_ip_id(&mut self) -> u16 {
@@ -162,7 +172,12 @@ impl NetStack {
         if mac.is_multicast() || ip == Ipv4Addr::UNSPECIFIED {
             return;
         }
-        if let Some(e) = self.arp_cache.iter_mut().flatten().find(|e| e.vlan == vlan && e.ip == ip) {
+        if let Some(e) = self
+            .arp_cache
+            .iter_mut()
+            .flatten()
+            .find(|e| e.vlan == vlan && e.ip == ip)
+        {
             e.mac = mac;
             return;
         }
@@ -188,7 +203,11 @@ impl NetStack {
         };
         let vlan = eth.vlan_id();
         let for_us = eth.dst.is_broadcast()
-            || self.ids.iter().flatten().any(|i| i.vlan == vlan && i.mac == eth.dst);
+            || self
+                .ids
+                .iter()
+                .flatten()
+                .any(|i| i.vlan == vlan && i.mac == eth.dst);
         if !for_us {
             self.counters.ignored += 1;
             return;
@@ -205,7 +224,12 @@ impl NetStack {
         }
     }
 
-    fn handle_arp(&mut self, eth: &Ethernet, vlan: Option<u16>, tx: &mut TxSide) -> Result<bool, ()> {
+    fn handle_arp(
+        &mut self,
+        eth: &Ethernet,
+        vlan: Option<u16>,
+        tx: &mut TxSide,
+    ) -> Result<bool, ()> {
         let arp = Arp::parse(eth.payload).map_err(|_| ())?;
         let target = self.identity_for(vlan, arp.target_ip);
         if target.is_some() || self.lookup(vlan, arp.sender_ip).is_some() {
@@ -224,7 +248,12 @@ impl NetStack {
         Ok(true)
     }
 
-    fn handle_ipv4(&mut self, eth: &Ethernet, vlan: Option<u16>, tx: &mut TxSide) -> Result<bool, ()> {
+    fn handle_ipv4(
+        &mut self,
+        eth: &Ethernet,
+        vlan: Option<u16>,
+        tx: &mut TxSide,
+    ) -> Result<bool, ()> {
         let ip = Ipv4::parse(eth.payload).map_err(|_| ())?;
         let Some(id) = self.identity_for(vlan, ip.dst) else {
             return Ok(false);

@@ -59,7 +59,11 @@ impl<const N: usize> ByteRing<N> {
         }
         // SAFETY: the slot is free (checked above) and only the producer
         // writes slots.
-        unsafe { (self.bytes.get() as *mut u8).add(head % N).write_volatile(byte) };
+        unsafe {
+            (self.bytes.get() as *mut u8)
+                .add(head % N)
+                .write_volatile(byte)
+        };
         self.head.store(head.wrapping_add(1), Ordering::Release);
         true
     }
@@ -71,7 +75,11 @@ impl<const N: usize> ByteRing<N> {
             return None;
         }
         // SAFETY: the slot was published by the producer's Release store.
-        let byte = unsafe { (self.bytes.get() as *const u8).add(tail % N).read_volatile() };
+        let byte = unsafe {
+            (self.bytes.get() as *const u8)
+                .add(tail % N)
+                .read_volatile()
+        };
         self.tail.store(tail.wrapping_add(1), Ordering::Release);
         Some(byte)
     }

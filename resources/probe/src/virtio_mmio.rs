@@ -390,7 +390,8 @@ impl SplitQueue {
                     self.free_len += 1;
                 }
                 let at = id as usize * 16;
-                let next = u16::from_le_bytes([self.memory.desc[at + 14], self.memory.desc[at + 15]]);
+                let next =
+                    u16::from_le_bytes([self.memory.desc[at + 14], self.memory.desc[at + 15]]);
                 id = next % self.size;
             }
         }

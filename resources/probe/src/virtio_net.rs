@@ -99,7 +99,11 @@ impl TxSide {
         };
         let len = len.min(BUF_SIZE - NET_HDR_LEN);
         let addr = buffer.as_ptr() as u64;
-        if self.queue.push_chain(&[(addr, (NET_HDR_LEN + len) as u32, false)]).is_none() {
+        if self
+            .queue
+            .push_chain(&[(addr, (NET_HDR_LEN + len) as u32, false)])
+            .is_none()
+        {
             self.dropped += 1;
             return false;
         }
@@ -367,7 +371,11 @@ impl VirtioNet {
             unicast[4 + 6 * i..10 + 6 * i].copy_from_slice(&mac.0);
         }
         let multicast = 0u32.to_le_bytes();
-        self.ctrl_command(CTRL_MAC, CTRL_MAC_TABLE_SET, &[&unicast[..4 + 6 * count], &multicast])
+        self.ctrl_command(
+            CTRL_MAC,
+            CTRL_MAC_TABLE_SET,
+            &[&unicast[..4 + 6 * count], &multicast],
+        )
     }
 
     pub fn vlan(&mut self, vid: u16, add: bool) -> Result<(), &'static str> {

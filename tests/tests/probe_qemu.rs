@@ -1,0 +1,507 @@
+//! The probe guest under QEMU (`-M microvm -enable-kvm`, modern virtio-mmio
+//! virtio-net on a TAP in a namespace of the test's own): the reference
+//! Ferry is held to. Every test asserts on what the guest really did on the
+//! wire or on its console.
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use ferry_probe_packets::ipv4::{write_icmp_echo_frame, Endpoints};
+use ferry_probe_packets::{Arp, ArpOp, Ethernet, IcmpEcho, Ipv4, Ipv4Addr, MacAddr};
+use ferry_tests::host::{require_kvm, require_root, require_tool};
+use ferry_tests::netns::{Netns, PacketSocket};
+use ferry_tests::probe::{fields, Cmdline, Qemu, QemuConfig, QemuNic, BOOT};
+
+const GUEST_MAC: &str = "52:54:00:12:34:56";
+const SECOND_MAC: &str = "02:00:00:00:00:03";
+const VLAN_MAC: &str = "02:00:00:00:01:00";
+const VLAN: u16 = 100;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+const REPLY: Duration = Duration::from_secs(10);
+
+/// QEMU first, so it dies before its namespace goes.
+struct Guest {
+    qemu: Qemu,
+    ns: Netns,
+}
+
+fn can_run(test: &str) -> bool {
+    require_kvm(test).is_some()
+        && require_root(test)
+        && require_tool(test, "qemu-system-x86_64")
+        && require_tool(test, "ip")
+}
+
+/// Boots the probe with `nics` TAPs (tap0 gets 198.18.0.1/24) and waits for
+/// its ready line.
+fn boot(test: &str, cmdline: &Cmdline, nics: usize, qmp: bool, force_legacy: bool) -> Guest {
+    let ns = Netns::new(test).expect("create netns");
+    let mut config = QemuConfig::new(&cmdline.build());
+    for i in 0..nics {
+        let tap = format!("tap{i}");
+        ns.add_tap(&tap).expect("tap");
+        config.nics.push(QemuNic {
+            tap,
+            mac: (i == 0).then(|| GUEST_MAC.to_string()),
+        });
+    }
+    if nics > 0 {
+        ns.add_addr("tap0", "198.18.0.1/24").expect("address");
+    }
+    config.netns = Some(ns.name().to_string());
+    config.qmp = qmp;
+    config.force_legacy = force_legacy;
+    let qemu = Qemu::spawn(&config).expect("start qemu");
+    qemu.wait_ready(BOOT_TIMEOUT);
+    Guest { qemu, ns }
+}
+
+fn network_cmdline() -> Cmdline {
+    Cmdline::new()
+        .identity(0, None, None, "198.18.0.2/24")
+        .identity(0, Some(SECOND_MAC), None, "198.18.0.3/24")
+        .identity(0, Some(VLAN_MAC), Some(VLAN), "198.18.100.2/24")
+}
+
+fn mac(text: &str) -> MacAddr {
+    MacAddr::parse(text).expect("mac")
+}
+
+fn ip(text: &str) -> Ipv4Addr {
+    Ipv4Addr::parse(text).expect("ip")
+}
+
+#[test]
+fn boots_to_ready_and_answers_console_commands() {
+    if !can_run("boots_to_ready_and_answers_console_commands") {
+        return;
+    }
+    let g = boot("console", &Cmdline::new().heartbeat_ms(50), 0, false, false);
+    let c = &g.qemu.console;
+    let lines = c.lines();
+    let boot_line = lines
+        .iter()
+        .position(|l| l.starts_with(BOOT))
+        .expect("boot line");
+    let ready = lines
+        .iter()
+        .position(|l| l.starts_with("probe: ready "))
+        .expect("ready line");
+    assert!(
+        boot_line < ready,
+        "boot line must come first:\n{}",
+        c.output()
+    );
+    let ready_fields = fields(&lines[ready]);
+    assert_eq!(ready_fields.get("nics").map(String::as_str), Some("0"));
+
+    let echo = c.send_command("echo hello from the host", REPLY);
+    assert_eq!(echo.field("text").as_deref(), Some("hello"), "{echo:?}");
+    assert_eq!(echo.lines, vec!["text=hello from the host"]);
+
+    let first = c.send_command("uptime", REPLY).number("ms").expect("ms");
+    let beat1 = fields(&c.expect("probe: heartbeat ", REPLY));
+    let beat2 = fields(&c.expect("probe: heartbeat ", REPLY));
+    let n1: u64 = beat1["n"].parse().unwrap();
+    let n2: u64 = beat2["n"].parse().unwrap();
+    assert_eq!(n2, n1 + 1);
+    let t1: u64 = beat1["uptime_ms"].parse().unwrap();
+    let t2: u64 = beat2["uptime_ms"].parse().unwrap();
+    assert!(
+        t2 >= t1 + 40 && t2 <= t1 + 500,
+        "heartbeat spacing {t1} -> {t2}"
+    );
+    let later = c.send_command("uptime", REPLY).number("ms").expect("ms");
+    assert!(later > first, "uptime must advance: {first} -> {later}");
+
+    c.send_command("heartbeat off", REPLY);
+    let config = c.send_command("config", REPLY);
+    assert_eq!(config.field("heartbeat_ms").as_deref(), Some("0"));
+
+    let unknown = c.try_command("frobnicate now", REPLY).unwrap();
+    assert_eq!(unknown.error.as_deref(), Some("unknown command (try help)"));
+    let bad = c
+        .try_command("id-add 0 dev none 198.18.0.9/24", REPLY)
+        .unwrap();
+    assert_eq!(bad.error.as_deref(), Some("no such NIC"));
+    let long = format!("echo {}", "x".repeat(400));
+    let overlong = c.try_command(&long, REPLY).unwrap();
+    assert_eq!(overlong.error.as_deref(), Some("line too long"));
+    // Still alive after all that.
+    c.send_command("uptime", REPLY);
+}
+
+#[test]
+fn answers_ping_arp_and_udp_on_every_identity_including_a_vlan() {
+    if !can_run("answers_ping_arp_and_udp_on_every_identity_including_a_vlan") {
+        return;
+    }
+    let g = boot("net", &network_cmdline(), 1, false, false);
+    let c = &g.qemu.console;
+    c.expect_seen("probe: nic 0 up");
+
+    // The host's own stack: ARP + ICMP for the device MAC and for the extra
+    // MAC the probe put in the device's MAC table.
+    for addr in ["198.18.0.2", "198.18.0.3"] {
+        let out =
+            g.ns.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "3", addr])
+                .expect("ping");
+        assert!(
+            out.status.success(),
+            "ping {addr}: {}\nconsole:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            c.output()
+        );
+    }
+    let neigh = g.ns.run(&["ip", "neigh", "show", "dev", "tap0"]).unwrap();
+    assert!(
+        neigh.contains(&format!("198.18.0.2 lladdr {GUEST_MAC}")),
+        "{neigh}"
+    );
+    assert!(
+        neigh.contains(&format!("198.18.0.3 lladdr {SECOND_MAC}")),
+        "{neigh}"
+    );
+
+    // UDP echo and sink from a socket inside the namespace.
+    let (echoed, sunk) =
+        g.ns.enter(|| {
+            let sock = UdpSocket::bind("198.18.0.1:0").unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            sock.send_to(b"ferry probe echo", "198.18.0.2:7").unwrap();
+            let mut buf = [0u8; 2048];
+            let echoed = sock
+                .recv_from(&mut buf)
+                .map(|(n, from)| (buf[..n].to_vec(), from));
+            for _ in 0..10 {
+                sock.send_to(&[0xab; 1000], "198.18.0.2:9").unwrap();
+            }
+            (echoed, 10u64)
+        })
+        .unwrap();
+    let (data, from) = echoed.expect("UDP echo reply");
+    assert_eq!(data, b"ferry probe echo");
+    assert_eq!(from.to_string(), "198.18.0.2:7");
+
+    // The VLAN identity, with hand-made 802.1Q frames (this kernel has no
+    // VLAN interfaces). Untagged or wrongly tagged, the probe stays quiet.
+    let host_mac = mac(&g.ns.mac("tap0").unwrap());
+    let results =
+        g.ns.enter(move || {
+            let sock = PacketSocket::open("tap0").unwrap();
+            let who_has = |vlan: Option<u16>| {
+                let arp = Arp {
+                    op: ArpOp::Request,
+                    sender_mac: host_mac,
+                    sender_ip: ip("198.18.100.1"),
+                    target_mac: MacAddr::ZERO,
+                    target_ip: ip("198.18.100.2"),
+                };
+                let mut frame = [0u8; 64];
+                let n = arp
+                    .write_frame(&mut frame, MacAddr::BROADCAST, vlan)
+                    .unwrap();
+                sock.send(&frame[..n]).unwrap();
+                sock.recv_matching(Duration::from_millis(1500), |f| {
+                    let Ok(eth) = Ethernet::parse(f) else {
+                        return false;
+                    };
+                    eth.src != host_mac
+                        && Arp::parse(eth.payload).is_ok_and(|a| a.op == ArpOp::Reply)
+                })
+                .unwrap()
+            };
+            let untagged = who_has(None);
+            let wrong_vlan = who_has(Some(200));
+            let tagged = who_has(Some(VLAN));
+            let echo = IcmpEcho {
+                is_request: true,
+                id: 0x4242,
+                seq: 1,
+                data: b"vlan ping payload",
+            };
+            let ends = Endpoints {
+                src_mac: host_mac,
+                dst_mac: mac(VLAN_MAC),
+                vlan: Some(VLAN),
+                src_ip: ip("198.18.100.1"),
+                dst_ip: ip("198.18.100.2"),
+            };
+            let mut frame = [0u8; 128];
+            let n = write_icmp_echo_frame(&mut frame, &ends, 7, &echo).unwrap();
+            sock.send(&frame[..n]).unwrap();
+            let pong = sock
+                .recv_matching(Duration::from_secs(2), |f| {
+                    Ethernet::parse(f)
+                        .is_ok_and(|e| e.src == mac(VLAN_MAC) && e.ethertype == 0x0800)
+                })
+                .unwrap();
+            (untagged, wrong_vlan, tagged, pong)
+        })
+        .unwrap();
+    let (untagged, wrong_vlan, tagged, pong) = results;
+    assert!(
+        untagged.is_none(),
+        "answered an untagged ARP for a VLAN address"
+    );
+    assert!(wrong_vlan.is_none(), "answered an ARP on the wrong VLAN");
+    let tagged = tagged.expect("tagged ARP reply");
+    let eth = Ethernet::parse(&tagged).unwrap();
+    assert_eq!(eth.vlan_id(), Some(VLAN));
+    assert_eq!(eth.dst, host_mac);
+    let reply = Arp::parse(eth.payload).unwrap();
+    assert_eq!(reply.sender_mac, mac(VLAN_MAC));
+    assert_eq!(reply.sender_ip, ip("198.18.100.2"));
+    let pong = pong.expect("tagged ICMP echo reply");
+    let eth = Ethernet::parse(&pong).unwrap();
+    assert_eq!(eth.vlan_id(), Some(VLAN));
+    let ipv4 = Ipv4::parse(eth.payload).unwrap();
+    assert_eq!(ipv4.src, ip("198.18.100.2"));
+    let echo = IcmpEcho::parse(ipv4.payload).unwrap();
+    assert!(!echo.is_request);
+    assert_eq!(
+        (echo.id, echo.seq, echo.data),
+        (0x4242, 1, &b"vlan ping payload"[..])
+    );
+
+    let counters = c.send_command("counters 0", REPLY);
+    let get = |k: &str| {
+        counters
+            .number(k)
+            .unwrap_or_else(|| panic!("{k} in {counters:?}"))
+    };
+    assert!(get("arp_replies") >= 3, "{counters:?}");
+    assert!(get("icmp_echo") >= 7, "{counters:?}");
+    assert_eq!(get("udp_echo"), 1);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut sink = get("udp_sink_frames");
+    while sink < sunk && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        sink = c
+            .send_command("counters 0", REPLY)
+            .number("udp_sink_frames")
+            .unwrap();
+    }
+    assert_eq!(sink, sunk);
+    assert!(get("tx_frames") >= get("arp_replies") + get("icmp_echo"));
+    assert!(
+        get("irqs") > 0,
+        "virtio interrupts were never taken: {counters:?}"
+    );
+}
+
+#[test]
+fn announce_self_makes_it_send_tagged_gratuitous_arps() {
+    if !can_run("announce_self_makes_it_send_tagged_gratuitous_arps")
+        || !require_tool(
+            "announce_self_makes_it_send_tagged_gratuitous_arps",
+            "tcpdump",
+        )
+        || !require_tool(
+            "announce_self_makes_it_send_tagged_gratuitous_arps",
+            "tshark",
+        )
+    {
+        return;
+    }
+    let g = boot("announce", &network_cmdline(), 1, true, false);
+    let c = &g.qemu.console;
+    let nic = c.expect_seen("probe: nic 0 up");
+    assert!(nic.contains("announce=on"), "{nic}");
+    let pcap_path = std::env::temp_dir().join(format!("{}-announce.pcap", g.ns.name()));
+    let capture = g.ns.capture("tap0", &pcap_path).expect("tcpdump");
+    g.qemu
+        .qmp(
+            "announce-self",
+            serde_json::json!({"initial": 50, "max": 550, "rounds": 2, "step": 100}),
+        )
+        .expect("announce-self");
+    let first = fields(&c.expect("probe: announce nic=0", REPLY));
+    assert_eq!(first.get("garps").map(String::as_str), Some("3"));
+    assert_eq!(first.get("ack").map(String::as_str), Some("ok"));
+    c.expect("probe: announce nic=0", REPLY);
+    std::thread::sleep(Duration::from_millis(300));
+    let pcap = capture.stop().expect("stop capture");
+
+    // tcpdump's reading: link headers, VLAN tags and the ARP.
+    let text = pcap.tcpdump_text().unwrap();
+    let garp = |src: &str, addr: &str, tagged: bool| {
+        text.lines().any(|l| {
+            l.starts_with(|ch: char| ch.is_ascii_digit())
+                && l.contains(&format!("{src} > ff:ff:ff:ff:ff:ff"))
+                && l.contains(&format!("Request who-has {addr} tell {addr}"))
+                && l.contains(&format!("vlan {VLAN}")) == tagged
+        })
+    };
+    assert!(
+        garp(GUEST_MAC, "198.18.0.2", false),
+        "no GARP for 198.18.0.2:\n{text}"
+    );
+    assert!(
+        garp(SECOND_MAC, "198.18.0.3", false),
+        "no GARP for 198.18.0.3:\n{text}"
+    );
+    assert!(
+        garp(VLAN_MAC, "198.18.100.2", true),
+        "no tagged GARP for 198.18.100.2:\n{text}"
+    );
+
+    // tshark's reading of the same capture.
+    let rows = pcap
+        .tshark_fields(
+            "arp.isgratuitous == 1",
+            &["eth.src", "vlan.id", "arp.src.proto_ipv4"],
+        )
+        .unwrap();
+    let rows: Vec<&str> = rows.lines().collect();
+    for want in [
+        format!("{GUEST_MAC},,198.18.0.2"),
+        format!("{SECOND_MAC},,198.18.0.3"),
+        format!("{VLAN_MAC},{VLAN},198.18.100.2"),
+    ] {
+        let seen = rows.iter().filter(|r| **r == want).count();
+        assert!(
+            seen >= 2,
+            "{want} seen {seen} times (two rounds expected):\n{rows:#?}"
+        );
+    }
+    let _ = std::fs::remove_file(&pcap_path);
+
+    let counters = c.send_command("counters 0", REPLY);
+    assert!(counters.number("announces").unwrap() >= 2, "{counters:?}");
+    assert!(counters.number("garps").unwrap() >= 6, "{counters:?}");
+}
+
+#[test]
+fn memory_pattern_verifies_while_memory_is_dirtied() {
+    if !can_run("memory_pattern_verifies_while_memory_is_dirtied") {
+        return;
+    }
+    let cmdline = Cmdline::new().pattern(42, "32M").dirty("64M", "16M");
+    let g = boot("memory", &cmdline, 0, false, false);
+    let c = &g.qemu.console;
+    let written = fields(&c.expect_seen("probe: pattern written"));
+    let verify = c.send_command("pattern-verify", REPLY);
+    assert_eq!(verify.field("checksum"), written.get("checksum").cloned());
+    assert_eq!(verify.number("bad_pages"), Some(0));
+
+    let before = c.send_command("workloads", REPLY);
+    assert!(
+        before.lines.iter().any(|l| l.starts_with("dirty=on")),
+        "{before:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let pages = |r: &ferry_tests::probe::Reply| r.number("pages_written").unwrap();
+    let after = c.send_command("workloads", REPLY);
+    let dirtied = pages(&after) - pages(&before);
+    // 64 MiB/s is 16384 pages/s: in >= 300 ms at least ~4900 pages.
+    assert!(dirtied >= 3000, "dirtied only {dirtied} pages in 300 ms");
+
+    let wrong = c.try_command("pattern-verify 43 32M", REPLY).unwrap();
+    assert_eq!(wrong.error.as_deref(), Some("pattern mismatch"));
+    assert!(wrong.number("bad_pages").unwrap() > 0);
+
+    let rewritten = c.send_command("pattern-write 7 8M", REPLY);
+    let again = c.send_command("pattern-verify", REPLY);
+    assert_eq!(again.field("checksum"), rewritten.field("checksum"));
+    assert_eq!(again.field("seed").as_deref(), Some("7"));
+    let clash = c.try_command("pattern-write 1 200M", REPLY).unwrap();
+    assert!(
+        clash.error.is_some(),
+        "a pattern larger than RAM must be refused"
+    );
+    c.send_command("dirty off", REPLY);
+}
+
+#[test]
+fn udp_source_reaches_the_host() {
+    if !can_run("udp_source_reaches_the_host") {
+        return;
+    }
+    // NIC 0 is a virtio-mmio window with no device behind it (microvm's
+    // first transport); QEMU's NIC, which microvm lists after ours, is NIC 1.
+    let cmdline =
+        Cmdline::new()
+            .device("512", 0xfeb0_0000, 5)
+            .identity(1, None, None, "198.18.0.2/24");
+    let g = boot("blast", &cmdline, 1, false, false);
+    let c = &g.qemu.console;
+    c.expect_seen("probe: error nic=0 addr=0xfeb00000: no device behind the virtio-mmio window");
+    c.expect_seen("probe: nic 1 up");
+    let receiver =
+        g.ns.enter(|| {
+            let sock = UdpSocket::bind("198.18.0.1:5001").unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(1500)))
+                .unwrap();
+            sock
+        })
+        .unwrap();
+    let counter = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut frames = 0u64;
+        let mut bytes = 0u64;
+        while let Ok((n, _)) = receiver.recv_from(&mut buf) {
+            frames += 1;
+            bytes += n as u64;
+        }
+        (frames, bytes)
+    });
+    let refused = c.try_command("udp-blast 0 198.18.0.2 198.18.0.1:5001 512 5000 300", REPLY);
+    assert_eq!(
+        refused.unwrap().error.as_deref(),
+        Some("that NIC is not up")
+    );
+    c.send_command("udp-blast 1 198.18.0.2 198.18.0.1:5001 512 5000 300", REPLY);
+    let done = fields(&c.expect("probe: udp-blast done", REPLY));
+    assert_eq!(done.get("frames").map(String::as_str), Some("300"));
+    let (frames, bytes) = counter.join().unwrap();
+    assert_eq!((frames, bytes), (300, 300 * 512));
+}
+
+#[test]
+fn refuses_legacy_and_unmapped_devices_with_a_clear_line() {
+    if !can_run("refuses_legacy_and_unmapped_devices_with_a_clear_line") {
+        return;
+    }
+    // NIC 0: an empty transport (legacy too: force-legacy is global);
+    // NIC 1: nothing mapped at all; NIC 2: QEMU's NIC, forced legacy.
+    let cmdline = Cmdline::new()
+        .device("512", 0xfeb0_0000, 5)
+        .device("4K", 0xd000_0000, 6)
+        .identity(2, None, None, "198.18.0.2/24");
+    let g = boot("legacy", &cmdline, 1, false, true);
+    let c = &g.qemu.console;
+    let out = c.output();
+    assert!(
+        out.contains("probe: error nic=0 addr=0xfeb00000: legacy virtio-mmio"),
+        "{out}"
+    );
+    assert!(
+        out.contains("probe: error nic=1 addr=0xd0000000: no virtio-mmio device"),
+        "{out}"
+    );
+    assert!(
+        out.contains("probe: error nic=2 addr=0xfeb00e00: legacy virtio-mmio device (version 1) not supported"),
+        "{out}"
+    );
+    let ready = fields(
+        c.lines()
+            .iter()
+            .find(|l| l.starts_with("probe: ready"))
+            .unwrap(),
+    );
+    assert_eq!(ready.get("nics").map(String::as_str), Some("3"));
+    assert_eq!(ready.get("up").map(String::as_str), Some("0"));
+    let config = c.send_command("config", REPLY);
+    assert_eq!(
+        config
+            .lines
+            .iter()
+            .filter(|l| l.contains("state=down"))
+            .count(),
+        3
+    );
+    let refused = c.try_command("counters-reset 2", REPLY).unwrap();
+    assert!(refused.is_ok() || refused.error.is_some());
+    c.send_command("uptime", REPLY);
+}
