@@ -11,6 +11,7 @@ pub mod exit;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod qmp;
 pub mod vcpu;
 pub mod vm;
 

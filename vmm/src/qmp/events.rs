@@ -97,8 +97,8 @@ impl fmt::Debug for EventEmitter {
 
 impl EventEmitter {
     pub fn new() -> Result<Self, QmpSetupError> {
-        let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-            .map_err(QmpSetupError::EventFd)?;
+        let wake =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(QmpSetupError::EventFd)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 queue: Mutex::new(VecDeque::new()),
@@ -211,7 +211,10 @@ mod tests {
         assert!(readable(emitter.wake_fd()));
         let got: Vec<_> = emitter.take().into_iter().collect();
         assert!(!readable(emitter.wake_fd()));
-        let order: Vec<_> = got.iter().map(|e| e.data.clone().unwrap()["i"].clone()).collect();
+        let order: Vec<_> = got
+            .iter()
+            .map(|e| e.data.clone().unwrap()["i"].clone())
+            .collect();
         assert_eq!(order, (0..10).map(|i| json!(i)).collect::<Vec<_>>());
     }
 

@@ -227,7 +227,10 @@ mod tests {
     fn several_values_in_one_read() {
         let mut f = Framer::new(1024);
         let got = frames(&mut f, b"{\"a\":1}{\"b\":[2,{}]}\n  {}\r\n");
-        assert_eq!(got, vec![json("{\"a\":1}"), json("{\"b\":[2,{}]}"), json("{}")]);
+        assert_eq!(
+            got,
+            vec![json("{\"a\":1}"), json("{\"b\":[2,{}]}"), json("{}")]
+        );
         assert!(!f.is_mid_value());
     }
 

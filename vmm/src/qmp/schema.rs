@@ -138,10 +138,7 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    pub fn new(
-        builtins: &[CommandSpec],
-        commands: &[CommandSpec],
-    ) -> Result<Self, QmpSetupError> {
+    pub fn new(builtins: &[CommandSpec], commands: &[CommandSpec]) -> Result<Self, QmpSetupError> {
         let mut all: Vec<CommandSpec> = Vec::with_capacity(builtins.len() + commands.len());
         for spec in builtins.iter().chain(commands) {
             if all.iter().any(|c| c.name == spec.name) {
