@@ -36,7 +36,7 @@ pub fn in_test_range(cidr: &str) -> bool {
         return false;
     };
     let o = ip.octets();
-    o[0] == 198 && (o[1] & 0xFE) == 18 && prefix >= 15 && prefix <= 32
+    o[0] == 198 && (o[1] & 0xFE) == 18 && (15..=32).contains(&prefix)
 }
 
 impl Netns {

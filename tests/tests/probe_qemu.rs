@@ -505,3 +505,71 @@ fn refuses_legacy_and_unmapped_devices_with_a_clear_line() {
     assert!(refused.is_ok() || refused.error.is_some());
     c.send_command("uptime", REPLY);
 }
+
+/// The ELF a PVH loader needs, and ring-0 code that kvm_pvm's emulator can
+/// run: no SSE registers in the ring-0 sections (the emulator lacks SSE
+/// arithmetic, and ring-0 handlers must not clobber ring 3's XMM state) and
+/// no calls out of them.
+#[test]
+fn probe_elf_has_a_pvh_note_and_sse_free_ring0_code() {
+    let test = "probe_elf_has_a_pvh_note_and_sse_free_ring0_code";
+    if !require_tool(test, "objdump") || !require_tool(test, "readelf") {
+        return;
+    }
+    let elf = ferry_tests::probe::probe_elf();
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().expect("binutils");
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let notes = run(std::process::Command::new("readelf").arg("-n").arg(&elf));
+    assert!(
+        notes.contains("Xen") && notes.contains("0x00000012"),
+        "no XEN_ELFNOTE_PHYS32_ENTRY note:\n{notes}"
+    );
+    let symbols = run(std::process::Command::new("nm").arg(&elf));
+    let address = |name: &str| {
+        symbols
+            .lines()
+            .find(|l| l.ends_with(&format!(" {name}")))
+            .and_then(|l| u64::from_str_radix(l.split_whitespace().next()?, 16).ok())
+            .unwrap_or_else(|| panic!("symbol {name} missing"))
+    };
+    let (start, end) = (address("pvh_entry32"), address("__ring0_text_end"));
+    assert!(end > start);
+    let text = run(std::process::Command::new("objdump")
+        .args([
+            "-d",
+            "-M",
+            "intel",
+            &format!("--start-address={start:#x}"),
+            &format!("--stop-address={end:#x}"),
+        ])
+        .arg(&elf));
+    let sse: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("xmm") || l.contains("ymm"))
+        .collect();
+    assert!(sse.is_empty(), "SSE in ring-0 code:\n{}", sse.join("\n"));
+    for line in text
+        .lines()
+        .filter(|l| l.contains("\tcall ") || l.contains("\tjmp "))
+    {
+        let Some(target) = line
+            .split('\t')
+            .next_back()
+            .and_then(|op| op.split_whitespace().nth(1))
+            .and_then(|t| u64::from_str_radix(t, 16).ok())
+        else {
+            continue; // indirect
+        };
+        assert!(
+            (start..end).contains(&target),
+            "ring-0 code leaves its section: {line}"
+        );
+    }
+}

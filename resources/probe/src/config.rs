@@ -27,7 +27,7 @@ pub struct IdentitySpec {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum IdleMode {
-    /// Spin on kvm_pvm, halt on hardware KVM.
+    /// Halt after a short spin, on both kinds of KVM (see `main.rs`).
     Auto,
     Spin,
     Halt,

@@ -234,7 +234,7 @@ unsafe fn map_high_ram(start_info_paddr: u32) {
                     let mut i = 0u64;
                     while i < 512 {
                         pd.add(i as usize).write_volatile(
-                            (gib << 30) + (i << 21) | PTE_PRESENT_RW_USER | PTE_LARGE,
+                            ((gib << 30) + (i << 21)) | PTE_PRESENT_RW_USER | PTE_LARGE,
                         );
                         i += 1;
                     }

@@ -69,15 +69,18 @@ const UD2: [u8; 2] = [0x0F, 0x0B];
 /// Calls ring-0 service `code` (one of the SERVICE_* constants).
 #[macro_export]
 macro_rules! ring0_service {
-    ($code:expr) => {
+    ($code:expr) => {{
+        const CODE: u8 = $code;
         // SAFETY: the #UD handler recognises `ud2; .byte code`, performs
         // the service and resumes after it; registers are preserved.
-        unsafe { core::arch::asm!("ud2", ".byte {c}", c = const $code) }
-    };
-    ($code:expr, $rax:expr) => {
+        unsafe { core::arch::asm!("ud2", ".byte {c}", c = const CODE) }
+    }};
+    ($code:expr, $rax:expr) => {{
+        const CODE: u8 = $code;
+        let rax: u64 = $rax;
         // SAFETY: as above, with RAX as the argument.
-        unsafe { core::arch::asm!("ud2", ".byte {c}", c = const $code, in("rax") $rax) }
-    };
+        unsafe { core::arch::asm!("ud2", ".byte {c}", c = const CODE, in("rax") rax) }
+    }};
 }
 
 /// Counts every hardware interrupt, so the idle call can tell whether one

@@ -341,7 +341,7 @@ impl NetStack {
             .iter()
             .position(|s| s.is_some_and(|i| i.ip == from_ip))
             .ok_or("no identity with that source address")?;
-        if size < 8 || size > 1472 {
+        if !(8..=1472).contains(&size) {
             return Err("size must be 8..1472 bytes of UDP payload");
         }
         self.blast = Some(Blast {

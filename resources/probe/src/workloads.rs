@@ -38,7 +38,7 @@ impl Arena {
     }
 
     pub fn pattern_region(&self, size: u64) -> Result<u64, &'static str> {
-        if size == 0 || size % 8 != 0 {
+        if size == 0 || !size.is_multiple_of(8) {
             return Err("pattern size must be a nonzero multiple of 8");
         }
         if size > self.size() {
