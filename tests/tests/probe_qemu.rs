@@ -573,3 +573,89 @@ fn probe_elf_has_a_pvh_note_and_sse_free_ring0_code() {
         );
     }
 }
+
+#[test]
+fn identities_added_and_removed_at_runtime_are_answered_and_forgotten() {
+    let test = "identities_added_and_removed_at_runtime_are_answered_and_forgotten";
+    if !can_run(test) {
+        return;
+    }
+    let cmdline = Cmdline::new().identity(0, None, None, "198.18.0.2/24");
+    let g = boot("ids", &cmdline, 1, false, false);
+    let c = &g.qemu.console;
+    let ping = |addr: &str| {
+        g.ns.exec(&["ping", "-c", "1", "-W", "1", addr])
+            .expect("ping")
+            .status
+            .success()
+    };
+    assert!(!ping("198.18.0.7"), "answered before the identity existed");
+    c.send_command("id-add 0 02:00:00:00:00:07 none 198.18.0.7/24", REPLY);
+    assert!(ping("198.18.0.7"), "no answer from the added identity");
+    let neigh = g.ns.run(&["ip", "neigh", "show", "198.18.0.7"]).unwrap();
+    assert!(neigh.contains("02:00:00:00:00:07"), "{neigh}");
+    let config = c.send_command("config", REPLY);
+    assert!(
+        config
+            .lines
+            .iter()
+            .any(|l| l.contains("mac=02:00:00:00:00:07 vlan=none ip=198.18.0.7/24")),
+        "{config:?}"
+    );
+    let dup = c
+        .try_command("id-add 0 dev none 198.18.0.7/24", REPLY)
+        .unwrap();
+    assert!(dup.error.is_some(), "a duplicate identity must be refused");
+
+    c.send_command("id-del 0 198.18.0.7", REPLY);
+    g.ns.run(&["ip", "neigh", "flush", "dev", "tap0"]).unwrap();
+    assert!(!ping("198.18.0.7"), "still answered after removal");
+    assert!(
+        ping("198.18.0.2"),
+        "the remaining identity stopped answering"
+    );
+    let gone = c.try_command("id-del 0 198.18.0.7", REPLY).unwrap();
+    assert_eq!(gone.error.as_deref(), Some("no such identity"));
+}
+
+#[test]
+fn without_guest_announce_only_qemu_announces() {
+    let test = "without_guest_announce_only_qemu_announces";
+    if !can_run(test) || !require_tool(test, "tcpdump") {
+        return;
+    }
+    let g = boot(
+        "noannounce",
+        &network_cmdline().announce(false),
+        1,
+        true,
+        false,
+    );
+    let c = &g.qemu.console;
+    assert!(c.expect_seen("probe: nic 0 up").contains("announce=off"));
+    let pcap_path = std::env::temp_dir().join(format!("{}-noannounce.pcap", g.ns.name()));
+    let capture = g.ns.capture("tap0", &pcap_path).expect("tcpdump");
+    g.qemu
+        .qmp(
+            "announce-self",
+            serde_json::json!({"initial": 50, "max": 550, "rounds": 2, "step": 100}),
+        )
+        .expect("announce-self");
+    std::thread::sleep(Duration::from_millis(600));
+    let text = capture.stop().unwrap().tcpdump_text().unwrap();
+    let _ = std::fs::remove_file(&pcap_path);
+    // QEMU falls back to its own RARP for the device MAC...
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&format!("Reverse Request who-is {GUEST_MAC}"))),
+        "no RARP from QEMU:\n{text}"
+    );
+    // ...and the probe, not asked, sends nothing.
+    assert!(
+        !text.contains("who-has 198.18.0.2 tell 198.18.0.2"),
+        "{text}"
+    );
+    assert!(c.seen("probe: announce").is_none(), "{}", c.output());
+    let counters = c.send_command("counters 0", REPLY);
+    assert_eq!(counters.number("announces"), Some(0));
+}
