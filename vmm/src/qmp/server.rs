@@ -237,6 +237,14 @@ impl<H: QmpHandler> QmpServer<H> {
         self.clients.len()
     }
 
+    /// Clients past capabilities negotiation: the ones events reach.
+    pub fn negotiated_count(&self) -> usize {
+        self.clients
+            .values()
+            .filter(|c| c.mode == Mode::Command)
+            .count()
+    }
+
     /// For the VMM's way out: sends the events still queued (SHUTDOWN) and
     /// every unsent reply (to `quit`), waiting at most `timeout` for slow
     /// readers. Connections stay open; they close when the server is
