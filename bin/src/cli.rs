@@ -24,6 +24,8 @@ pub enum Command {
     Run(RunArgs),
     /// Say what this host's KVM can do.
     Check(CheckArgs),
+    /// Talk to a running VM over its QMP socket.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[derive(Args, Debug)]

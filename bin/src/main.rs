@@ -4,6 +4,7 @@
 //! guest ended abnormally (triple fault, KVM internal error, ...).
 
 mod cli;
+mod ctl;
 mod logger;
 
 use std::process::ExitCode;
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Check(args) => check(args),
+        Command::Ctl(args) => ctl::run(args),
     }
 }
 
