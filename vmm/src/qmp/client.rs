@@ -187,8 +187,13 @@ impl QmpClient {
     /// The next event called `name`, waiting for it; other events that
     /// arrive meanwhile stay queued.
     pub fn wait_for_event(&mut self, name: &str) -> Result<QmpEvent, ClientError> {
-        if let Some(at) = self.events.iter().position(|e| e.event == name) {
-            return Ok(self.events.remove(at).unwrap_or_else(|| unreachable!()));
+        if let Some(event) = self
+            .events
+            .iter()
+            .position(|e| e.event == name)
+            .and_then(|at| self.events.remove(at))
+        {
+            return Ok(event);
         }
         loop {
             let message = self.read_message()?;

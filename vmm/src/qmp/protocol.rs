@@ -17,6 +17,11 @@ use super::schema::{ArgSpec, ArgType, CommandSpec, Registry};
 /// the command causes should go through an
 /// [`EventEmitter`](super::EventEmitter) clone; they reach clients before
 /// the reply.
+///
+/// `execute` runs on the VMM thread inside the server's `process`, with
+/// the server's mutex held: it must not lock the server itself (to call
+/// `flush_all`, say) — record what should happen (e.g. the exit for
+/// `quit`) and let the loop act on it.
 pub trait QmpHandler {
     fn execute(&mut self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError>;
 }
