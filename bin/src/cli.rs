@@ -52,6 +52,13 @@ pub struct RunArgs {
     /// tap=NAME[,mac=MAC][,id=ID][,guest-announce=on|off].
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
+    /// QMP control socket: unix:PATH (QEMU's unix:PATH,server=on,wait=off
+    /// is accepted too).
+    #[arg(long, value_name = "unix:PATH")]
+    pub qmp: Option<vmm::qmp::QmpSocketSpec>,
+    /// Start in prelaunch: the guest runs only after QMP `cont`.
+    #[arg(short = 'S', long = "paused")]
+    pub paused: bool,
     /// Boot a Linux kernel even where it cannot reach userspace (kvm_pvm):
     /// for watching its early boot.
     #[arg(long)]
@@ -101,6 +108,8 @@ impl RunArgs {
                 .map(|spec| vmm::NetConfig::parse(spec).map_err(|e| e.to_string()))
                 .collect::<Result<_, _>>()?,
             allow_no_userspace: self.allow_no_userspace,
+            qmp: self.qmp,
+            start_paused: self.paused,
         })
     }
 }

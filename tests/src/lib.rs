@@ -2,7 +2,6 @@
 //! host can do, the guests (probe and Linux), network namespaces, and
 //! driving `ferry` and QEMU processes.
 
-pub mod console;
 pub mod ferry;
 pub mod host;
 pub mod netns;

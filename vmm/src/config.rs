@@ -114,6 +114,10 @@ pub struct VmConfig {
     pub boot: BootConfig,
     pub serial: SerialConfig,
     pub nets: Vec<NetConfig>,
+    /// `--qmp`: the control socket.
+    pub qmp: Option<crate::qmp::QmpSocketSpec>,
+    /// `-S`: stay in prelaunch until `cont`.
+    pub start_paused: bool,
 }
 
 pub const DEFAULT_MEMORY: u64 = 512 << 20;

@@ -15,6 +15,11 @@ pub enum VmExit {
     Reset,
     /// The user typed Ctrl-A x on the console.
     UserQuit,
+    /// A QMP client asked (`quit`).
+    QmpQuit,
+    /// A QMP client reset the machine (`system_reset`); Ferry ends the VM
+    /// on a reset, as it does for the guest's own.
+    QmpReset,
     /// Ferry received a termination signal.
     Signal(i32),
     /// A vCPU triple-faulted.
@@ -36,8 +41,31 @@ impl VmExit {
     pub fn is_clean(&self) -> bool {
         matches!(
             self,
-            VmExit::PowerOff | VmExit::Reset | VmExit::UserQuit | VmExit::Signal(_)
+            VmExit::PowerOff
+                | VmExit::Reset
+                | VmExit::UserQuit
+                | VmExit::QmpQuit
+                | VmExit::QmpReset
+                | VmExit::Signal(_)
         )
+    }
+}
+
+impl VmExit {
+    /// QMP's SHUTDOWN event data for this exit: who caused it and why.
+    pub fn shutdown_cause(&self) -> (bool, &'static str) {
+        match self {
+            VmExit::PowerOff => (true, "guest-shutdown"),
+            VmExit::Reset | VmExit::TripleFault { .. } => (true, "guest-reset"),
+            VmExit::GuestCrash { .. }
+            | VmExit::InternalError { .. }
+            | VmExit::EntryFailure { .. } => (true, "guest-panic"),
+            VmExit::UserQuit => (false, "host-ui"),
+            VmExit::QmpQuit => (false, "host-qmp-quit"),
+            VmExit::QmpReset => (false, "host-qmp-system-reset"),
+            VmExit::Signal(_) => (false, "host-signal"),
+            VmExit::VcpuError { .. } => (false, "host-error"),
+        }
     }
 }
 
@@ -47,6 +75,8 @@ impl fmt::Display for VmExit {
             VmExit::PowerOff => write!(f, "guest powered off"),
             VmExit::Reset => write!(f, "guest reset the machine"),
             VmExit::UserQuit => write!(f, "quit from the console (Ctrl-A x)"),
+            VmExit::QmpQuit => write!(f, "quit by a QMP client"),
+            VmExit::QmpReset => write!(f, "reset by a QMP client"),
             VmExit::Signal(s) => write!(f, "terminated by signal {s}"),
             VmExit::TripleFault { vcpu, rip } => {
                 write!(f, "guest triple fault on vCPU {vcpu} at RIP {rip:#x}")

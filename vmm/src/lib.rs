@@ -6,12 +6,14 @@ pub mod boot;
 pub mod check;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod cpu;
 pub mod exit;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod qmp;
+pub mod runstate;
 pub mod vcpu;
 pub mod vm;
 
@@ -68,4 +70,6 @@ pub enum VmmError {
     TooManyDevices(usize),
     #[error("virtio: {0}")]
     Virtio(String),
+    #[error("--qmp: {0}")]
+    Qmp(String),
 }

@@ -58,36 +58,111 @@ pub enum VcpuCommand {
     Exit,
 }
 
-/// Shared between a vCPU thread and the VMM thread.
+struct ControlState {
+    command: VcpuCommand,
+    /// The thread is waiting in `wait_runnable`, outside KVM_RUN.
+    parked: bool,
+    /// The thread has left its loop for good.
+    exited: bool,
+    /// The thread's pthread (for kicking) and kernel thread id.
+    pthread: Option<libc::pthread_t>,
+    tid: i32,
+}
+
+/// Shared between a vCPU thread and the VMM thread: the command, and the
+/// thread's acknowledgment that it is parked.
 pub struct VcpuControl {
-    command: Mutex<VcpuCommand>,
+    state: Mutex<ControlState>,
     changed: Condvar,
 }
 
 impl VcpuControl {
     pub fn new(initial: VcpuCommand) -> Self {
         Self {
-            command: Mutex::new(initial),
+            state: Mutex::new(ControlState {
+                command: initial,
+                parked: false,
+                exited: false,
+                pthread: None,
+                tid: 0,
+            }),
             changed: Condvar::new(),
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        devices::bus::lock(&self.state)
+    }
+
     pub fn set(&self, command: VcpuCommand) {
-        *devices::bus::lock(&self.command) = command;
+        self.lock().command = command;
         self.changed.notify_all();
     }
 
     fn current(&self) -> VcpuCommand {
-        *devices::bus::lock(&self.command)
+        self.lock().command
     }
 
-    /// Blocks while paused; returns Run or Exit.
-    fn wait_runnable(&self) -> VcpuCommand {
-        let mut cmd = devices::bus::lock(&self.command);
-        while *cmd == VcpuCommand::Pause {
-            cmd = self.changed.wait(cmd).unwrap_or_else(|p| p.into_inner());
+    /// Interrupts KVM_RUN on the vCPU's thread (a no-op once it exited).
+    pub fn kick(&self) {
+        let state = self.lock();
+        if let (Some(thread), false) = (state.pthread, state.exited) {
+            // SAFETY: the thread is alive (not `exited`, checked under the
+            // lock it takes before leaving) and the kick handler is
+            // installed before any vCPU thread starts.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
         }
-        *cmd
+    }
+
+    /// Waits until the thread is parked or gone; false on timeout.
+    pub fn wait_parked(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut state = self.lock();
+        while !(state.parked || state.exited) {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
+    }
+
+    /// The vCPU thread's kernel thread id (0 before it started).
+    pub fn thread_id(&self) -> i32 {
+        self.lock().tid
+    }
+
+    fn started(&self) {
+        let mut state = self.lock();
+        // SAFETY: pthread_self and gettid have no preconditions.
+        state.pthread = Some(unsafe { libc::pthread_self() });
+        // SAFETY: as above.
+        state.tid = unsafe { libc::gettid() };
+    }
+
+    fn exited(&self) {
+        self.lock().exited = true;
+        self.changed.notify_all();
+    }
+
+    /// Blocks while paused, telling waiters it is parked; returns Run or
+    /// Exit.
+    fn wait_runnable(&self) -> VcpuCommand {
+        let mut state = self.lock();
+        while state.command == VcpuCommand::Pause {
+            if !state.parked {
+                state.parked = true;
+                self.changed.notify_all();
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.parked = false;
+        state.command
     }
 }
 
@@ -123,6 +198,7 @@ impl Vcpu {
     pub fn run_loop(mut self) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
+        self.control.started();
         loop {
             if self.control.wait_runnable() == VcpuCommand::Exit {
                 break;
@@ -165,6 +241,7 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        self.control.exited();
     }
 
     fn internal_error(&mut self) -> (u32, Vec<u64>) {

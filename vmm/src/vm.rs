@@ -25,10 +25,13 @@ use crate::boot::{self, BootProtocol, LoadedKernel};
 use crate::check::{kvm_kind, KvmKind};
 use crate::config::{resolve_nets, SerialConfig, VmConfig};
 use crate::console::{ConsoleInput, RawTerminal};
+use crate::control::{VmControl, COMMANDS};
 use crate::cpu::{self, cpuid, msr, regs};
 use crate::exit::{ExitState, VmExit};
 use crate::layout::*;
 use crate::memory::{self, GuestMemoryMmap};
+use crate::qmp::{EventEmitter, QmpListener, QmpServer};
+use crate::runstate::{RunState, RunStateMachine};
 use crate::vcpu::{self, Vcpu, VcpuCommand, VcpuControl};
 use crate::VmmError;
 
@@ -44,6 +47,8 @@ pub struct Vm {
     exit: Arc<ExitState>,
     stdio_console: bool,
     nets: Vec<Arc<Mutex<MmioTransport<Net>>>>,
+    qmp: Option<QmpListener>,
+    start_paused: bool,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -101,6 +106,12 @@ impl Vm {
             return Err(VmmError::LinuxNeedsHardwareVirt);
         }
         let vcpu_count = config.machine.vcpus;
+        // Bind the control socket first: a bad --qmp fails before anything
+        // is built.
+        let qmp = match &config.qmp {
+            Some(spec) => Some(QmpListener::bind(spec).map_err(|e| VmmError::Qmp(e.to_string()))?),
+            None => None,
+        };
 
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let max = kvm.get_max_vcpus();
@@ -253,7 +264,9 @@ impl Vm {
             if id == 0 {
                 configure_boot_vcpu(&memory, &fd, &kernel)?;
             }
-            let control = Arc::new(VcpuControl::new(VcpuCommand::Run));
+            // Every vCPU waits parked until the VM is started (at once, or
+            // at `cont` with -S).
+            let control = Arc::new(VcpuControl::new(VcpuCommand::Pause));
             controls.push(control.clone());
             vcpus.push(Vcpu::new(
                 id,
@@ -276,6 +289,8 @@ impl Vm {
             exit,
             stdio_console: config.serial == SerialConfig::Stdio,
             nets,
+            qmp,
+            start_paused: config.start_paused,
         })
     }
 
@@ -337,6 +352,29 @@ impl Vm {
             threads.push(handle);
         }
 
+        let runstate = Arc::new(Mutex::new(RunStateMachine::new(RunState::Prelaunch)));
+        let emitter = EventEmitter::new().map_err(|e| VmmError::Qmp(e.to_string()))?;
+        let control = VmControl::new(
+            runstate.clone(),
+            self.controls.clone(),
+            self.nets.clone(),
+            self.exit.clone(),
+            emitter.clone(),
+        );
+        let qmp = match self.qmp.take() {
+            Some(listener) => {
+                let server = QmpServer::new(listener, COMMANDS, control.clone(), emitter.clone())
+                    .map_err(|e| VmmError::Qmp(e.to_string()))?;
+                let server = Arc::new(Mutex::new(server));
+                event_manager.add_subscriber(server.clone());
+                Some(server)
+            }
+            None => None,
+        };
+        if !self.start_paused {
+            control.start().map_err(|e| VmmError::Qmp(e.to_string()))?;
+        }
+
         let reason = loop {
             if let Some(reason) = self.exit.reason() {
                 break reason;
@@ -351,13 +389,29 @@ impl Vm {
 
         for control in &self.controls {
             control.set(VcpuCommand::Exit);
-        }
-        for handle in &threads {
-            use vmm_sys_util::signal::Killable;
-            let _ = handle.kill(vcpu::kick_signal());
+            control.kick();
         }
         for handle in threads {
             let _ = handle.join();
+        }
+        let end_state = match reason {
+            VmExit::InternalError { .. }
+            | VmExit::EntryFailure { .. }
+            | VmExit::VcpuError { .. } => RunState::InternalError,
+            _ => RunState::Shutdown,
+        };
+        if let Err(e) = devices::bus::lock(&runstate).transition(end_state) {
+            log::debug!("at exit: {e}");
+        }
+        let (guest, cause) = reason.shutdown_cause();
+        emitter.emit(
+            "SHUTDOWN",
+            Some(serde_json::json!({ "guest": guest, "reason": cause })),
+        );
+        if let Some(server) = qmp {
+            // Deliver the last replies and SHUTDOWN before the socket goes.
+            let mut server = devices::bus::lock(&server);
+            server.flush_all(std::time::Duration::from_millis(500));
         }
         Ok(reason)
     }

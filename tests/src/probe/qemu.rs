@@ -1,7 +1,7 @@
 //! The probe under QEMU (`-M microvm`, modern virtio-mmio virtio-net on
 //! TAPs), with a minimal QMP client.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -161,40 +161,24 @@ impl Drop for Qemu {
     }
 }
 
-/// A minimal QMP client (greeting, capabilities, execute).
-pub struct QmpClient {
-    reader: BufReader<std::os::unix::net::UnixStream>,
-    writer: std::os::unix::net::UnixStream,
-}
+/// Ferry's own QMP client (vmm::qmp::client) speaks to QEMU unchanged;
+/// this only adds waiting for the socket to appear.
+pub struct QmpClient(vmm::qmp::client::QmpClient);
 
 impl QmpClient {
     pub fn connect(path: &Path, timeout: Duration) -> io::Result<QmpClient> {
         let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => return Err(e),
+        loop {
+            match vmm::qmp::client::QmpClient::connect(path) {
+                Ok(mut c) => {
+                    c.set_timeout(Some(Duration::from_secs(10)))
+                        .map_err(io::Error::other)?;
+                    return Ok(QmpClient(c));
+                }
+                Err(e) if Instant::now() > deadline => return Err(io::Error::other(e.to_string())),
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
-        };
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut client = QmpClient {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
-        };
-        client.read_message()?; // greeting
-        client
-            .execute("qmp_capabilities", serde_json::json!({}))
-            .map_err(io::Error::other)?;
-        Ok(client)
-    }
-
-    fn read_message(&mut self) -> io::Result<serde_json::Value> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(io::Error::other("QMP connection closed"));
         }
-        serde_json::from_str(&line).map_err(io::Error::other)
     }
 
     pub fn execute(
@@ -202,18 +186,11 @@ impl QmpClient {
         command: &str,
         arguments: serde_json::Value,
     ) -> Result<serde_json::Value, String> {
-        let request = serde_json::json!({ "execute": command, "arguments": arguments });
-        writeln!(self.writer, "{request}").map_err(|e| e.to_string())?;
-        loop {
-            let msg = self.read_message().map_err(|e| e.to_string())?;
-            if let Some(ret) = msg.get("return") {
-                return Ok(ret.clone());
-            }
-            if let Some(err) = msg.get("error") {
-                return Err(err.to_string());
-            }
-            // Asynchronous events are skipped.
-        }
+        let args = match arguments {
+            serde_json::Value::Object(map) if !map.is_empty() => Some(map),
+            _ => None,
+        };
+        self.0.execute(command, args).map_err(|e| e.to_string())
     }
 }
 

@@ -86,6 +86,8 @@ pub struct Net {
     /// Why the device stopped (set once; the transport then reports
     /// DEVICE_NEEDS_RESET).
     broken: Option<String>,
+    /// The VM is paused: touch neither guest memory nor the TAP.
+    paused: bool,
     metrics: NetMetrics,
 }
 
@@ -139,6 +141,7 @@ impl Net {
             rx_blocked: false,
             tx_frame: Vec::with_capacity(MAX_FRAME_LEN),
             broken: None,
+            paused: false,
             metrics: NetMetrics::default(),
         })
     }
@@ -174,7 +177,27 @@ impl Net {
 
     /// Whether the TAP should be watched for frames now.
     pub fn wants_tap(&self) -> bool {
-        self.active.is_some() && !self.rx_blocked && self.broken.is_none()
+        self.active.is_some() && !self.rx_blocked && self.broken.is_none() && !self.paused
+    }
+
+    /// Stops all queue processing and TAP reads until [`Net::resume`].
+    /// Called on the event-loop thread, so when it returns no processing
+    /// is under way.
+    pub fn pause(&mut self) {
+        self.paused = true;
+        // Let the handler drop its TAP interest now, not at the next frame.
+        self.notify_handler();
+    }
+
+    /// Picks up whatever the guest queued while paused.
+    pub fn resume(&mut self) {
+        self.paused = false;
+        self.rx_blocked = false;
+        self.notify_handler();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// The reason the device broke, once.
@@ -207,6 +230,9 @@ impl Net {
 
     /// The guest added rx buffers.
     pub fn process_rx_queue_event(&mut self) {
+        if self.paused {
+            return;
+        }
         self.rx_blocked = false;
         self.process_rx();
     }
@@ -214,7 +240,7 @@ impl Net {
     /// Moves frames from the TAP into guest buffers until the TAP is empty
     /// or the guest has no buffers left.
     pub fn process_rx(&mut self) {
-        if self.active.is_none() {
+        if self.active.is_none() || self.paused {
             return;
         }
         let mut delivered = false;
