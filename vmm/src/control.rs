@@ -122,10 +122,9 @@ impl VmControl {
     }
 
     fn qmp_stop(&self) -> Result<Value, QmpError> {
-        match self.state() {
-            RunState::Running => self.stop_into(RunState::Paused)?,
-            // Not running: nothing to stop (QEMU does the same).
-            _ => {}
+        // Not running: nothing to stop (QEMU does the same).
+        if self.state() == RunState::Running {
+            self.stop_into(RunState::Paused)?;
         }
         Ok(json!({}))
     }
