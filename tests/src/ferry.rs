@@ -107,3 +107,187 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration, start: Instant) ->
         elapsed: start.elapsed(),
     }
 }
+
+/// How to start a `ferry run` for a test.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub memory: String,
+    pub cpus: u32,
+    pub cmdline: String,
+    /// `--net` specs.
+    pub nets: Vec<String>,
+    /// Open a QMP socket (in a temporary directory).
+    pub qmp: bool,
+    /// `-S`.
+    pub paused: bool,
+    pub extra: Vec<String>,
+    /// Extra environment (e.g. FERRY_LOG=info).
+    pub env: Vec<(String, String)>,
+}
+
+impl VmSpec {
+    /// The probe guest with `cmdline`, 256 MiB, one vCPU, QMP on.
+    pub fn probe(cmdline: &str) -> VmSpec {
+        VmSpec {
+            kernel: crate::probe::probe_elf(),
+            memory: "256M".into(),
+            cpus: 1,
+            cmdline: cmdline.to_string(),
+            nets: Vec::new(),
+            qmp: true,
+            paused: false,
+            extra: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A running `ferry run`: its console (stdin/stdout), its QMP socket, and
+/// its stderr. Killed when dropped.
+pub struct FerryVm {
+    child: Child,
+    pub console: crate::probe::Console,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    dir: PathBuf,
+    qmp_path: Option<PathBuf>,
+}
+
+static VM_COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl FerryVm {
+    /// Starts ferry, inside `netns` when given.
+    pub fn spawn(name: &str, spec: &VmSpec, netns: Option<&crate::netns::Netns>) -> FerryVm {
+        let n = VM_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ferry-vm-{name}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("vm temp dir");
+        let bin = ferry_bin();
+        let mut cmd = match netns {
+            Some(ns) => ns.command(bin.to_str().expect("utf-8 path")),
+            None => Command::new(&bin),
+        };
+        cmd.arg("run").arg("--kernel").arg(&spec.kernel).args([
+            "--memory",
+            &spec.memory,
+            "--cpus",
+            &spec.cpus.to_string(),
+            "--cmdline",
+            &spec.cmdline,
+        ]);
+        for net in &spec.nets {
+            cmd.args(["--net", net]);
+        }
+        let qmp_path = spec.qmp.then(|| dir.join("qmp.sock"));
+        if let Some(p) = &qmp_path {
+            cmd.arg("--qmp").arg(format!("unix:{}", p.display()));
+        }
+        if spec.paused {
+            cmd.arg("-S");
+        }
+        cmd.args(&spec.extra);
+        for (k, v) in &spec.env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn ferry");
+        let console = crate::probe::Console::from_child(name, &mut child).expect("console");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        if let Some(mut err) = child.stderr.take() {
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        let vm = FerryVm {
+            child,
+            console,
+            stderr,
+            dir,
+            qmp_path,
+        };
+        if let Some(p) = &vm.qmp_path {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !p.exists() {
+                if Instant::now() > deadline || vm.exited() {
+                    panic!("{name}: QMP socket never appeared; stderr: {}", vm.stderr());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        vm
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    fn exited(&self) -> bool {
+        // SAFETY: waitpid with WNOHANG on our own child would reap it;
+        // kill(pid, 0) only probes for existence.
+        unsafe { libc::kill(self.child.id() as i32, 0) != 0 }
+    }
+
+    pub fn qmp_path(&self) -> &std::path::Path {
+        self.qmp_path.as_deref().expect("started without QMP")
+    }
+
+    /// A new, negotiated QMP connection.
+    pub fn qmp(&self) -> vmm::qmp::client::QmpClient {
+        let mut c = vmm::qmp::client::QmpClient::connect(self.qmp_path()).expect("connect to QMP");
+        c.set_timeout(Some(Duration::from_secs(20)))
+            .expect("QMP timeout");
+        c
+    }
+
+    /// Runs one QMP command on a fresh connection.
+    pub fn execute(
+        &self,
+        command: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, vmm::qmp::client::ClientError> {
+        let args = match args {
+            serde_json::Value::Object(m) if !m.is_empty() => Some(m),
+            _ => None,
+        };
+        self.qmp().execute(command, args)
+    }
+
+    /// Waits for ferry to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "ferry did not exit within {timeout:?}; stderr: {}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for FerryVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
