@@ -4,6 +4,7 @@
 
 pub mod ferry;
 pub mod host;
+pub mod linux;
 pub mod netns;
 pub mod probe;
 pub mod tiny;
