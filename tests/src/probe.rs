@@ -6,6 +6,7 @@
 //! socket, a pty), so the same driver serves guests run by QEMU and by Ferry.
 //! Protocol: docs/probe.md.
 
+pub mod checks;
 pub mod console;
 pub mod qemu;
 

@@ -4,18 +4,14 @@
 //! wire or on its console.
 
 use std::net::UdpSocket;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ferry_probe_packets::ipv4::{write_icmp_echo_frame, Endpoints};
-use ferry_probe_packets::{Arp, ArpOp, Ethernet, IcmpEcho, Ipv4, Ipv4Addr, MacAddr};
 use ferry_tests::host::require_tool;
-use ferry_tests::netns::PacketSocket;
+use ferry_tests::probe::checks::{
+    identities_answer, network_cmdline, GUEST_MAC, SECOND_MAC, VLAN, VLAN_MAC,
+};
 use ferry_tests::probe::{boot_in_netns, can_run_qemu, fields, Cmdline, QemuConfig, QemuGuest};
 
-const GUEST_MAC: &str = "52:54:00:12:34:56";
-const SECOND_MAC: &str = "02:00:00:00:00:03";
-const VLAN_MAC: &str = "02:00:00:00:01:00";
-const VLAN: u16 = 100;
 const REPLY: Duration = Duration::from_secs(10);
 
 fn can_run(test: &str) -> bool {
@@ -31,178 +27,13 @@ fn boot(test: &str, cmdline: &Cmdline, nics: usize, qmp: bool, force_legacy: boo
     boot_in_netns(test, config, &macs)
 }
 
-fn network_cmdline() -> Cmdline {
-    Cmdline::new()
-        .identity(0, None, None, "198.18.0.2/24")
-        .identity(0, Some(SECOND_MAC), None, "198.18.0.3/24")
-        .identity(0, Some(VLAN_MAC), Some(VLAN), "198.18.100.2/24")
-}
-
-fn mac(text: &str) -> MacAddr {
-    MacAddr::parse(text).expect("mac")
-}
-
-fn ip(text: &str) -> Ipv4Addr {
-    Ipv4Addr::parse(text).expect("ip")
-}
-
 #[test]
 fn answers_ping_arp_and_udp_on_every_identity_including_a_vlan() {
     if !can_run("answers_ping_arp_and_udp_on_every_identity_including_a_vlan") {
         return;
     }
     let g = boot("net", &network_cmdline(), 1, false, false);
-    let c = &g.qemu.console;
-    c.expect_seen("probe: nic 0 up");
-
-    // The host's own stack: ARP + ICMP for the device MAC and for the extra
-    // MAC the probe put in the device's MAC table.
-    for addr in ["198.18.0.2", "198.18.0.3"] {
-        let out =
-            g.ns.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "3", addr])
-                .expect("ping");
-        assert!(
-            out.status.success(),
-            "ping {addr}: {}\nconsole:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            c.output()
-        );
-    }
-    let neigh = g.ns.run(&["ip", "neigh", "show", "dev", "tap0"]).unwrap();
-    assert!(
-        neigh.contains(&format!("198.18.0.2 lladdr {GUEST_MAC}")),
-        "{neigh}"
-    );
-    assert!(
-        neigh.contains(&format!("198.18.0.3 lladdr {SECOND_MAC}")),
-        "{neigh}"
-    );
-
-    // UDP echo and sink from a socket inside the namespace.
-    let (echoed, sunk) =
-        g.ns.enter(|| {
-            let sock = UdpSocket::bind("198.18.0.1:0").unwrap();
-            sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            sock.send_to(b"ferry probe echo", "198.18.0.2:7").unwrap();
-            let mut buf = [0u8; 2048];
-            let echoed = sock
-                .recv_from(&mut buf)
-                .map(|(n, from)| (buf[..n].to_vec(), from));
-            for _ in 0..10 {
-                sock.send_to(&[0xab; 1000], "198.18.0.2:9").unwrap();
-            }
-            (echoed, 10u64)
-        })
-        .unwrap();
-    let (data, from) = echoed.expect("UDP echo reply");
-    assert_eq!(data, b"ferry probe echo");
-    assert_eq!(from.to_string(), "198.18.0.2:7");
-
-    // The VLAN identity, with hand-made 802.1Q frames (this kernel has no
-    // VLAN interfaces). Untagged or wrongly tagged, the probe stays quiet.
-    let host_mac = mac(&g.ns.mac("tap0").unwrap());
-    let results =
-        g.ns.enter(move || {
-            let sock = PacketSocket::open("tap0").unwrap();
-            let who_has = |vlan: Option<u16>| {
-                let arp = Arp {
-                    op: ArpOp::Request,
-                    sender_mac: host_mac,
-                    sender_ip: ip("198.18.100.1"),
-                    target_mac: MacAddr::ZERO,
-                    target_ip: ip("198.18.100.2"),
-                };
-                let mut frame = [0u8; 64];
-                let n = arp
-                    .write_frame(&mut frame, MacAddr::BROADCAST, vlan)
-                    .unwrap();
-                sock.send(&frame[..n]).unwrap();
-                sock.recv_matching(Duration::from_millis(1500), |f| {
-                    let Ok(eth) = Ethernet::parse(f) else {
-                        return false;
-                    };
-                    eth.src != host_mac
-                        && Arp::parse(eth.payload).is_ok_and(|a| a.op == ArpOp::Reply)
-                })
-                .unwrap()
-            };
-            let untagged = who_has(None);
-            let wrong_vlan = who_has(Some(200));
-            let tagged = who_has(Some(VLAN));
-            let echo = IcmpEcho {
-                is_request: true,
-                id: 0x4242,
-                seq: 1,
-                data: b"vlan ping payload",
-            };
-            let ends = Endpoints {
-                src_mac: host_mac,
-                dst_mac: mac(VLAN_MAC),
-                vlan: Some(VLAN),
-                src_ip: ip("198.18.100.1"),
-                dst_ip: ip("198.18.100.2"),
-            };
-            let mut frame = [0u8; 128];
-            let n = write_icmp_echo_frame(&mut frame, &ends, 7, &echo).unwrap();
-            sock.send(&frame[..n]).unwrap();
-            let pong = sock
-                .recv_matching(Duration::from_secs(2), |f| {
-                    Ethernet::parse(f)
-                        .is_ok_and(|e| e.src == mac(VLAN_MAC) && e.ethertype == 0x0800)
-                })
-                .unwrap();
-            (untagged, wrong_vlan, tagged, pong)
-        })
-        .unwrap();
-    let (untagged, wrong_vlan, tagged, pong) = results;
-    assert!(
-        untagged.is_none(),
-        "answered an untagged ARP for a VLAN address"
-    );
-    assert!(wrong_vlan.is_none(), "answered an ARP on the wrong VLAN");
-    let tagged = tagged.expect("tagged ARP reply");
-    let eth = Ethernet::parse(&tagged).unwrap();
-    assert_eq!(eth.vlan_id(), Some(VLAN));
-    assert_eq!(eth.dst, host_mac);
-    let reply = Arp::parse(eth.payload).unwrap();
-    assert_eq!(reply.sender_mac, mac(VLAN_MAC));
-    assert_eq!(reply.sender_ip, ip("198.18.100.2"));
-    let pong = pong.expect("tagged ICMP echo reply");
-    let eth = Ethernet::parse(&pong).unwrap();
-    assert_eq!(eth.vlan_id(), Some(VLAN));
-    let ipv4 = Ipv4::parse(eth.payload).unwrap();
-    assert_eq!(ipv4.src, ip("198.18.100.2"));
-    let echo = IcmpEcho::parse(ipv4.payload).unwrap();
-    assert!(!echo.is_request);
-    assert_eq!(
-        (echo.id, echo.seq, echo.data),
-        (0x4242, 1, &b"vlan ping payload"[..])
-    );
-
-    let counters = c.send_command("counters 0", REPLY);
-    let get = |k: &str| {
-        counters
-            .number(k)
-            .unwrap_or_else(|| panic!("{k} in {counters:?}"))
-    };
-    assert!(get("arp_replies") >= 3, "{counters:?}");
-    assert!(get("icmp_echo") >= 7, "{counters:?}");
-    assert_eq!(get("udp_echo"), 1);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut sink = get("udp_sink_frames");
-    while sink < sunk && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        sink = c
-            .send_command("counters 0", REPLY)
-            .number("udp_sink_frames")
-            .unwrap();
-    }
-    assert_eq!(sink, sunk);
-    assert!(get("tx_frames") >= get("arp_replies") + get("icmp_echo"));
-    assert!(
-        get("irqs") > 0,
-        "virtio interrupts were never taken: {counters:?}"
-    );
+    identities_answer(&g.ns, &g.qemu.console, "tap0", GUEST_MAC);
 }
 
 #[test]
