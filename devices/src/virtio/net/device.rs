@@ -411,6 +411,14 @@ impl Net {
             if self.broken.is_some() {
                 break;
             }
+            // pop_descriptor_chain also ends (logging, returning None) at a
+            // corrupt avail ring, an index more than a queue ahead: that is
+            // a broken ring, and enable_notification below would report
+            // "more work" for it forever.
+            if let Err(e) = queue.iter(mem) {
+                self.broken = Some(format!("tx avail ring: {e}"));
+                break;
+            }
             match queue.enable_notification(mem) {
                 Ok(true) => continue, // more arrived meanwhile
                 Ok(false) => break,
@@ -438,6 +446,7 @@ impl Net {
         let mem = active.mem.clone();
         let mut done = false;
         let mut results = Vec::new();
+        let ring_error;
         {
             let queue = &mut active.queues[CTRL_QUEUE];
             while let Some(chain) = queue.pop_descriptor_chain(&mem) {
@@ -459,6 +468,12 @@ impl Net {
                 };
                 results.push((head, chain, command));
             }
+            // As for tx: None from a corrupt avail ring is no empty queue.
+            ring_error = if queue.ready() {
+                queue.iter(&mem).err()
+            } else {
+                None
+            };
         }
         for (head, chain, command) in results {
             self.metrics.ctrl_commands += 1;
@@ -491,6 +506,9 @@ impl Net {
         }
         if done {
             self.signal(CTRL_QUEUE);
+        }
+        if let Some(e) = ring_error {
+            self.set_broken(format!("ctrl avail ring: {e}"));
         }
     }
 
