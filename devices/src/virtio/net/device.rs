@@ -365,6 +365,9 @@ impl Net {
 
     /// Sends every frame the guest queued.
     pub fn process_tx(&mut self) {
+        if self.paused {
+            return;
+        }
         let Some(active) = self.active.as_mut() else {
             return;
         };
@@ -440,6 +443,9 @@ impl Net {
 
     /// Executes every control command the guest queued.
     pub fn process_ctrl(&mut self) {
+        if self.paused {
+            return;
+        }
         let Some(active) = self.active.as_mut() else {
             return;
         };
