@@ -159,7 +159,7 @@ send_frame() { # HEX: transmitted on the TAP, i.e. delivered to the guest
 }
 me_mac=02:fe:00:00:00:01 # a MAC of our own for the frames we inject
 me=${me_mac//:/}
-vlan_arp() {    # VID TARGET-IP SOURCE-IP
+vlan_arp() { # VID TARGET-IP SOURCE-IP
 	send_frame "ffffffffffff${me}8100$(printf '%04x' "$1")08060001080006040001${me}$(hex_ip "$3")000000000000$(hex_ip "$2")"
 }
 vlan_ping() { # VID GUEST-MAC TARGET-IP SOURCE-IP
