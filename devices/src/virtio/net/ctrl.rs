@@ -54,6 +54,8 @@ pub enum CtrlError {
     TooLong(usize),
     #[error("class {0} was not negotiated")]
     NotNegotiated(u8),
+    #[error("descriptor chain loops, ends early or lies outside guest memory")]
+    BadChain,
 }
 
 fn exact<const N: usize>(class: u8, cmd: u8, data: &[u8]) -> Result<[u8; N], CtrlError> {

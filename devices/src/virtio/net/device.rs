@@ -12,7 +12,8 @@ use std::sync::Arc;
 use net::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
 use net::{MacAddr, Nic, Tap};
 use virtio_bindings::virtio_net::*;
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ctrl::{self, CtrlCommand, CtrlError, RxMode};
@@ -37,6 +38,19 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 
 fn bit(b: u32) -> u64 {
     1 << b
+}
+
+/// Whether a chain ends where the driver said it ends. virtio-queue stops
+/// iterating silently at a loop (after a queue's worth of descriptors), a
+/// next index beyond the table, an unreadable descriptor, a bad or nested
+/// indirect table or 4 GiB of length, and would hand back the part before
+/// as if it were the whole request.
+fn chain_is_whole<M>(chain: &DescriptorChain<M>) -> bool
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory,
+{
+    chain.clone().last().is_some_and(|d| !d.has_next())
 }
 
 /// How a virtio-net device is made.
@@ -313,10 +327,11 @@ impl Net {
                 return Ok(false);
             };
             let head = chain.head_index();
+            let whole = chain_is_whole(&chain);
             let usable = Writer::new(mem, chain).ok().filter(|w| {
                 let cap = w.available_bytes();
                 // The first buffer must hold the whole header.
-                cap > 0 && (good > 0 || cap >= VNET_HDR_LEN)
+                whole && cap > 0 && (good > 0 || cap >= VNET_HDR_LEN)
             });
             match usable {
                 Some(w) => {
@@ -381,8 +396,9 @@ impl Net {
             }
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
+                let whole = chain_is_whole(&chain);
                 match Reader::new(mem, chain) {
-                    Ok(mut reader) => {
+                    Ok(mut reader) if whole => {
                         let len = reader.available_bytes();
                         if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len) {
                             self.metrics.bad_descriptors += 1;
@@ -403,7 +419,7 @@ impl Net {
                             }
                         }
                     }
-                    Err(_) => self.metrics.bad_descriptors += 1,
+                    _ => self.metrics.bad_descriptors += 1,
                 }
                 if let Err(e) = queue.add_used(mem, head, 0) {
                     self.broken = Some(format!("tx used ring: {e}"));
@@ -457,7 +473,9 @@ impl Net {
             let queue = &mut active.queues[CTRL_QUEUE];
             while let Some(chain) = queue.pop_descriptor_chain(&mem) {
                 let head = chain.head_index();
+                let whole = chain_is_whole(&chain);
                 let command = match Reader::new(&mem, chain.clone()) {
+                    Ok(_) if !whole => Err(CtrlError::BadChain),
                     Ok(mut reader) => {
                         let len = reader.available_bytes();
                         if len > ctrl::MAX_COMMAND_LEN {
@@ -466,11 +484,11 @@ impl Net {
                             let mut bytes = vec![0u8; len];
                             match reader.read_exact(&mut bytes) {
                                 Ok(()) => ctrl::parse(&bytes),
-                                Err(_) => Err(CtrlError::NoHeader),
+                                Err(_) => Err(CtrlError::BadChain),
                             }
                         }
                     }
-                    Err(_) => Err(CtrlError::NoHeader),
+                    Err(_) => Err(CtrlError::BadChain),
                 };
                 results.push((head, chain, command));
             }
