@@ -56,6 +56,8 @@ pub enum CtrlError {
     NotNegotiated(u8),
     #[error("descriptor chain loops, ends early or lies outside guest memory")]
     BadChain,
+    #[error("no device-writable status byte to answer in")]
+    NoStatus,
 }
 
 fn exact<const N: usize>(class: u8, cmd: u8, data: &[u8]) -> Result<[u8; N], CtrlError> {

@@ -501,7 +501,18 @@ impl Net {
         }
         for (head, chain, command) in results {
             self.metrics.ctrl_commands += 1;
-            let outcome = command.and_then(|c| self.apply(c));
+            // A command whose outcome cannot be reported is not carried
+            // out: the driver would wait for an answer that never comes.
+            let mut status = Writer::new(&mem, chain)
+                .ok()
+                .filter(|w| w.available_bytes() >= 1);
+            let outcome = match status {
+                Some(_) => command.and_then(|c| self.apply(c)),
+                None => {
+                    self.metrics.bad_descriptors += 1;
+                    Err(CtrlError::NoStatus)
+                }
+            };
             let ack = match &outcome {
                 Ok(()) => VIRTIO_NET_OK as u8,
                 Err(e) => {
@@ -510,14 +521,9 @@ impl Net {
                     VIRTIO_NET_ERR as u8
                 }
             };
-            let written = match Writer::new(&mem, chain) {
-                Ok(mut w) if w.available_bytes() >= 1 => {
-                    w.write_all(&[ack]).map(|_| 1u32).unwrap_or(0)
-                }
-                _ => {
-                    self.metrics.bad_descriptors += 1;
-                    0
-                }
+            let written = match status.as_mut() {
+                Some(w) => w.write_all(&[ack]).map(|_| 1u32).unwrap_or(0),
+                None => 0,
             };
             let Some(active) = self.active.as_mut() else {
                 return;
