@@ -8,3 +8,4 @@ pub mod linux;
 pub mod netns;
 pub mod probe;
 pub mod tiny;
+pub mod virtio_driver;
