@@ -2,6 +2,7 @@
 //! host can do, the guests (probe and Linux), network namespaces, and
 //! driving `ferry` and QEMU processes.
 
+pub mod bench_net;
 pub mod ferry;
 pub mod host;
 pub mod linux;
