@@ -9,13 +9,19 @@
 //! - [`StreamWriter`] / [`StreamReader`]: framing, limits, checksums.
 //! - [`RamSectionWriter`] / [`RamRuns`]: guest pages as runs of zero or
 //!   data pages.
+//! - [`MigrationUri`], [`connect`], [`Listener`], [`Channel`]: the
+//!   `tcp:`, `unix:` and `file:` transports, buffered, with file
+//!   descriptor passing on `unix:` ([`Channel::send_fds`]).
 //! - [`Migratable`]: what a device implements to travel in the stream.
 
 mod error;
 mod migratable;
 mod ram;
 mod reader;
+pub mod scm;
 mod throttle;
+mod transport;
+mod uri;
 mod writer;
 
 #[cfg(test)]
@@ -25,6 +31,10 @@ pub use error::StreamError;
 pub use migratable::{Migratable, MigratableError};
 pub use ram::{RamRun, RamRuns, RamSink};
 pub use reader::{Section, StreamReader};
+pub use transport::{
+    connect, connect_with_timeout, Channel, Listener, TransportError, IO_BUFFER_SIZE,
+};
+pub use uri::{MigrationUri, UriError};
 pub use writer::{RamSectionWriter, RamStats, StreamWriter};
 
 use std::fmt;

@@ -4,6 +4,7 @@
 
 mod bad;
 mod roundtrip;
+mod transport;
 
 use crate::{RamSink, Section, SectionKind, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
 use std::io::Read;
