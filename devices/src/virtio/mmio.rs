@@ -10,7 +10,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{status, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{status, QueueSnapshot, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 use crate::GuestMemoryMmap;
 
@@ -60,6 +60,24 @@ pub struct MmioTransportState {
     pub driver_features: u64,
     pub queue_sel: u32,
     pub interrupt_status: u32,
+}
+
+/// The transport's part of a device's saved state: its registers and
+/// the queues (live positions when the device runs).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmioTransportSnapshot {
+    pub state: MmioTransportState,
+    pub queues: Vec<QueueSnapshot>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("saved transport has {saved} queues, the device has {have}")]
+    QueueCount { saved: usize, have: usize },
+    #[error("saved queue {index} is invalid: {why}")]
+    BadQueue { index: usize, why: String },
+    #[error("restarting the device: {0}")]
+    Activate(String),
 }
 
 pub struct MmioTransport<D: VirtioDevice> {
@@ -293,6 +311,67 @@ impl<D: VirtioDevice> MmioTransport<D> {
             log::warn!("virtio-mmio: activation failed: {e}");
             self.needs_reset();
         }
+    }
+
+    /// Registers and queues, for the migration stream. The device must
+    /// not be processing (the VM is paused).
+    pub fn snapshot(&self) -> MmioTransportSnapshot {
+        let queues = self.device.live_queues().unwrap_or_else(|| {
+            self.queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect()
+        });
+        MmioTransportSnapshot {
+            state: self.state(),
+            queues,
+        }
+    }
+
+    /// Puts the transport back as it was saved and, when the driver had
+    /// started the device, starts it again with the saved queues. The
+    /// device's own state must be restored first.
+    pub fn restore(&mut self, snapshot: &MmioTransportSnapshot) -> Result<(), RestoreError> {
+        if snapshot.queues.len() != self.queues.len() {
+            return Err(RestoreError::QueueCount {
+                saved: snapshot.queues.len(),
+                have: self.queues.len(),
+            });
+        }
+        // Two copies of each queue: the transport's register view and the
+        // device's working queue (Queue is not Clone).
+        let build = || -> Result<Vec<Queue>, RestoreError> {
+            snapshot
+                .queues
+                .iter()
+                .enumerate()
+                .map(|(index, q)| {
+                    q.to_queue().map_err(|e| RestoreError::BadQueue {
+                        index,
+                        why: format!("{e:?}"),
+                    })
+                })
+                .collect()
+        };
+        let queues = build()?;
+        self.queues = build()?;
+        self.state = snapshot.state.clone();
+        self.interrupt.clear();
+        if self.driver_ok() && self.state.status & status::DEVICE_NEEDS_RESET == 0 {
+            self.device
+                .activate_restored(self.mem.clone(), self.interrupt.clone(), queues)
+                .map_err(|e| RestoreError::Activate(e.to_string()))?;
+        }
+        // An interrupt the guest had not yet acknowledged: raise it again
+        // (a spurious one is harmless, a lost one hangs the driver).
+        let pending = snapshot.state.interrupt_status;
+        if pending & super::INT_USED_RING != 0 {
+            self.interrupt.signal_used_queue();
+        }
+        if pending & super::INT_CONFIG_CHANGE != 0 {
+            self.interrupt.signal_config_change();
+        }
+        Ok(())
     }
 
     /// The device found the driver's rings unusable: tell the driver.

@@ -112,6 +112,67 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device; the transport forgets the queues.
     fn reset(&mut self);
+    /// The device's live queues (their ring positions), when active.
+    fn live_queues(&self) -> Option<Vec<QueueSnapshot>>;
+    /// Starts the device again after a restore: like `activate`, but what
+    /// the driver configured while it ran (filters, tables) is kept.
+    fn activate_restored(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: VirtioInterrupt,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        self.activate(mem, interrupt, queues)
+    }
+}
+
+/// A virtqueue's configuration and ring positions (virtio-queue's
+/// QueueState, made serde).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+impl From<virtio_queue::QueueState> for QueueSnapshot {
+    fn from(s: virtio_queue::QueueState) -> Self {
+        Self {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+        }
+    }
+}
+
+impl QueueSnapshot {
+    /// The queue, checked by virtio-queue (size a power of two within the
+    /// maximum, aligned rings).
+    pub fn to_queue(self) -> Result<Queue, virtio_queue::Error> {
+        Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+    }
 }
 
 /// Reads `data.len()` bytes of a config structure at `offset`, padding

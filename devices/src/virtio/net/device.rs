@@ -20,7 +20,7 @@ use super::ctrl::{self, CtrlCommand, CtrlError, RxMode};
 use super::filter::RxFilter;
 use super::persist::NetState;
 use crate::virtio::{
-    read_config_bytes, ActivateError, VirtioDevice, VirtioInterrupt, TYPE_NET,
+    read_config_bytes, ActivateError, QueueSnapshot, VirtioDevice, VirtioInterrupt, TYPE_NET,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
 use crate::GuestMemoryMmap;
@@ -614,6 +614,57 @@ impl Net {
         Ok(())
     }
 
+    /// Starts processing: a driver's fresh activation (`fresh`: the
+    /// receive filter starts over) or a restore (it is kept as saved).
+    fn start(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: VirtioInterrupt,
+        mut queues: Vec<Queue>,
+        fresh: bool,
+    ) -> Result<(), ActivateError> {
+        let event_idx = self.acked(VIRTIO_F_RING_EVENT_IDX);
+        for (i, q) in queues.iter_mut().enumerate() {
+            if i != CTRL_QUEUE && !q.ready() {
+                return Err(ActivateError::BadQueue(i));
+            }
+            q.set_event_idx(event_idx);
+        }
+        // The TAP may be new (a destination host): tell it the offloads.
+        self.tap
+            .set_offload(self.tap_offloads())
+            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        if fresh {
+            self.state.rx_filter =
+                RxFilter::with_vlan_filtering(self.acked(VIRTIO_NET_F_CTRL_VLAN));
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues,
+        });
+        self.rx_blocked = false;
+        log::info!(
+            "{}: {} on TAP {} (features {:#x}, TAP offloads {:#x})",
+            self.state.id,
+            if fresh { "activated" } else { "restored" },
+            self.tap.name(),
+            self.state.acked_features,
+            self.tap_offloads()
+        );
+        self.notify_handler();
+        Ok(())
+    }
+
+    /// Replaces the guest-visible state with a saved one (before the
+    /// transport restarts the queues). The NIC keeps its own TAP.
+    pub fn restore_state(&mut self, state: &NetState) {
+        let id = self.state.id.clone();
+        self.state = state.clone();
+        // The id names this NIC on this host (its --net), not the saved one.
+        self.state.id = id;
+    }
+
     fn tap_offloads(&self) -> u32 {
         let mut flags = 0;
         if self.acked(VIRTIO_NET_F_GUEST_CSUM) {
@@ -686,34 +737,27 @@ impl VirtioDevice for Net {
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: VirtioInterrupt,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let event_idx = self.acked(VIRTIO_F_RING_EVENT_IDX);
-        for (i, q) in queues.iter_mut().enumerate() {
-            if i != CTRL_QUEUE && !q.ready() {
-                return Err(ActivateError::BadQueue(i));
-            }
-            q.set_event_idx(event_idx);
-        }
-        self.tap
-            .set_offload(self.tap_offloads())
-            .map_err(|e| ActivateError::Backend(e.to_string()))?;
-        self.state.rx_filter = RxFilter::with_vlan_filtering(self.acked(VIRTIO_NET_F_CTRL_VLAN));
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
-        self.rx_blocked = false;
-        log::info!(
-            "{}: activated on TAP {} (features {:#x}, TAP offloads {:#x})",
-            self.state.id,
-            self.tap.name(),
-            self.state.acked_features,
-            self.tap_offloads()
-        );
-        self.notify_handler();
-        Ok(())
+        self.start(mem, interrupt, queues, true)
+    }
+
+    fn activate_restored(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: VirtioInterrupt,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        self.start(mem, interrupt, queues, false)
+    }
+
+    fn live_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        self.active.as_ref().map(|a| {
+            a.queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect()
+        })
     }
 
     fn reset(&mut self) {

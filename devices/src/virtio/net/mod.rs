@@ -10,4 +10,4 @@ pub mod persist;
 
 pub use device::{Net, NetMetrics, NetOptions};
 pub use event_handler::NetEventHandler;
-pub use persist::NetState;
+pub use persist::{NetSnapshot, NetState};

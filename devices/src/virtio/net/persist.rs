@@ -6,6 +6,36 @@ use net::MacAddr;
 use serde::{Deserialize, Serialize};
 
 use super::filter::RxFilter;
+use super::Net;
+use crate::virtio::mmio::{MmioTransport, MmioTransportSnapshot, RestoreError};
+
+/// A virtio-net device as the migration stream carries it: the device's
+/// state and its transport's (registers, queues).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSnapshot {
+    pub net: NetState,
+    pub transport: MmioTransportSnapshot,
+}
+
+/// Section name and version of a NIC in the stream (`virtio-net/<id>`).
+pub const SECTION: &str = "virtio-net";
+pub const SECTION_VERSION: u32 = 1;
+
+impl MmioTransport<Net> {
+    /// Saves the NIC; the VM must be paused.
+    pub fn save_net(&self) -> NetSnapshot {
+        NetSnapshot {
+            net: self.device().state().clone(),
+            transport: self.snapshot(),
+        }
+    }
+
+    /// Restores a saved NIC onto this one (its TAP stays this host's).
+    pub fn restore_net(&mut self, snapshot: &NetSnapshot) -> Result<(), RestoreError> {
+        self.device_mut().restore_state(&snapshot.net);
+        self.restore(&snapshot.transport)
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetState {
