@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{parse_size, DEFAULT_CMDLINE, DEFAULT_MEMORY};
-use vmm::{BootConfig, MachineConfig, SerialConfig, VmConfig};
+use vmm::{BootConfig, IncomingConfig, MachineConfig, SerialConfig, VmConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,20 +31,24 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Kernel: a bzImage, an ELF vmlinux, or an ELF with a PVH entry note.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "incoming")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
-    pub cmdline: String,
-    /// Guest memory, e.g. 512M or 2G.
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
-    pub memory: String,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub cpus: u64,
+    /// Kernel command line (default: console=ttyS0).
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Guest memory, e.g. 512M or 2G (default 512M).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Number of vCPUs (default 1).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u64>,
+    /// Wait for an incoming migration (tcp:HOST:PORT, unix:PATH or
+    /// file:PATH to restore a snapshot) instead of booting a kernel.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initrd", "cmdline", "allow_no_userspace"])]
+    pub incoming: Option<migration::MigrationUri>,
     /// Serial console: stdio, file:PATH or none.
     #[arg(long, value_name = "WHERE", default_value = "stdio")]
     pub serial: String,
@@ -83,34 +87,61 @@ fn parse_serial(s: &str) -> Result<SerialConfig, String> {
     }
 }
 
+/// What `ferry run` was asked to do.
+pub enum Start {
+    Boot(VmConfig),
+    Incoming(IncomingConfig),
+}
+
+fn parse_cpus(cpus: u64) -> Result<u8, String> {
+    u8::try_from(cpus)
+        .ok()
+        .filter(|&n| n > 0 && n <= vmm::config::MAX_VCPUS)
+        .ok_or_else(|| vmm::config::ConfigError::BadCpus(cpus).to_string())
+}
+
+fn parse_memory(memory: &str) -> Result<u64, String> {
+    parse_size(memory).map_err(|e| format!("--memory: {e}"))
+}
+
 impl RunArgs {
-    pub fn into_config(self) -> Result<VmConfig, String> {
-        let memory_bytes = parse_size(&self.memory).map_err(|e| format!("--memory: {e}"))?;
-        let vcpus = u8::try_from(self.cpus)
-            .ok()
-            .filter(|&n| n > 0 && n <= vmm::config::MAX_VCPUS)
-            .ok_or_else(|| vmm::config::ConfigError::BadCpus(self.cpus).to_string())?;
-        let _ = DEFAULT_MEMORY;
-        Ok(VmConfig {
+    pub fn into_start(self) -> Result<Start, String> {
+        let nets = self
+            .nets
+            .iter()
+            .map(|spec| vmm::NetConfig::parse(spec).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let serial = parse_serial(&self.serial)?;
+        let memory = self.memory.as_deref().map(parse_memory).transpose()?;
+        let cpus = self.cpus.map(parse_cpus).transpose()?;
+        if let Some(uri) = self.incoming {
+            return Ok(Start::Incoming(IncomingConfig {
+                uri,
+                memory,
+                cpus,
+                nets,
+                serial,
+                qmp: self.qmp,
+                start_paused: self.paused,
+            }));
+        }
+        let kernel = self.kernel.ok_or("--kernel is required (or --incoming)")?;
+        Ok(Start::Boot(VmConfig {
             machine: MachineConfig {
-                memory_bytes,
-                vcpus,
+                memory_bytes: memory.unwrap_or(DEFAULT_MEMORY),
+                vcpus: cpus.unwrap_or(1),
             },
             boot: BootConfig {
-                kernel: self.kernel,
+                kernel,
                 initrd: self.initrd,
-                cmdline: self.cmdline,
+                cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
             },
-            serial: parse_serial(&self.serial)?,
-            nets: self
-                .nets
-                .iter()
-                .map(|spec| vmm::NetConfig::parse(spec).map_err(|e| e.to_string()))
-                .collect::<Result<_, _>>()?,
+            serial,
+            nets,
             allow_no_userspace: self.allow_no_userspace,
             qmp: self.qmp,
             start_paused: self.paused,
-        })
+        }))
     }
 }
 

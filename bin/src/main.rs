@@ -32,11 +32,12 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn run(args: cli::RunArgs) -> ExitCode {
-    let config = match args.into_config() {
-        Ok(c) => c,
+    let built = match args.into_start() {
+        Ok(cli::Start::Boot(config)) => vmm::Vm::new(&config),
+        Ok(cli::Start::Incoming(config)) => vmm::Vm::incoming(&config),
         Err(e) => return fail(e),
     };
-    let vm = match vmm::Vm::new(&config) {
+    let vm = match built {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };

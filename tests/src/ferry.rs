@@ -124,6 +124,9 @@ pub struct VmSpec {
     pub extra: Vec<String>,
     /// Extra environment (e.g. FERRY_LOG=info).
     pub env: Vec<(String, String)>,
+    /// `--incoming URI` instead of booting: kernel, memory, cpus and
+    /// command line are then not passed.
+    pub incoming: Option<String>,
 }
 
 impl VmSpec {
@@ -139,6 +142,15 @@ impl VmSpec {
             paused: false,
             extra: Vec::new(),
             env: Vec::new(),
+            incoming: None,
+        }
+    }
+
+    /// A destination: `ferry run --incoming URI`.
+    pub fn incoming(uri: &str) -> VmSpec {
+        VmSpec {
+            incoming: Some(uri.to_string()),
+            ..VmSpec::probe("")
         }
     }
 }
@@ -166,14 +178,22 @@ impl FerryVm {
             Some(ns) => ns.command(bin.to_str().expect("utf-8 path")),
             None => Command::new(&bin),
         };
-        cmd.arg("run").arg("--kernel").arg(&spec.kernel).args([
-            "--memory",
-            &spec.memory,
-            "--cpus",
-            &spec.cpus.to_string(),
-            "--cmdline",
-            &spec.cmdline,
-        ]);
+        cmd.arg("run");
+        match &spec.incoming {
+            Some(uri) => {
+                cmd.args(["--incoming", uri]);
+            }
+            None => {
+                cmd.arg("--kernel").arg(&spec.kernel).args([
+                    "--memory",
+                    &spec.memory,
+                    "--cpus",
+                    &spec.cpus.to_string(),
+                    "--cmdline",
+                    &spec.cmdline,
+                ]);
+            }
+        }
         for net in &spec.nets {
             cmd.args(["--net", net]);
         }

@@ -5,6 +5,7 @@
 pub mod bench_net;
 pub mod ferry;
 pub mod host;
+pub mod hosts;
 pub mod linux;
 pub mod netns;
 pub mod probe;

@@ -187,6 +187,24 @@ impl Netns {
         .map_err(|_| io::Error::other("netns thread panicked"))?
     }
 
+    /// Like [`Netns::enter`], but returns at once: `f` runs on its own
+    /// thread inside the namespace (a traffic source during a migration).
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<io::Result<T>> {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        std::thread::spawn(move || -> io::Result<T> {
+            let file = File::open(&path)?;
+            // SAFETY: setns on a namespace fd we opened, affecting only the
+            // calling thread (a fresh one that does nothing else).
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+    }
+
     /// Starts tcpdump on `dev` writing a pcap; returns once it listens.
     pub fn capture(&self, dev: &str, file: &Path) -> io::Result<Capture> {
         let mut child = self

@@ -120,6 +120,21 @@ pub struct VmConfig {
     pub start_paused: bool,
 }
 
+/// `ferry run --incoming`: the VM comes from a migration stream; only
+/// host-side choices come from the command line.
+#[derive(Clone, Debug)]
+pub struct IncomingConfig {
+    pub uri: migration::MigrationUri,
+    /// Checked against the stream when given.
+    pub memory: Option<u64>,
+    pub cpus: Option<u8>,
+    /// TAPs for the stream's NICs (by id, or by position).
+    pub nets: Vec<NetConfig>,
+    pub serial: SerialConfig,
+    pub qmp: Option<crate::qmp::QmpSocketSpec>,
+    pub start_paused: bool,
+}
+
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 /// KVM's IOAPIC/LAPIC ids are 8 bits; the MP table and MADT use u8 ids.
@@ -216,24 +231,55 @@ fn host_memory_bytes() -> Option<u64> {
     Some(field("MemTotal:")? + field("SwapTotal:").unwrap_or(0))
 }
 
+/// A NIC with everything decided: what the migration stream carries so
+/// the destination builds the same device (its TAP may be overridden).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDescriptor {
+    pub id: String,
+    pub mac: MacAddr,
+    pub tap: String,
+    pub guest_announce: bool,
+}
+
+/// Checks that NIC ids, MACs and TAPs are unique.
+pub fn check_nets(nets: &[NetDescriptor]) -> Result<(), ConfigError> {
+    for (i, n) in nets.iter().enumerate() {
+        for other in &nets[..i] {
+            if other.id == n.id {
+                return Err(ConfigError::Nets(format!("two NICs have the id {}", n.id)));
+            }
+            if other.mac == n.mac {
+                return Err(ConfigError::Nets(format!(
+                    "two NICs have the MAC {}",
+                    n.mac
+                )));
+            }
+            if other.tap == n.tap {
+                return Err(ConfigError::Nets(format!("two NICs use the TAP {}", n.tap)));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Gives every NIC its id (`net0`, `net1`, ... when not given) and MAC,
 /// and checks they are unique.
-pub fn resolve_nets(nets: &[NetConfig]) -> Result<Vec<(String, MacAddr, NetConfig)>, ConfigError> {
-    let mut out: Vec<(String, MacAddr, NetConfig)> = Vec::new();
-    for (i, n) in nets.iter().enumerate() {
-        let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
-        let mac = n.mac.unwrap_or_else(|| MacAddr::local_for_id(&id));
-        if out.iter().any(|(other, ..)| *other == id) {
-            return Err(ConfigError::Nets(format!("two NICs have the id {id}")));
-        }
-        if out.iter().any(|(_, m, _)| *m == mac) {
-            return Err(ConfigError::Nets(format!("two NICs have the MAC {mac}")));
-        }
-        if out.iter().any(|(.., c)| c.tap == n.tap) {
-            return Err(ConfigError::Nets(format!("two NICs use the TAP {}", n.tap)));
-        }
-        out.push((id, mac, n.clone()));
-    }
+pub fn resolve_nets(nets: &[NetConfig]) -> Result<Vec<NetDescriptor>, ConfigError> {
+    let out: Vec<NetDescriptor> = nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
+            let mac = n.mac.unwrap_or_else(|| MacAddr::local_for_id(&id));
+            NetDescriptor {
+                id,
+                mac,
+                tap: n.tap.clone(),
+                guest_announce: n.guest_announce,
+            }
+        })
+        .collect();
+    check_nets(&out)?;
     Ok(out)
 }
 
@@ -270,8 +316,8 @@ mod tests {
             NetConfig::parse("tap=b,id=x").unwrap(),
         ])
         .unwrap();
-        assert_eq!((nets[0].0.as_str(), nets[1].0.as_str()), ("net0", "x"));
-        assert_eq!(nets[0].1, MacAddr::local_for_id("net0"));
+        assert_eq!((nets[0].id.as_str(), nets[1].id.as_str()), ("net0", "x"));
+        assert_eq!(nets[0].mac, MacAddr::local_for_id("net0"));
         assert!(resolve_nets(&[
             NetConfig::parse("tap=a").unwrap(),
             NetConfig::parse("tap=a").unwrap()

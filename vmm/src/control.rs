@@ -10,7 +10,9 @@ use devices::virtio::net::Net;
 use net::Nic;
 use serde_json::{json, Map, Value};
 
-use crate::exit::{ExitState, VmExit};
+use crate::builder::VmParts;
+use crate::exit::VmExit;
+use crate::migrate::job::{MigrationJob, MigrationParameters};
 use crate::qmp::{ArgSpec, ArgType, CommandSpec, EventEmitter, QmpError, QmpHandler};
 use crate::runstate::{IllegalTransition, RunState, RunStateMachine};
 use crate::vcpu::{VcpuCommand, VcpuControl};
@@ -33,31 +35,49 @@ impl From<ControlError> for QmpError {
     }
 }
 
-/// The parts of a VM that control reaches: vCPUs, devices, run state.
+/// What control reaches: the VM's parts, its run state, the event
+/// emitter. Cheap to clone (QMP handler, migration thread).
 #[derive(Clone)]
 pub struct VmControl {
-    runstate: Arc<Mutex<RunStateMachine>>,
-    vcpus: Vec<Arc<VcpuControl>>,
-    nets: Vec<Arc<Mutex<MmioTransport<Net>>>>,
-    exit: Arc<ExitState>,
-    emitter: EventEmitter,
+    pub(crate) parts: Arc<VmParts>,
+    pub(crate) runstate: Arc<Mutex<RunStateMachine>>,
+    pub(crate) emitter: EventEmitter,
+    migration: Arc<Mutex<MigrationControl>>,
+}
+
+/// The migration parameters and the last (or current) migration.
+#[derive(Default)]
+struct MigrationControl {
+    params: MigrationParameters,
+    job: Option<Arc<MigrationJob>>,
 }
 
 impl VmControl {
     pub fn new(
+        parts: Arc<VmParts>,
         runstate: Arc<Mutex<RunStateMachine>>,
-        vcpus: Vec<Arc<VcpuControl>>,
-        nets: Vec<Arc<Mutex<MmioTransport<Net>>>>,
-        exit: Arc<ExitState>,
         emitter: EventEmitter,
     ) -> Self {
         Self {
+            parts,
             runstate,
-            vcpus,
-            nets,
-            exit,
             emitter,
+            migration: Arc::default(),
         }
+    }
+
+    /// Moves to `to` without touching vCPUs or devices (they are already
+    /// as `to` needs them: stopped for paused and postmigrate).
+    pub fn set_state(&self, to: RunState) -> Result<RunState, ControlError> {
+        Ok(lock(&self.runstate).transition(to)?)
+    }
+
+    fn vcpus(&self) -> &[Arc<VcpuControl>] {
+        &self.parts.vcpus
+    }
+
+    fn nets(&self) -> &[Arc<Mutex<MmioTransport<Net>>>] {
+        &self.parts.nets
     }
 
     pub fn state(&self) -> RunState {
@@ -68,26 +88,26 @@ impl VmControl {
     /// Runs on the event-loop thread, so once it returns no device work
     /// is under way and none starts until [`VmControl::resume_vcpus`].
     fn pause_vcpus(&self) -> Result<(), ControlError> {
-        for v in &self.vcpus {
+        for v in self.vcpus() {
             v.set(VcpuCommand::Pause);
             v.kick();
         }
-        for (i, v) in self.vcpus.iter().enumerate() {
+        for (i, v) in self.vcpus().iter().enumerate() {
             if !v.wait_parked(PARK_TIMEOUT) {
                 return Err(ControlError::VcpuStuck(i));
             }
         }
-        for net in &self.nets {
+        for net in self.nets() {
             lock(net).device_mut().pause();
         }
         Ok(())
     }
 
     fn resume_vcpus(&self) {
-        for net in &self.nets {
+        for net in self.nets() {
             lock(net).device_mut().resume();
         }
-        for v in &self.vcpus {
+        for v in self.vcpus() {
             v.set(VcpuCommand::Run);
         }
     }
@@ -149,9 +169,41 @@ impl VmControl {
         }
     }
 
+    fn qmp_migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let uri: migration::MigrationUri = args
+            .get("uri")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .parse()
+            .map_err(|e: migration::UriError| QmpError::generic(e.to_string()))?;
+        let state = self.state();
+        if !matches!(state, RunState::Running | RunState::Paused) {
+            return Err(QmpError::generic(format!(
+                "cannot migrate a VM in state {state}"
+            )));
+        }
+        let mut m = lock(&self.migration);
+        if m.job.as_ref().is_some_and(|j| !j.status().is_finished()) {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        let job = Arc::new(MigrationJob::new());
+        m.job = Some(job.clone());
+        crate::migrate::source::spawn(self.clone(), uri, m.params.clone(), job);
+        Ok(json!({}))
+    }
+
+    fn qmp_migrate_cancel(&self) -> Value {
+        if let Some(job) = lock(&self.migration).job.as_ref() {
+            if !job.status().is_finished() {
+                job.cancel();
+            }
+        }
+        json!({})
+    }
+
     fn query_cpus_fast(&self) -> Value {
         let cpus: Vec<Value> = self
-            .vcpus
+            .vcpus()
             .iter()
             .enumerate()
             .map(|(i, v)| {
@@ -170,7 +222,7 @@ impl VmControl {
     /// QEMU's `query-rx-filter`: what each NIC's guest driver programmed.
     fn query_rx_filter(&self, name: Option<&str>) -> Result<Value, QmpError> {
         let mut out = Vec::new();
-        for net in &self.nets {
+        for net in self.nets() {
             let t = lock(net);
             let dev = t.device();
             let s = dev.state();
@@ -226,6 +278,31 @@ pub const COMMANDS: &[CommandSpec] = &[
         "query-rx-filter",
         &[ArgSpec::optional("name", ArgType::String)],
     ),
+    CommandSpec::new(
+        "migrate",
+        &[
+            ArgSpec::required("uri", ArgType::String),
+            ArgSpec::optional("detach", ArgType::Bool),
+            ArgSpec::optional("blk", ArgType::Bool),
+            ArgSpec::optional("inc", ArgType::Bool),
+            ArgSpec::optional("resume", ArgType::Bool),
+        ],
+    ),
+    CommandSpec::no_args("migrate_cancel"),
+    CommandSpec::no_args("query-migrate"),
+    CommandSpec::new(
+        "migrate-set-parameters",
+        &[
+            ArgSpec::optional("downtime-limit", ArgType::Int),
+            ArgSpec::optional("max-bandwidth", ArgType::Int),
+            ArgSpec::optional("announce-initial", ArgType::Int),
+            ArgSpec::optional("announce-max", ArgType::Int),
+            ArgSpec::optional("announce-rounds", ArgType::Int),
+            ArgSpec::optional("announce-step", ArgType::Int),
+            ArgSpec::optional("x-max-passes", ArgType::Int),
+        ],
+    ),
+    CommandSpec::no_args("query-migrate-parameters"),
 ];
 
 impl QmpHandler for VmControl {
@@ -238,12 +315,12 @@ impl QmpHandler for VmControl {
             "stop" => self.qmp_stop(),
             "cont" => self.qmp_cont(),
             "quit" => {
-                self.exit.record(VmExit::QmpQuit);
+                self.parts.exit.record(VmExit::QmpQuit);
                 Ok(json!({}))
             }
             "system_reset" => {
                 self.emitter.emit("RESET", Some(json!({ "guest": false, "reason": "host-qmp-system-reset" })));
-                self.exit.record(VmExit::QmpReset);
+                self.parts.exit.record(VmExit::QmpReset);
                 Ok(json!({}))
             }
             "system_powerdown" => Err(QmpError::generic(
@@ -251,6 +328,14 @@ impl QmpHandler for VmControl {
             )),
             "query-cpus-fast" => Ok(self.query_cpus_fast()),
             "query-rx-filter" => self.query_rx_filter(args.get("name").and_then(Value::as_str)),
+            "migrate" => self.qmp_migrate(args),
+            "migrate_cancel" => Ok(self.qmp_migrate_cancel()),
+            "query-migrate" => Ok(lock(&self.migration).job.as_ref().map_or(json!({}), |j| j.to_qmp())),
+            "migrate-set-parameters" => {
+                lock(&self.migration).params.apply(args)?;
+                Ok(json!({}))
+            }
+            "query-migrate-parameters" => Ok(lock(&self.migration).params.to_qmp()),
             other => Err(QmpError::command_not_found(other)),
         }
     }

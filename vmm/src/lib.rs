@@ -3,6 +3,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod builder;
 pub mod check;
 pub mod config;
 pub mod console;
@@ -11,13 +12,17 @@ pub mod cpu;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod migrate;
 pub mod mptable;
 pub mod qmp;
 pub mod runstate;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{BootConfig, MachineConfig, NetConfig, SerialConfig, VmConfig};
+pub use config::{
+    BootConfig, IncomingConfig, MachineConfig, NetConfig, NetDescriptor, SerialConfig, VmConfig,
+};
 pub use exit::VmExit;
 pub use vm::Vm;
 
@@ -72,4 +77,6 @@ pub enum VmmError {
     Virtio(String),
     #[error("--qmp: {0}")]
     Qmp(String),
+    #[error("{0}")]
+    Migration(String),
 }

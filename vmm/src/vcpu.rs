@@ -67,7 +67,12 @@ struct ControlState {
     /// The thread's pthread (for kicking) and kernel thread id.
     pthread: Option<libc::pthread_t>,
     tid: i32,
+    /// Work to run on the vCPU's own thread while it is parked (state
+    /// capture): KVM wants vCPU ioctls from the thread that runs it.
+    job: Option<VcpuJob>,
 }
+
+type VcpuJob = Box<dyn FnOnce(&VcpuFd) + Send>;
 
 /// Shared between a vCPU thread and the VMM thread: the command, and the
 /// thread's acknowledgment that it is parked.
@@ -85,6 +90,7 @@ impl VcpuControl {
                 exited: false,
                 pthread: None,
                 tid: 0,
+                job: None,
             }),
             changed: Condvar::new(),
         }
@@ -150,11 +156,38 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// Blocks while paused, telling waiters it is parked; returns Run or
-    /// Exit.
-    fn wait_runnable(&self) -> VcpuCommand {
+    /// Runs `f` on the parked vCPU's thread and returns its result; None
+    /// if the vCPU is not parked or does not answer within `timeout`.
+    pub fn run_on_vcpu<T: Send + 'static>(
+        &self,
+        timeout: std::time::Duration,
+        f: impl FnOnce(&VcpuFd) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut state = self.lock();
+            if !state.parked || state.exited || state.command != VcpuCommand::Pause {
+                return None;
+            }
+            state.job = Some(Box::new(move |fd| {
+                let _ = tx.send(f(fd));
+            }));
+        }
+        self.changed.notify_all();
+        rx.recv_timeout(timeout).ok()
+    }
+
+    /// Blocks while paused, telling waiters it is parked and running jobs
+    /// it is given; returns Run or Exit.
+    fn wait_runnable(&self, fd: &VcpuFd) -> VcpuCommand {
         let mut state = self.lock();
         while state.command == VcpuCommand::Pause {
+            if let Some(job) = state.job.take() {
+                drop(state);
+                job(fd);
+                state = self.lock();
+                continue;
+            }
             if !state.parked {
                 state.parked = true;
                 self.changed.notify_all();
@@ -200,7 +233,7 @@ impl Vcpu {
         KVM_RUN.with(|r| r.set(run_ptr));
         self.control.started();
         loop {
-            if self.control.wait_runnable() == VcpuCommand::Exit {
+            if self.control.wait_runnable(&self.fd) == VcpuCommand::Exit {
                 break;
             }
             let step = match self.fd.run() {

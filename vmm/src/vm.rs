@@ -1,101 +1,46 @@
-//! Building a machine from a [`VmConfig`] and running it to its end.
+//! A VM from its configuration to its end: built and booted (or filled
+//! from an incoming migration), then run on the event loop until the guest
+//! or a user ends it.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use devices::acpi_pm::{AcpiPm, ACPI_PM_BASE, ACPI_PM_LEN};
-use devices::legacy::i8042::{I8042_BASE, I8042_LEN};
-use devices::legacy::serial::{InputDrained, COM1_BASE, COM1_IRQ, COM1_LEN};
-use devices::legacy::{Serial, SerialOutput, I8042};
-use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::net::{Net, NetEventHandler, NetOptions};
-use devices::virtio::VirtioInterrupt;
-use devices::{Bus, BusBuilder};
+use devices::virtio::net::NetEventHandler;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::acpi::VirtioMmioDevice;
-use crate::boot::{self, BootProtocol, LoadedKernel};
+use crate::builder::{self, VmParts};
 use crate::check::{kvm_kind, KvmKind};
 use crate::config::{resolve_nets, SerialConfig, VmConfig};
 use crate::console::{ConsoleInput, RawTerminal};
 use crate::control::{VmControl, COMMANDS};
-use crate::cpu::{self, cpuid, msr, regs};
 use crate::exit::{ExitState, VmExit};
-use crate::layout::*;
-use crate::memory::{self, GuestMemoryMmap};
-use crate::qmp::{EventEmitter, QmpListener, QmpServer};
+use crate::qmp::{EventEmitter, QmpListener, QmpServer, QmpSocketSpec};
 use crate::runstate::{RunState, RunStateMachine};
-use crate::vcpu::{self, Vcpu, VcpuCommand, VcpuControl};
-use crate::VmmError;
+use crate::vcpu::{self, Vcpu, VcpuCommand};
+use crate::{boot, VmmError};
 
 /// A machine built and ready to run.
 pub struct Vm {
-    _kvm: Kvm,
-    _vm_fd: VmFd,
-    _memory: GuestMemoryMmap,
-    vcpus: Vec<Vcpu>,
-    controls: Vec<Arc<VcpuControl>>,
-    serial: Arc<Mutex<Serial>>,
-    drained: Arc<InputDrained>,
-    exit: Arc<ExitState>,
-    stdio_console: bool,
-    nets: Vec<Arc<Mutex<MmioTransport<Net>>>>,
-    qmp: Option<QmpListener>,
-    start_paused: bool,
+    pub(crate) parts: Arc<VmParts>,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) runstate: Arc<Mutex<RunStateMachine>>,
+    pub(crate) stdio_console: bool,
+    pub(crate) qmp: Option<QmpListener>,
+    pub(crate) start_paused: bool,
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
-    move |source| VmmError::Kvm { what, source }
-}
-
-fn serial_output(config: &SerialConfig) -> Result<SerialOutput, VmmError> {
-    Ok(match config {
-        SerialConfig::Stdio => {
-            // SAFETY: dup of stdout has no preconditions; the new fd is
-            // owned by the File from here on.
-            let fd = unsafe { libc::dup(libc::STDOUT_FILENO) };
-            if fd < 0 {
-                return Err(VmmError::Io {
-                    what: "dup stdout",
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-            // SAFETY: `fd` is a fresh descriptor nobody else owns.
-            SerialOutput::Fd(unsafe { File::from_raw_fd(fd) })
-        }
-        SerialConfig::File(path) => {
-            SerialOutput::Fd(File::create(path).map_err(|source| VmmError::SerialFile {
-                path: path.clone(),
-                source,
-            })?)
-        }
-        SerialConfig::None => SerialOutput::Sink,
-    })
-}
-
-/// The kernel command line: the user's, then what Ferry adds for its
-/// devices (the `virtio_mmio.device=` form for kernels without ACPI).
-fn full_cmdline(config: &VmConfig, virtio: &[VirtioMmioDevice]) -> String {
-    let mut cmdline = config.boot.cmdline.trim().to_string();
-    for dev in virtio {
-        cmdline.push_str(&format!(
-            " virtio_mmio.device={}K@{:#x}:{}",
-            dev.size >> 10,
-            dev.base,
-            dev.irq
-        ));
-    }
-    cmdline.trim().to_string()
+/// Binds the control socket: a bad --qmp fails before anything is built.
+pub(crate) fn bind_qmp_spec(spec: Option<&QmpSocketSpec>) -> Result<Option<QmpListener>, VmmError> {
+    spec.map(|spec| QmpListener::bind(spec).map_err(|e| VmmError::Qmp(e.to_string())))
+        .transpose()
 }
 
 impl Vm {
+    /// Builds the machine and boots the kernel of `config`.
     pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
         config.machine.validate()?;
         let kind = kvm_kind();
@@ -105,190 +50,15 @@ impl Vm {
         {
             return Err(VmmError::LinuxNeedsHardwareVirt);
         }
-        let vcpu_count = config.machine.vcpus;
-        // Bind the control socket first: a bad --qmp fails before anything
-        // is built.
-        let qmp = match &config.qmp {
-            Some(spec) => Some(QmpListener::bind(spec).map_err(|e| VmmError::Qmp(e.to_string()))?),
-            None => None,
-        };
-
-        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
-        let max = kvm.get_max_vcpus();
-        if usize::from(vcpu_count) > max {
-            return Err(VmmError::TooManyVcpus {
-                asked: vcpu_count,
-                max,
-            });
-        }
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm_fd
-            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        let memory = memory::create_guest_memory(config.machine.memory_bytes)?;
-        memory::register_with_kvm(&vm_fd, &memory, 0)?;
-
-        // Devices.
-        let exit = Arc::new(ExitState::new().map_err(|source| VmmError::Io {
-            what: "eventfd",
-            source,
-        })?);
-        let io_err = |what| move |source| VmmError::Io { what, source };
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-        vm_fd
-            .register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let drained = Arc::new(InputDrained(
-            EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?,
-        ));
-        let serial = Arc::new(Mutex::new(Serial::new(
-            serial_irq,
-            drained.clone(),
-            serial_output(&config.serial)?,
-        )));
-        let i8042 = Arc::new(Mutex::new(
-            I8042::new(exit.clone()).map_err(io_err("eventfd"))?,
-        ));
-        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(exit.clone())));
-        let mut pio = BusBuilder::new();
-        pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
-        pio.insert(i8042, I8042_BASE, I8042_LEN)?;
-        pio.insert(acpi_pm, ACPI_PM_BASE, ACPI_PM_LEN)?;
-        let pio: Arc<Bus> = Arc::new(pio.build());
-
-        // virtio-net devices, one MMIO window and GSI each.
-        let mut mmio = BusBuilder::new();
-        let mut virtio_devices = Vec::new();
-        let mut nets = Vec::new();
-        for (i, (id, mac, net)) in resolve_nets(&config.nets)?.into_iter().enumerate() {
-            let dev = VirtioMmioDevice {
-                base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE,
-                size: VIRTIO_MMIO_SIZE,
-                irq: VIRTIO_IRQ_BASE + i as u32,
-            };
-            if dev.irq > IRQ_MAX {
-                return Err(VmmError::TooManyDevices(i + 1));
-            }
-            let tap = net::Tap::open(&net.tap)?;
-            let device = Net::new(NetOptions {
-                id,
-                tap,
-                mac,
-                guest_announce: net.guest_announce,
-            })
-            .map_err(io_err("eventfd"))?;
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-            vm_fd
-                .register_irqfd(&irqfd, dev.irq)
-                .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
-            let queue_evts = device.queue_evts().to_vec();
-            for (q, evt) in queue_evts.iter().enumerate() {
-                let addr = IoEventAddress::Mmio(dev.base + QUEUE_NOTIFY_OFFSET);
-                vm_fd
-                    .register_ioevent(evt.as_ref(), &addr, q as u32)
-                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
-            }
-            let transport = MmioTransport::new(
-                device,
-                memory.clone(),
-                VirtioInterrupt::new(irqfd),
-                queue_evts,
-            )
-            .map_err(|e| VmmError::Virtio(format!("{e:?}")))?;
-            let transport = Arc::new(Mutex::new(transport));
-            mmio.insert(transport.clone(), dev.base, dev.size)?;
-            virtio_devices.push(dev);
-            nets.push(transport);
-        }
-        let mmio: Arc<Bus> = Arc::new(mmio.build());
-
-        // Boot data.
-        let kernel = boot::load_kernel(&memory, &config.boot.kernel)?;
-        let (cmdline_max, initrd_max) = match kernel.protocol {
-            BootProtocol::Linux64 { header } => (
-                boot::linux::cmdline_limit(header),
-                boot::linux::initrd_addr_max(header),
-            ),
-            BootProtocol::Pvh => (CMDLINE_MAX_SIZE, MMIO_GAP_START - 1),
-        };
-        let initrd = match &config.boot.initrd {
-            Some(path) => Some(boot::load_initrd(&memory, path, kernel.end, initrd_max)?),
-            None => None,
-        };
-        let cmdline = full_cmdline(config, &virtio_devices);
-        boot::write_cmdline(&memory, &cmdline, cmdline_max)?;
-        let rsdp = crate::acpi::write(&memory, vcpu_count, &virtio_devices)?;
-        crate::mptable::write(&memory, vcpu_count)?;
-        match kernel.protocol {
-            BootProtocol::Linux64 { header } => boot::linux::write_zero_page(
-                &memory,
-                header,
-                cmdline.len(),
-                initrd,
-                rsdp,
-                config.machine.memory_bytes,
-            )?,
-            BootProtocol::Pvh => {
-                boot::pvh::write_start_info(&memory, initrd, rsdp, config.machine.memory_bytes)?
-            }
-        }
-
-        // vCPUs.
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(cpu::CpuError::SupportedCpuid)?;
-        let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
-        let mut controls = Vec::with_capacity(usize::from(vcpu_count));
-        for id in 0..vcpu_count {
-            let fd = vm_fd
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let mut cpuid = supported.clone();
-            cpuid::patch(&mut cpuid, id, vcpu_count, kind);
-            fd.set_cpuid2(&cpuid).map_err(cpu::CpuError::SetCpuid)?;
-            msr::setup(&fd)?;
-            regs::setup_fpu(&fd)?;
-            regs::setup_lapic(&fd)?;
-            if id == 0 {
-                configure_boot_vcpu(&memory, &fd, &kernel)?;
-            }
-            // Every vCPU waits parked until the VM is started (at once, or
-            // at `cont` with -S).
-            let control = Arc::new(VcpuControl::new(VcpuCommand::Pause));
-            controls.push(control.clone());
-            vcpus.push(Vcpu::new(
-                id,
-                fd,
-                pio.clone(),
-                mmio.clone(),
-                exit.clone(),
-                control,
-            ));
-        }
-
+        let qmp = bind_qmp_spec(config.qmp.as_ref())?;
+        let nets = resolve_nets(&config.nets)?;
+        let machine = builder::build(&config.machine, &nets, &config.serial, kind)?;
+        builder::boot(&machine, &config.boot)?;
         Ok(Self {
-            _kvm: kvm,
-            _vm_fd: vm_fd,
-            _memory: memory,
-            vcpus,
-            controls,
-            serial,
-            drained,
-            exit,
+            parts: Arc::new(machine.parts),
+            vcpus: machine.vcpus,
+            runstate: Arc::new(Mutex::new(RunStateMachine::new(RunState::Prelaunch))),
             stdio_console: config.serial == SerialConfig::Stdio,
-            nets,
             qmp,
             start_paused: config.start_paused,
         })
@@ -319,23 +89,24 @@ impl Vm {
             None
         };
 
+        let parts = self.parts.clone();
         let mut event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
-            exit: self.exit.clone(),
+            exit: parts.exit.clone(),
             signals,
         })));
         if self.stdio_console {
             event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
                 libc::STDIN_FILENO,
                 _raw_terminal.is_some(),
-                self.serial.clone(),
-                self.drained.clone(),
-                self.exit.clone(),
+                parts.serial.clone(),
+                parts.drained.clone(),
+                parts.exit.clone(),
             ))));
         }
 
-        for net in &self.nets {
+        for net in &parts.nets {
             event_manager.add_subscriber(Arc::new(Mutex::new(NetEventHandler::new(net.clone()))));
         }
 
@@ -352,15 +123,9 @@ impl Vm {
             threads.push(handle);
         }
 
-        let runstate = Arc::new(Mutex::new(RunStateMachine::new(RunState::Prelaunch)));
+        let runstate = self.runstate.clone();
         let emitter = EventEmitter::new().map_err(|e| VmmError::Qmp(e.to_string()))?;
-        let control = VmControl::new(
-            runstate.clone(),
-            self.controls.clone(),
-            self.nets.clone(),
-            self.exit.clone(),
-            emitter.clone(),
-        );
+        let control = VmControl::new(parts.clone(), runstate.clone(), emitter.clone());
         let qmp = match self.qmp.take() {
             Some(listener) => {
                 let server = QmpServer::new(listener, COMMANDS, control.clone(), emitter.clone())
@@ -376,7 +141,7 @@ impl Vm {
         }
 
         let reason = loop {
-            if let Some(reason) = self.exit.reason() {
+            if let Some(reason) = parts.exit.reason() {
                 break reason;
             }
             if let Err(e) = event_manager.run() {
@@ -387,7 +152,7 @@ impl Vm {
             }
         };
 
-        for control in &self.controls {
+        for control in &parts.vcpus {
             control.set(VcpuCommand::Exit);
             control.kick();
         }
@@ -415,15 +180,6 @@ impl Vm {
         }
         Ok(reason)
     }
-}
-
-fn configure_boot_vcpu(
-    memory: &GuestMemoryMmap,
-    fd: &kvm_ioctls::VcpuFd,
-    kernel: &LoadedKernel,
-) -> Result<(), cpu::CpuError> {
-    regs::setup_sregs(memory, fd, &kernel.protocol)?;
-    regs::setup_regs(fd, kernel.entry.0, &kernel.protocol)
 }
 
 /// Wakes the event loop on vCPU exits and termination signals.

@@ -1,0 +1,70 @@
+//! Two "hosts" for migration tests: network namespaces A and B joined by a
+//! veth (A 198.18.1.1, B 198.18.1.2), each with a TAP whose host
+//! side is 198.18.0.1/24 — the same L2 view on both, as two hypervisors on
+//! one segment would give a guest at 198.18.0.2.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::ferry::FerryVm;
+use crate::netns::Netns;
+
+pub const A_ADDR: &str = "198.18.1.1";
+pub const B_ADDR: &str = "198.18.1.2";
+pub const GUEST_ADDR: &str = "198.18.0.2";
+/// The TAP names differ on purpose: the destination's `--net` must
+/// override the TAP name the stream carries.
+pub const A_TAP: &str = "tap0";
+pub const B_TAP: &str = "tapb";
+
+pub struct TwoHosts {
+    pub a: Netns,
+    pub b: Netns,
+}
+
+impl TwoHosts {
+    pub fn new(test: &str) -> TwoHosts {
+        let a = Netns::new(&format!("{test}a")).expect("netns A");
+        let b = Netns::new(&format!("{test}b")).expect("netns B");
+        Netns::veth_pair(&a, "vha", &b, "vhb").expect("veth");
+        a.add_addr("vha", &format!("{A_ADDR}/24")).expect("addr A");
+        b.add_addr("vhb", &format!("{B_ADDR}/24")).expect("addr B");
+        for (ns, tap) in [(&a, A_TAP), (&b, B_TAP)] {
+            ns.add_tap(tap).expect("tap");
+            ns.add_addr(tap, "198.18.0.1/24").expect("tap addr");
+        }
+        TwoHosts { a, b }
+    }
+}
+
+/// Polls `query-migrate` on `vm` until the migration ends; returns the
+/// last answer. Panics after `timeout`.
+pub fn wait_migration(vm: &FerryVm, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    let mut qmp = vm.qmp();
+    loop {
+        let info = qmp.execute("query-migrate", None).expect("query-migrate");
+        if let Some("completed" | "failed" | "cancelled") = info["status"].as_str() {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration still {info} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts a migration from `vm` to `uri`.
+pub fn migrate(vm: &FerryVm, uri: &str) {
+    vm.execute("migrate", json!({ "uri": uri }))
+        .expect("migrate");
+}
+
+pub fn status(vm: &FerryVm) -> String {
+    vm.execute("query-status", json!({})).expect("query-status")["status"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}

@@ -1,0 +1,220 @@
+//! Live migration, snapshot and restore with the probe guest between two
+//! network-namespace "hosts" joined by a veth, over real TCP.
+
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_tests::ferry::{FerryVm, VmSpec};
+use ferry_tests::host::{require_kvm, require_root};
+use ferry_tests::hosts::{
+    migrate, status, wait_migration, TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
+};
+use ferry_tests::netns::Netns;
+use ferry_tests::probe::{fields, Cmdline, READY};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(60);
+
+fn can_run(test: &str) -> bool {
+    require_kvm(test).is_some() && require_root(test)
+}
+
+fn probe_cmdline() -> Cmdline {
+    Cmdline::new()
+        .identity(0, None, None, &format!("{GUEST_ADDR}/24"))
+        .heartbeat_ms(100)
+        .pattern(1234, "64M")
+        .dirty("8M", "16M")
+}
+
+fn source(test: &str, ns: &Netns, memory: &str) -> FerryVm {
+    let mut spec = VmSpec::probe(&probe_cmdline().build());
+    spec.memory = memory.into();
+    spec.nets = vec![format!("tap={A_TAP}")];
+    let vm = FerryVm::spawn(test, &spec, Some(ns));
+    vm.console.expect(READY, T);
+    vm.console.expect_seen("probe: pattern written");
+    vm
+}
+
+/// `ferry run --incoming URI` in `ns` with this host's TAP.
+fn destination(test: &str, ns: &Netns, uri: &str, extra: &[&str]) -> FerryVm {
+    let mut spec = VmSpec::incoming(uri);
+    spec.nets = vec![format!("tap={B_TAP}")];
+    spec.extra = extra.iter().map(|s| s.to_string()).collect();
+    FerryVm::spawn(test, &spec, Some(ns))
+}
+
+fn heartbeats(vm: &FerryVm) -> Vec<(u64, u64)> {
+    vm.console
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("probe: heartbeat "))
+        .filter_map(|l| {
+            let f = fields(l);
+            Some((f.get("n")?.parse().ok()?, f.get("uptime_ms")?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn wait_heartbeats(vm: &FerryVm, count: usize) -> Vec<(u64, u64)> {
+    let deadline = Instant::now() + T;
+    loop {
+        let h = heartbeats(vm);
+        if h.len() >= count {
+            return h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeats; console:\n{}",
+            vm.console.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ping(ns: &Netns, addr: &str) -> bool {
+    ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", addr])
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// The guest after a move: its heartbeat went on from where it was (no
+/// reboot), its pattern is intact, its NIC works on the new host.
+fn assert_moved_intact(dst: &FerryVm, last_on_source: (u64, u64), ns: &Netns) {
+    let after = wait_heartbeats(dst, 3);
+    let (n, up) = after[0];
+    assert!(
+        n > last_on_source.0 && n <= last_on_source.0 + 30,
+        "heartbeat restarted: {after:?} after {last_on_source:?}"
+    );
+    assert!(
+        up > last_on_source.1,
+        "uptime went back: {after:?} after {last_on_source:?}"
+    );
+    let verify = dst.console.send_command("pattern-verify", T);
+    assert_eq!(
+        verify.field("bad_pages").as_deref(),
+        Some("0"),
+        "{:?}",
+        verify.lines
+    );
+    assert!(
+        ping(ns, GUEST_ADDR),
+        "no ping on the new host; console:\n{}",
+        dst.console.output()
+    );
+    let counters = dst.console.send_command("counters 0", T);
+    assert_eq!(
+        counters.number("malformed"),
+        Some(0),
+        "{:?}",
+        counters.lines
+    );
+    assert!(
+        !dst.console.output().contains("probe: error"),
+        "{}",
+        dst.console.output()
+    );
+}
+
+#[test]
+fn live_migration_between_two_hosts_with_traffic_flowing() {
+    let test = "live_migration_between_two_hosts_with_traffic_flowing";
+    if !can_run(test) {
+        return;
+    }
+    let hosts = TwoHosts::new("live");
+    let src = source("live-src", &hosts.a, "512M");
+    let dst = destination("live-dst", &hosts.b, &format!("tcp:{B_ADDR}:4444"), &[]);
+    wait_heartbeats(&src, 3);
+
+    // UDP into the guest the whole time: the device writes rx buffers and
+    // used rings while memory is being sent.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        hosts.a.spawn_in(move || {
+            let sock = UdpSocket::bind("198.18.0.1:0").unwrap();
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = sock.send_to(&sent.to_le_bytes().repeat(64), format!("{GUEST_ADDR}:9"));
+                sent += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    migrate(&src, &format!("tcp:{B_ADDR}:4444"));
+    let info = wait_migration(&src, T);
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().unwrap().unwrap();
+    assert_eq!(
+        info["status"],
+        "completed",
+        "{info}\nsource stderr: {}\ndestination stderr: {}",
+        src.stderr(),
+        dst.stderr()
+    );
+    assert!(
+        sent > 100,
+        "traffic flowed during the migration ({sent} datagrams)"
+    );
+    assert_eq!(status(&src), "postmigrate");
+    assert_eq!(status(&dst), "running");
+    let last = *heartbeats(&src).last().expect("heartbeats on the source");
+    assert_moved_intact(&dst, last, &hosts.b);
+    let sunk = dst
+        .console
+        .send_command("counters 0", T)
+        .number("udp_sink_frames")
+        .unwrap_or(0);
+    assert!(sunk > 0, "the guest received the UDP stream");
+
+    // The source stays in postmigrate until told to quit.
+    let mut src = src;
+    src.execute("quit", json!({})).expect("quit");
+    assert_eq!(src.wait(T).code(), Some(0));
+}
+
+#[test]
+fn snapshot_then_restore_twice_into_new_processes() {
+    let test = "snapshot_then_restore_twice_into_new_processes";
+    if !can_run(test) {
+        return;
+    }
+    let hosts = TwoHosts::new("snap");
+    let src = source("snap-src", &hosts.a, "256M");
+    wait_heartbeats(&src, 3);
+    let file = std::env::temp_dir().join(format!("ferry-snapshot-{}.fm", std::process::id()));
+    migrate(&src, &format!("file:{}", file.display()));
+    let info = wait_migration(&src, T);
+    assert_eq!(info["status"], "completed", "{info}");
+    // The source paused for the save and runs on.
+    assert_eq!(status(&src), "running");
+    let at_snapshot = *heartbeats(&src).last().unwrap();
+    let before = heartbeats(&src).len();
+    wait_heartbeats(&src, before + 2);
+
+    let other = Netns::new("snap2").expect("netns");
+    other.add_tap(B_TAP).unwrap();
+    other.add_addr(B_TAP, "198.18.0.1/24").unwrap();
+    for (ns, name) in [(&hosts.b, "restore-1"), (&other, "restore-2")] {
+        let dst = destination(name, ns, &format!("file:{}", file.display()), &[]);
+        assert_eq!(status(&dst), "running");
+        // Restored at the moment of the snapshot: the heartbeat continues
+        // from there.
+        assert_moved_intact(
+            &dst,
+            (
+                at_snapshot.0.saturating_sub(1),
+                at_snapshot.1.saturating_sub(200),
+            ),
+            ns,
+        );
+    }
+    let _ = std::fs::remove_file(&file);
+}

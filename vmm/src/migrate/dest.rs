@@ -1,0 +1,299 @@
+//! The destination side: `ferry run --incoming URI` waits in `inmigrate`
+//! for a stream, builds the machine the stream describes (host-side
+//! choices — TAPs, console — from its own command line), fills it, and
+//! acknowledges. The VM then enters `prelaunch-migrate`, and runs (or
+//! waits for `cont` with -S).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::serial::SerialSnapshot;
+use devices::virtio::net::NetSnapshot;
+use migration::{Channel, Listener, MigrationUri, Section, SectionKind, StreamReader};
+
+use super::ack::{send_ack, send_nak};
+use super::ram::{apply_ram, WrittenPages};
+use super::*;
+use crate::builder;
+use crate::check::kvm_kind;
+use crate::config::{
+    check_nets, format_size, IncomingConfig, NetConfig, NetDescriptor, SerialConfig,
+};
+use crate::runstate::{RunState, RunStateMachine};
+use crate::state::{check_xsave_size, VcpuState, VmState};
+use crate::vm::{bind_qmp_spec, Vm};
+use crate::VmmError;
+
+fn err(message: impl Into<String>) -> VmmError {
+    VmmError::Migration(message.into())
+}
+
+/// The NICs to build: the stream's, with this host's `--net` applied —
+/// by id when given, else by position. A `--net` may change only the TAP.
+fn apply_overrides(
+    stream: &[NetDescriptor],
+    overrides: &[NetConfig],
+) -> Result<Vec<NetDescriptor>, VmmError> {
+    let mut nets = stream.to_vec();
+    for (i, o) in overrides.iter().enumerate() {
+        let target = match &o.id {
+            Some(id) => nets.iter_mut().find(|n| &n.id == id),
+            None => nets.get_mut(i),
+        };
+        let Some(n) = target else {
+            return Err(err(format!(
+                "--net {} matches no NIC of the incoming VM (it has {})",
+                o.id.as_deref()
+                    .map_or_else(|| format!("#{i}"), |id| format!("id={id}")),
+                stream
+                    .iter()
+                    .map(|n| n.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        if o.mac.is_some_and(|m| m != n.mac) {
+            return Err(err(format!(
+                "--net mac= would change NIC {}'s MAC {}: refused",
+                n.id, n.mac
+            )));
+        }
+        if o.guest_announce != n.guest_announce {
+            return Err(err(format!(
+                "--net guest-announce= would change NIC {}'s features: refused",
+                n.id
+            )));
+        }
+        n.tap = o.tap.clone();
+    }
+    check_nets(&nets)?;
+    Ok(nets)
+}
+
+/// Everything the stream says about the VM besides its RAM.
+#[derive(Default)]
+struct Loaded {
+    vm: Option<VmState>,
+    vcpus: BTreeMap<u8, VcpuState>,
+    serial: Option<SerialSnapshot>,
+    nets: BTreeMap<String, NetSnapshot>,
+}
+
+fn unique<T>(slot: &mut Option<T>, value: T, section: &Section) -> Result<(), VmmError> {
+    if slot.replace(value).is_some() {
+        return Err(err(format!(
+            "section {} appears twice (second at byte {})",
+            section.name, section.offset
+        )));
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Waits for an incoming migration on `config.uri` and returns the VM
+    /// it carries, loaded and ready to run.
+    pub fn incoming(config: &IncomingConfig) -> Result<Vm, VmmError> {
+        // Listen first: once the QMP socket exists, so does the listener
+        // (supervisors and tests wait for the QMP socket).
+        let listener = Listener::bind(&config.uri).map_err(|e| {
+            err(format!(
+                "cannot wait for a migration on {}: {e}",
+                config.uri
+            ))
+        })?;
+        let qmp = bind_qmp_spec(config.qmp.as_ref())?;
+        log::info!(
+            "waiting for an incoming migration on {}",
+            listener.local_addr()
+        );
+        let channel = listener
+            .accept()
+            .map_err(|e| err(format!("incoming migration on {}: {e}", config.uri)))?;
+        let answerable = !matches!(config.uri, MigrationUri::File(_));
+        let mut reader = StreamReader::new(channel).map_err(|e| err(e.to_string()));
+        let result = match reader.as_mut() {
+            Ok(r) => load(r, config),
+            Err(e) => Err(err(e.to_string())),
+        };
+        match (result, reader) {
+            (Ok(mut vm), Ok(mut r)) => {
+                if answerable {
+                    send_ack(r.inner_mut())
+                        .map_err(|e| err(format!("cannot acknowledge the migration: {e}")))?;
+                }
+                vm.qmp = qmp;
+                Ok(vm)
+            }
+            (Err(e), Ok(mut r)) => {
+                if answerable {
+                    let _ = send_nak(r.inner_mut(), &e.to_string());
+                }
+                Err(e)
+            }
+            (Err(e), Err(_)) | (Ok(_), Err(e)) => Err(e),
+        }
+    }
+}
+
+fn load(
+    reader: &mut StreamReader<Box<dyn Channel>>,
+    config: &IncomingConfig,
+) -> Result<Vm, VmmError> {
+    let stream_err = |e: migration::StreamError| err(e.to_string());
+    let first = reader.next_section().map_err(stream_err)?;
+    if first.kind != SectionKind::Config || first.name != CONFIG_SECTION {
+        return Err(err(format!(
+            "migration stream: expected the config section first, found {} section {} at byte {}",
+            first.kind, first.name, first.offset
+        )));
+    }
+    first.check_version(CONFIG_VERSION).map_err(stream_err)?;
+    let incoming: MigrationConfig = first.json().map_err(stream_err)?;
+    let machine = &incoming.machine;
+    if let Some(m) = config.memory {
+        if m != machine.memory_bytes {
+            return Err(err(format!(
+                "--memory {} disagrees with the incoming VM's {}",
+                format_size(m),
+                format_size(machine.memory_bytes)
+            )));
+        }
+    }
+    if let Some(c) = config.cpus {
+        if c != machine.vcpus {
+            return Err(err(format!(
+                "--cpus {c} disagrees with the incoming VM's {}",
+                machine.vcpus
+            )));
+        }
+    }
+    machine.validate()?;
+    let nets = apply_overrides(&incoming.nets, &config.nets)?;
+    let runstate = Arc::new(Mutex::new(RunStateMachine::new(RunState::Inmigrate)));
+    let built = builder::build(machine, &nets, &config.serial, kvm_kind())?;
+    check_xsave_size(&built.parts.kvm).map_err(|e| err(e.to_string()))?;
+
+    let mut loaded = Loaded::default();
+    let mut written = WrittenPages::new(&built.parts.memory);
+    loop {
+        let section = reader.next_section().map_err(stream_err)?;
+        match section.kind {
+            SectionKind::Ram => {
+                apply_ram(&section, &built.parts.memory, &mut written)
+                    .map_err(|e| err(format!("migration stream: {e}")))?;
+            }
+            SectionKind::Pass => {}
+            SectionKind::End => break,
+            SectionKind::VmState if section.name == VM_SECTION => {
+                section.check_version(VM_VERSION).map_err(stream_err)?;
+                unique(
+                    &mut loaded.vm,
+                    section.json().map_err(stream_err)?,
+                    &section,
+                )?;
+            }
+            SectionKind::Vcpu => {
+                section.check_version(VCPU_VERSION).map_err(stream_err)?;
+                let id = section
+                    .name
+                    .strip_prefix("vcpu/")
+                    .and_then(|n| n.parse::<u8>().ok())
+                    .filter(|&n| n < machine.vcpus)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "migration stream: no vCPU for section {} at byte {}",
+                            section.name, section.offset
+                        ))
+                    })?;
+                let state: VcpuState = section.json().map_err(stream_err)?;
+                if loaded.vcpus.insert(id, state).is_some() {
+                    return Err(err(format!(
+                        "section {} appears twice (second at byte {})",
+                        section.name, section.offset
+                    )));
+                }
+            }
+            SectionKind::Device if section.name == SERIAL_SECTION => {
+                section.check_version(SERIAL_VERSION).map_err(stream_err)?;
+                unique(
+                    &mut loaded.serial,
+                    section.json().map_err(stream_err)?,
+                    &section,
+                )?;
+            }
+            SectionKind::Device if section.name.starts_with("virtio-net/") => {
+                section
+                    .check_version(devices::virtio::net::persist::SECTION_VERSION)
+                    .map_err(stream_err)?;
+                let id = &section.name["virtio-net/".len()..];
+                if !nets.iter().any(|n| n.id == id) {
+                    return Err(err(format!(
+                        "migration stream: section {} names a NIC the config does not have",
+                        section.name
+                    )));
+                }
+                let snapshot: NetSnapshot = section.json().map_err(stream_err)?;
+                if loaded.nets.insert(id.to_string(), snapshot).is_some() {
+                    return Err(err(format!(
+                        "section {} appears twice (second at byte {})",
+                        section.name, section.offset
+                    )));
+                }
+            }
+            _ => {
+                return Err(err(format!(
+                    "migration stream: unknown {} section {} at byte {}",
+                    section.kind, section.name, section.offset
+                )))
+            }
+        }
+        reader.recycle(section);
+    }
+
+    // Everything arrived and checked out: now change the VM.
+    let missing = |what: &str| err(format!("migration stream ended without its {what} section"));
+    let parts = &built.parts;
+    loaded
+        .vm
+        .ok_or_else(|| missing(VM_SECTION))?
+        .restore(&parts.vm_fd)
+        .map_err(|e| err(e.to_string()))?;
+    for (i, vcpu) in built.vcpus.iter().enumerate() {
+        let state = loaded
+            .vcpus
+            .get(&(i as u8))
+            .ok_or_else(|| missing(&vcpu_section(i as u8)))?;
+        state
+            .restore(&vcpu.fd)
+            .map_err(|e| err(format!("vCPU {i}: {e}")))?;
+    }
+    let serial = loaded.serial.ok_or_else(|| missing(SERIAL_SECTION))?;
+    devices::bus::lock(&parts.serial)
+        .restore(&serial)
+        .map_err(|e| err(format!("serial: {e}")))?;
+    for (net, desc) in parts.nets.iter().zip(&nets) {
+        let snapshot = loaded
+            .nets
+            .get(&desc.id)
+            .ok_or_else(|| missing(&net_section(&desc.id)))?;
+        devices::bus::lock(net)
+            .restore_net(snapshot)
+            .map_err(|e| err(format!("NIC {}: {e}", desc.id)))?;
+    }
+    devices::bus::lock(&runstate)
+        .transition(RunState::PrelaunchMigrate)
+        .map_err(|e| err(e.to_string()))?;
+    log::info!(
+        "incoming migration loaded: {} bytes, {} sections",
+        reader.bytes_read(),
+        reader.sections_read()
+    );
+    Ok(Vm {
+        parts: Arc::new(built.parts),
+        vcpus: built.vcpus,
+        runstate,
+        stdio_console: config.serial == SerialConfig::Stdio,
+        qmp: None,
+        start_paused: config.start_paused,
+    })
+}

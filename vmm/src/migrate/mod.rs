@@ -1,0 +1,44 @@
+//! Migration as the VMM drives it: what goes into the stream (the
+//! `migration` crate frames it), the live-migration loop on the source,
+//! the load on the destination, and the job QMP reports on.
+//!
+//! Stream contents, in order: `config` (machine and NICs), RAM passes
+//! (`ram` sections ending with a `pass` marker each), then with the VM
+//! stopped: `vm` (irqchip, PIT, clock), `vcpu/N`, `serial/com1`,
+//! `virtio-net/<id>`, and `end`. Over a socket the destination answers
+//! with an acknowledgement once everything is loaded (see [`ack`]).
+
+pub mod ack;
+pub mod dest;
+pub mod job;
+pub mod ram;
+pub mod source;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{MachineConfig, NetDescriptor};
+
+/// The `config` section: enough to build the same machine elsewhere.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationConfig {
+    pub machine: MachineConfig,
+    pub nets: Vec<NetDescriptor>,
+}
+
+pub const CONFIG_SECTION: &str = "config";
+pub const CONFIG_VERSION: u32 = 1;
+pub const VM_SECTION: &str = "vm";
+pub const VM_VERSION: u32 = 1;
+pub const VCPU_VERSION: u32 = 1;
+pub const SERIAL_SECTION: &str = "serial/com1";
+pub const SERIAL_VERSION: u32 = 1;
+
+pub fn vcpu_section(id: u8) -> String {
+    format!("vcpu/{id}")
+}
+
+pub fn net_section(id: &str) -> String {
+    format!("{}/{id}", devices::virtio::net::persist::SECTION)
+}
+
+pub use job::{MigrationJob, MigrationParameters, MigrationStatus};

@@ -1,0 +1,350 @@
+//! The source side: a thread that streams the VM to a URI while the VMM
+//! thread keeps serving the guest, QMP and the devices.
+//!
+//! Live migration: dirty logging on, a full pass, then dirty passes until
+//! what remains fits the downtime limit at the bandwidth just measured;
+//! then the VM stops (finish-migrate), the last pass and the vCPU and
+//! device state go out, and the destination's acknowledgement moves the
+//! source to postmigrate. A guest that dirties memory faster than the link
+//! carries it is not throttled: after `x-max-passes` passes the migration
+//! fails with the rates that prevented it, and the guest runs on.
+//! To `file:` (a snapshot) the guest is stopped for one pass instead and
+//! returns to its state afterwards. Any failure, anywhere, returns the
+//! guest to the state it had.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use migration::{Channel, MigrationUri, SectionKind, StreamWriter, PAGE_SIZE};
+use serde_json::json;
+
+use super::ack::{read_answer, Answer};
+use super::job::{MigrationJob, MigrationParameters, MigrationStatus};
+use super::ram::{self, DirtyPages, RamError};
+use super::*;
+use crate::control::{ControlError, VmControl};
+use crate::runstate::RunState;
+use crate::state::{saveable_msrs, StateError, VcpuState, VmState};
+
+/// How long the source waits for a stuck peer before failing.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the destination may take to load the last state and answer.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a parked vCPU may take to save its state.
+const VCPU_SAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("{0}")]
+    Transport(String),
+    #[error(transparent)]
+    Stream(#[from] migration::StreamError),
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("vCPU {0} did not save its state in time")]
+    VcpuSave(u8),
+    #[error("destination refused: {0}")]
+    Refused(String),
+    #[error("no acknowledgement from the destination: {0}")]
+    NoAck(std::io::Error),
+    #[error("did not converge after {passes} passes: the guest dirties {dirty_mbps:.0} MB/s, the link carries {link_mbps:.0} MB/s")]
+    NotConverging {
+        passes: u64,
+        dirty_mbps: f64,
+        link_mbps: f64,
+    },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+fn mbytes_per_sec(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64().max(1e-6) / 1e6
+}
+
+/// Streams the VM to `uri` on a thread of its own.
+pub fn spawn(
+    control: VmControl,
+    uri: MigrationUri,
+    params: MigrationParameters,
+    job: Arc<MigrationJob>,
+) {
+    let name = "ferry-migrate".to_string();
+    let spawned = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || run(control, uri, params, job));
+    if let Err(e) = spawned {
+        log::error!("cannot start the migration thread: {e}");
+    }
+}
+
+fn emit(control: &VmControl, status: MigrationStatus) {
+    control
+        .emitter
+        .emit("MIGRATION", Some(json!({ "status": status.name() })));
+}
+
+fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: Arc<MigrationJob>) {
+    let before = control.state();
+    emit(&control, MigrationStatus::Setup);
+    let mut outcome = Outgoing {
+        control: &control,
+        job: &job,
+        params: &params,
+        stopped_at: None,
+    };
+    let result = outcome.migrate(&uri, before);
+    if !matches!(uri, MigrationUri::File(_)) {
+        if let Err(e) = ram::set_dirty_logging(&control.parts, false) {
+            log::warn!("migration: {e}");
+        }
+    }
+    let stopped_at = outcome.stopped_at;
+    let status = match result {
+        Ok(()) => {
+            let downtime = stopped_at.map(|t| t.elapsed().as_millis() as u64);
+            let next = match (&uri, before) {
+                (MigrationUri::File(_), RunState::Running) => control.start().map(|_| ()),
+                (MigrationUri::File(_), _) => control.set_state(before).map(|_| ()),
+                _ => control.set_state(RunState::Postmigrate).map(|_| ()),
+            };
+            if let Err(e) = next {
+                log::error!("migration completed but the VM could not move on: {e}");
+            }
+            job.update(|i| {
+                i.status = MigrationStatus::Completed;
+                i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
+                i.downtime_ms = downtime.or(Some(0));
+                i.ram.remaining = 0;
+            });
+            MigrationStatus::Completed
+        }
+        Err(e) => {
+            log::warn!("migration to {uri} failed: {e}");
+            // Back to the state the guest had, unharmed.
+            if stopped_at.is_some() {
+                let back = if before == RunState::Running {
+                    control.start().map(|_| ())
+                } else {
+                    control.set_state(before).map(|_| ())
+                };
+                if let Err(e) = back {
+                    log::error!("migration failed and the VM could not return to {before}: {e}");
+                }
+            }
+            let status = if matches!(e, MigrateError::Cancelled) || job.cancelled() {
+                MigrationStatus::Cancelled
+            } else {
+                MigrationStatus::Failed
+            };
+            job.update(|i| {
+                i.status = status;
+                i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
+                if status == MigrationStatus::Failed {
+                    i.error = Some(e.to_string());
+                }
+            });
+            status
+        }
+    };
+    job.forget_channel();
+    emit(&control, status);
+}
+
+struct Outgoing<'a> {
+    control: &'a VmControl,
+    job: &'a MigrationJob,
+    params: &'a MigrationParameters,
+    /// When the guest was stopped for the end of the migration.
+    stopped_at: Option<Instant>,
+}
+
+impl Outgoing<'_> {
+    fn check_cancel(&self) -> Result<(), MigrateError> {
+        if self.job.cancelled() {
+            Err(MigrateError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn stop_guest(&mut self) -> Result<(), MigrateError> {
+        self.control.stop_into(RunState::FinishMigrate)?;
+        self.stopped_at = Some(Instant::now());
+        Ok(())
+    }
+
+    fn migrate(&mut self, uri: &MigrationUri, before: RunState) -> Result<(), MigrateError> {
+        let parts = self.control.parts.clone();
+        let channel =
+            migration::connect(uri).map_err(|e| MigrateError::Transport(e.to_string()))?;
+        let to_file = matches!(uri, MigrationUri::File(_));
+        if !to_file {
+            channel
+                .set_timeouts(Some(IO_TIMEOUT), Some(IO_TIMEOUT))
+                .map_err(|e| MigrateError::Transport(e.to_string()))?;
+        }
+        self.job.set_channel(channel.try_clone_box().ok());
+        let mut w = StreamWriter::new(channel)?;
+        if self.params.max_bandwidth > 0 {
+            w.set_max_bandwidth(Some(self.params.max_bandwidth));
+        }
+        let config = MigrationConfig {
+            machine: parts.machine.clone(),
+            nets: parts.nets_desc.clone(),
+        };
+        w.write_json(SectionKind::Config, CONFIG_SECTION, CONFIG_VERSION, &config)?;
+        let total_pages = DirtyPages::all(&parts.memory).count();
+        let setup_ms = self.job.elapsed_ms();
+        self.job.update(|i| {
+            i.status = MigrationStatus::Active;
+            i.setup_time_ms = setup_ms;
+            i.ram.total = total_pages * PAGE_SIZE as u64;
+            i.ram.remaining = i.ram.total;
+        });
+        emit(self.control, MigrationStatus::Active);
+        self.check_cancel()?;
+
+        let cancelled = || self.job.cancelled();
+        if to_file || !before.is_running() {
+            // Nothing changes memory while stopped: one pass is the image.
+            self.stop_guest()?;
+            let mut ram = w.ram();
+            let sent = ram::send_pages(
+                &mut ram,
+                &parts.memory,
+                &DirtyPages::all(&parts.memory),
+                &cancelled,
+            )?;
+            ram.finish()?;
+            w.write_pass_end(1, sent.zero + sent.data)?;
+            self.account(&w, sent, 0, 1);
+        } else {
+            ram::set_dirty_logging(&parts, true)?;
+            // Start from a clean log: what was dirtied before is sent now.
+            ram::take_dirty(&parts)?;
+            let mut set = DirtyPages::all(&parts.memory);
+            let mut pass = 1u64;
+            loop {
+                let start = Instant::now();
+                let bytes_before = w.bytes_written();
+                let mut ram = w.ram();
+                let sent = ram::send_pages(&mut ram, &parts.memory, &set, &cancelled)?;
+                ram.finish()?;
+                w.write_pass_end(pass as u32, sent.zero + sent.data)?;
+                let took = start.elapsed();
+                let link = mbytes_per_sec(w.bytes_written() - bytes_before, took);
+                set = ram::take_dirty(&parts)?;
+                let dirty = set.count();
+                let dirty_rate = mbytes_per_sec(dirty * PAGE_SIZE as u64, took);
+                let expected_ms = (dirty * PAGE_SIZE as u64) as f64 / (link.max(1.0) * 1e3);
+                self.account(&w, sent, dirty, pass);
+                self.job.update(|i| {
+                    i.expected_downtime_ms = expected_ms as u64;
+                    i.ram.mbps = link * 8.0;
+                    i.ram.dirty_pages_rate = (dirty as f64 / took.as_secs_f64().max(1e-6)) as u64;
+                });
+                self.check_cancel()?;
+                if expected_ms <= self.params.downtime_limit_ms as f64 {
+                    break;
+                }
+                if pass >= self.params.max_passes {
+                    return Err(MigrateError::NotConverging {
+                        passes: pass,
+                        dirty_mbps: dirty_rate,
+                        link_mbps: link,
+                    });
+                }
+                pass += 1;
+            }
+            self.stop_guest()?;
+            let last = ram::take_dirty(&parts)?;
+            let set = merge(set, last);
+            let mut ram = w.ram();
+            let sent = ram::send_pages(&mut ram, &parts.memory, &set, &|| false)?;
+            ram.finish()?;
+            w.write_pass_end((pass + 1) as u32, sent.zero + sent.data)?;
+            self.account(&w, sent, 0, pass + 1);
+        }
+
+        // The VM is stopped: its state is final.
+        w.write_json(
+            SectionKind::VmState,
+            VM_SECTION,
+            VM_VERSION,
+            &VmState::save(&parts.vm_fd)?,
+        )?;
+        for (id, vcpu) in parts.vcpus.iter().enumerate() {
+            let id = id as u8;
+            let p = parts.clone();
+            let state = vcpu
+                .run_on_vcpu(VCPU_SAVE_TIMEOUT, move |fd| {
+                    let msrs = saveable_msrs(&p.kvm, fd)?;
+                    VcpuState::save(id, fd, &msrs)
+                })
+                .ok_or(MigrateError::VcpuSave(id))??;
+            w.write_json(SectionKind::Vcpu, &vcpu_section(id), VCPU_VERSION, &state)?;
+        }
+        let serial = devices::bus::lock(&parts.serial).snapshot();
+        w.write_json(SectionKind::Device, SERIAL_SECTION, SERIAL_VERSION, &serial)?;
+        for (net, desc) in parts.nets.iter().zip(&parts.nets_desc) {
+            let snapshot = devices::bus::lock(net).save_net();
+            let version = devices::virtio::net::persist::SECTION_VERSION;
+            w.write_json(
+                SectionKind::Device,
+                &net_section(&desc.id),
+                version,
+                &snapshot,
+            )?;
+        }
+        let transferred = w.bytes_written();
+        let mut channel = w.finish()?;
+        self.job.update(|i| i.ram.transferred = transferred);
+        if !to_file {
+            channel
+                .set_timeouts(Some(ACK_TIMEOUT), Some(IO_TIMEOUT))
+                .map_err(|e| MigrateError::Transport(e.to_string()))?;
+            match read_answer(&mut channel).map_err(MigrateError::NoAck)? {
+                Answer::Ack => {}
+                Answer::Nak(reason) => return Err(MigrateError::Refused(reason)),
+            }
+        }
+        Ok(())
+    }
+
+    fn account<W: std::io::Write>(
+        &self,
+        w: &StreamWriter<W>,
+        sent: ram::SentPages,
+        remaining: u64,
+        pass: u64,
+    ) {
+        let transferred = w.bytes_written();
+        self.job.update(|i| {
+            i.ram.transferred = transferred;
+            i.ram.duplicate += sent.zero;
+            i.ram.normal += sent.data;
+            i.ram.remaining = remaining * PAGE_SIZE as u64;
+            i.ram.dirty_sync_count = pass;
+        });
+    }
+}
+
+/// Pages still to send: the last pass's leftovers plus what was dirtied
+/// while the guest was being stopped.
+fn merge(mut a: DirtyPages, b: DirtyPages) -> DirtyPages {
+    for (ra, rb) in a.regions.iter_mut().zip(b.regions) {
+        for (wa, wb) in ra.iter_mut().zip(rb) {
+            *wa |= wb;
+        }
+    }
+    a
+}
+
+/// For `migrate_cancel`: unblocks a thread stuck writing to the peer.
+pub fn abort(channel: &dyn Channel) {
+    let _ = channel.shutdown();
+}
