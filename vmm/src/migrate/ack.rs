@@ -1,13 +1,21 @@
-//! The destination's answer after the end of the stream: `FERRYACK` when
-//! the VM is loaded and will run, or `FERRYNAK`, a u32 LE length and a
-//! UTF-8 reason when it refused. The source stops its guest for good only
-//! on an ACK.
+//! The destination's answers on a socket: `FERRYGO!` once it has accepted
+//! the configuration section and built the machine (so a refusal — wrong
+//! memory size, a TAP it cannot open — reaches the source before any RAM
+//! is sent), and `FERRYACK` after the end of the stream when the VM is
+//! loaded and will run. Either may instead be `FERRYNAK`, a u32 LE length
+//! and a UTF-8 reason. The source stops its guest for good only on an ACK.
 
 use std::io::{self, Read, Write};
 
+const GO: &[u8; 8] = b"FERRYGO!";
 const ACK: &[u8; 8] = b"FERRYACK";
 const NAK: &[u8; 8] = b"FERRYNAK";
 const MAX_REASON: usize = 4096;
+
+pub fn send_go(w: &mut impl Write) -> io::Result<()> {
+    w.write_all(GO)?;
+    w.flush()
+}
 
 pub fn send_ack(w: &mut impl Write) -> io::Result<()> {
     w.write_all(ACK)?;
@@ -25,6 +33,7 @@ pub fn send_nak(w: &mut impl Write, reason: &str) -> io::Result<()> {
 /// What the destination said.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Answer {
+    Go,
     Ack,
     Nak(String),
 }
@@ -37,9 +46,12 @@ pub fn read_answer(r: &mut impl Read) -> io::Result<Answer> {
     if &tag == ACK {
         return Ok(Answer::Ack);
     }
+    if &tag == GO {
+        return Ok(Answer::Go);
+    }
     if &tag != NAK {
         return Err(io::Error::other(format!(
-            "destination answered {tag:02x?}, not FERRYACK/FERRYNAK"
+            "destination answered {tag:02x?}, not FERRYGO!/FERRYACK/FERRYNAK"
         )));
     }
     let mut len = [0u8; 4];
@@ -57,9 +69,11 @@ mod tests {
     #[test]
     fn ack_and_nak_round_trip() {
         let mut buf = Vec::new();
+        send_go(&mut buf).unwrap();
         send_ack(&mut buf).unwrap();
         send_nak(&mut buf, "memory size differs").unwrap();
         let mut r = &buf[..];
+        assert_eq!(read_answer(&mut r).unwrap(), Answer::Go);
         assert_eq!(read_answer(&mut r).unwrap(), Answer::Ack);
         assert_eq!(
             read_answer(&mut r).unwrap(),

@@ -11,7 +11,7 @@ use devices::legacy::serial::SerialSnapshot;
 use devices::virtio::net::NetSnapshot;
 use migration::{Channel, Listener, MigrationUri, Section, SectionKind, StreamReader};
 
-use super::ack::{send_ack, send_nak};
+use super::ack::{send_ack, send_go, send_nak};
 use super::ram::{apply_ram, WrittenPages};
 use super::*;
 use crate::builder;
@@ -112,7 +112,7 @@ impl Vm {
         let answerable = !matches!(config.uri, MigrationUri::File(_));
         let mut reader = StreamReader::new(channel).map_err(|e| err(e.to_string()));
         let result = match reader.as_mut() {
-            Ok(r) => load(r, config),
+            Ok(r) => load(r, config, answerable),
             Err(e) => Err(err(e.to_string())),
         };
         match (result, reader) {
@@ -138,6 +138,7 @@ impl Vm {
 fn load(
     reader: &mut StreamReader<Box<dyn Channel>>,
     config: &IncomingConfig,
+    answerable: bool,
 ) -> Result<Vm, VmmError> {
     let stream_err = |e: migration::StreamError| err(e.to_string());
     let first = reader.next_section().map_err(stream_err)?;
@@ -172,6 +173,9 @@ fn load(
     let runstate = Arc::new(Mutex::new(RunStateMachine::new(RunState::Inmigrate)));
     let built = builder::build(machine, &nets, &config.serial, kvm_kind())?;
     check_xsave_size(&built.parts.kvm).map_err(|e| err(e.to_string()))?;
+    if answerable {
+        send_go(reader.inner_mut()).map_err(|e| err(format!("cannot answer the source: {e}")))?;
+    }
 
     let mut loaded = Loaded::default();
     let mut written = WrittenPages::new(&built.parts.memory);

@@ -197,6 +197,20 @@ impl Outgoing<'_> {
             nets: parts.nets_desc.clone(),
         };
         w.write_json(SectionKind::Config, CONFIG_SECTION, CONFIG_VERSION, &config)?;
+        if !to_file {
+            // The destination checks the configuration and builds the
+            // machine before any RAM travels; a refusal comes back here.
+            w.flush()?;
+            match read_answer(w.inner_mut()).map_err(MigrateError::NoAck)? {
+                Answer::Go => {}
+                Answer::Nak(reason) => return Err(MigrateError::Refused(reason)),
+                Answer::Ack => {
+                    return Err(MigrateError::Transport(
+                        "destination acknowledged before the stream ended".into(),
+                    ))
+                }
+            }
+        }
         let total_pages = DirtyPages::all(&parts.memory).count();
         let setup_ms = self.job.elapsed_ms();
         self.job.update(|i| {
@@ -310,6 +324,11 @@ impl Outgoing<'_> {
             match read_answer(&mut channel).map_err(MigrateError::NoAck)? {
                 Answer::Ack => {}
                 Answer::Nak(reason) => return Err(MigrateError::Refused(reason)),
+                Answer::Go => {
+                    return Err(MigrateError::Transport(
+                        "destination answered GO twice".into(),
+                    ))
+                }
             }
         }
         Ok(())
