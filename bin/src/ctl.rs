@@ -67,7 +67,19 @@ pub fn run(args: CtlArgs) -> ExitCode {
 
 fn ctl(args: CtlArgs) -> Result<(), CtlError> {
     let path = socket_path(&args.qmp)?;
-    let arguments = parse_arguments(&args.args).map_err(CtlError::Usage)?;
+    // `ferry ctl migrate URI`: a bare first argument is the URI.
+    let bare_uri = (args.command == "migrate")
+        .then(|| args.args.first().filter(|a| !a.contains('=')).cloned())
+        .flatten();
+    let rest = if bare_uri.is_some() {
+        &args.args[1..]
+    } else {
+        &args.args[..]
+    };
+    let mut arguments = parse_arguments(rest).map_err(CtlError::Usage)?;
+    if let Some(uri) = bare_uri {
+        arguments.insert("uri".into(), Value::String(uri));
+    }
     let timeout = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
 
     let mut client = QmpClient::connect_without_negotiation(&path)?;
@@ -82,9 +94,19 @@ fn ctl(args: CtlArgs) -> Result<(), CtlError> {
             client.set_timeout(None)?;
             watch_events(&mut client, args.json)
         }
-        // Commands whose outcome unfolds over time get their own view
-        // here; #6 adds `migrate`: the command, then `query-migrate`
-        // polled into a live progress bar until the migration ends.
+        // A migration unfolds over time: start it, then follow it.
+        "migrate" if !args.json => {
+            if !arguments.contains_key("uri") {
+                return Err(CtlError::Usage(
+                    "migrate needs a URI: ferry ctl migrate tcp:HOST:PORT".into(),
+                ));
+            }
+            client.execute("migrate", Some(arguments))?;
+            crate::progress::follow_migration(&mut client)
+                .map_err(CtlError::Client)?
+                .then_some(())
+                .ok_or_else(|| CtlError::Usage("migration did not complete".into()))
+        }
         command => one_shot(&mut client, command, arguments, args.json),
     }
 }

@@ -6,6 +6,7 @@
 mod cli;
 mod ctl;
 mod logger;
+mod progress;
 
 use std::process::ExitCode;
 

@@ -1,7 +1,7 @@
 //! A migration in progress (or done): its parameters, its status and
 //! figures as QMP's `query-migrate` reports them, and the cancel flag.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -159,6 +159,9 @@ pub struct MigrationJob {
     /// A second handle on the connection, so a cancel can unblock the
     /// thread's writes.
     channel: Mutex<Option<Box<dyn migration::Channel>>>,
+    /// Bytes put on the wire so far, counted as they are written, so
+    /// `query-migrate` moves during a pass, not only between passes.
+    wire_bytes: AtomicU64,
 }
 
 impl MigrationJob {
@@ -176,7 +179,12 @@ impl MigrationJob {
             }),
             cancel: AtomicBool::new(false),
             channel: Mutex::new(None),
+            wire_bytes: AtomicU64::new(0),
         }
+    }
+
+    pub fn add_wire_bytes(&self, n: u64) {
+        self.wire_bytes.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Asks the thread to stop and shuts the connection so it notices at
@@ -222,7 +230,7 @@ impl MigrationJob {
             "total-time": i.total_time_ms.unwrap_or(elapsed),
             "expected-downtime": i.expected_downtime_ms,
             "ram": {
-                "transferred": i.ram.transferred,
+                "transferred": i.ram.transferred.max(self.wire_bytes.load(Ordering::Relaxed)),
                 "remaining": i.ram.remaining,
                 "total": i.ram.total,
                 "duplicate": i.ram.duplicate,

@@ -188,6 +188,10 @@ impl Outgoing<'_> {
                 .map_err(|e| MigrateError::Transport(e.to_string()))?;
         }
         self.job.set_channel(channel.try_clone_box().ok());
+        let channel = Counted {
+            inner: channel,
+            job: self.job,
+        };
         let mut w = StreamWriter::new(channel)?;
         if self.params.max_bandwidth > 0 {
             w.set_max_bandwidth(Some(self.params.max_bandwidth));
@@ -315,7 +319,7 @@ impl Outgoing<'_> {
             )?;
         }
         let transferred = w.bytes_written();
-        let mut channel = w.finish()?;
+        let mut channel = w.finish()?.inner;
         self.job.update(|i| i.ram.transferred = transferred);
         if !to_file {
             channel
@@ -349,6 +353,30 @@ impl Outgoing<'_> {
             i.ram.remaining = remaining * PAGE_SIZE as u64;
             i.ram.dirty_sync_count = pass;
         });
+    }
+}
+
+/// The connection, counting what is written for `query-migrate`.
+struct Counted<'a> {
+    inner: Box<dyn Channel>,
+    job: &'a MigrationJob,
+}
+
+impl std::io::Write for Counted<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.job.add_wire_bytes(n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl std::io::Read for Counted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
     }
 }
 

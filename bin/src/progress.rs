@@ -1,0 +1,101 @@
+//! `ferry ctl migrate`: follows a migration with `query-migrate` and
+//! shows it as a live bar on a terminal (one line per pass otherwise),
+//! then the summary.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmm::qmp::client::{ClientError, QmpClient};
+
+const POLL: Duration = Duration::from_millis(100);
+const BAR: usize = 30;
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+fn field(v: &Value, path: &[&str]) -> u64 {
+    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
+}
+
+/// Polls until the migration ends; true when it completed.
+pub fn follow_migration(client: &mut QmpClient) -> Result<bool, ClientError> {
+    let tty = std::io::stderr().is_terminal();
+    let mut last: Option<(Instant, u64)> = None;
+    let mut rate = 0.0f64;
+    let mut pass_shown = 0;
+    loop {
+        let info = client.execute("query-migrate", None)?;
+        let status = info["status"].as_str().unwrap_or("none").to_string();
+        let transferred = field(&info, &["ram", "transferred"]);
+        let total = field(&info, &["ram", "total"]);
+        let remaining = field(&info, &["ram", "remaining"]);
+        let pass = field(&info, &["ram", "dirty-sync-count"]);
+        let now = Instant::now();
+        if let Some((t, b)) = last {
+            let dt = now.duration_since(t).as_secs_f64();
+            if dt > 0.0 && transferred >= b {
+                // A little smoothing so the figure can be read.
+                rate = 0.7 * rate + 0.3 * ((transferred - b) as f64 / dt);
+            }
+        }
+        last = Some((now, transferred));
+        match status.as_str() {
+            "completed" | "failed" | "cancelled" => {
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+                print_summary(&info);
+                return Ok(status == "completed");
+            }
+            _ => {
+                // Progress through guest memory in the first pass; then
+                // what is left of the dirty set.
+                let done = if total == 0 {
+                    0.0
+                } else {
+                    (transferred as f64 / total as f64).min(0.99)
+                };
+                let filled = (done * BAR as f64) as usize;
+                let line = format!(
+                    "[{}{}] {:>3.0}%  {status}  pass {}  sent {:.1} MiB  remaining {:.1} MiB  {:.1} MiB/s",
+                    "#".repeat(filled),
+                    "-".repeat(BAR - filled),
+                    done * 100.0,
+                    pass + 1,
+                    mib(transferred),
+                    mib(remaining),
+                    mib(rate as u64)
+                );
+                if tty {
+                    eprint!("\r\x1b[K{line}");
+                    let _ = std::io::stderr().flush();
+                } else if pass + 1 != pass_shown {
+                    pass_shown = pass + 1;
+                    eprintln!("{line}");
+                }
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn print_summary(info: &Value) {
+    let status = info["status"].as_str().unwrap_or("?");
+    println!("status: {status}");
+    if let Some(e) = info["error-desc"].as_str() {
+        println!("error: {e}");
+    }
+    println!("total time: {} ms", field(info, &["total-time"]));
+    if let Some(d) = info["downtime"].as_u64() {
+        println!("downtime: {d} ms");
+    }
+    println!(
+        "sent: {:.1} MiB in {} passes ({} pages with data, {} zero pages)",
+        mib(field(info, &["ram", "transferred"])),
+        field(info, &["ram", "dirty-sync-count"]),
+        field(info, &["ram", "normal"]),
+        field(info, &["ram", "duplicate"])
+    );
+}
