@@ -2,10 +2,13 @@
 //! and the `Nic` trait through which every NIC model tells the host which
 //! addresses it answers to (and, with issue #7, announces them).
 
+pub mod announce;
 pub mod mac;
 pub mod nic;
+pub mod rarp;
 pub mod tap;
 
+pub use announce::{AnnounceParams, Announced};
 pub use mac::MacAddr;
 pub use nic::Nic;
 pub use tap::{Tap, TapError};

@@ -10,6 +10,7 @@ use devices::virtio::net::Net;
 use net::Nic;
 use serde_json::{json, Map, Value};
 
+use crate::announce::Announcer;
 use crate::builder::VmParts;
 use crate::exit::VmExit;
 use crate::migrate::job::{MigrationJob, MigrationParameters};
@@ -43,6 +44,7 @@ pub struct VmControl {
     pub(crate) runstate: Arc<Mutex<RunStateMachine>>,
     pub(crate) emitter: EventEmitter,
     migration: Arc<Mutex<MigrationControl>>,
+    announcer: Arc<Mutex<Announcer>>,
 }
 
 /// The migration parameters and the last (or current) migration.
@@ -57,13 +59,20 @@ impl VmControl {
         parts: Arc<VmParts>,
         runstate: Arc<Mutex<RunStateMachine>>,
         emitter: EventEmitter,
+        announcer: Arc<Mutex<Announcer>>,
     ) -> Self {
         Self {
             parts,
             runstate,
             emitter,
             migration: Arc::default(),
+            announcer,
         }
+    }
+
+    /// The announce schedule to use after an incoming migration.
+    pub fn set_announce_params(&self, params: net::AnnounceParams) {
+        lock(&self.migration).params.set_announce(params);
     }
 
     /// Moves to `to` without touching vCPUs or devices (they are already
@@ -132,13 +141,58 @@ impl VmControl {
         Ok(())
     }
 
-    /// Starts or resumes the guest. Emits RESUME.
+    /// Starts or resumes the guest. Emits RESUME. Leaving prelaunch-migrate
+    /// — the guest now runs on this host after a migration or restore —
+    /// announces it on the network at once; no other start does.
     pub fn start(&self) -> Result<(), ControlError> {
         let mut rs = lock(&self.runstate);
-        rs.transition(RunState::Running)?;
+        let from = rs.transition(RunState::Running)?;
         self.resume_vcpus();
+        drop(rs);
         self.emitter.emit("RESUME", None);
+        if from == RunState::PrelaunchMigrate {
+            let params = lock(&self.migration).params.announce();
+            let mut a = lock(&self.announcer);
+            let nics = a.nic_indexes(&[]).unwrap_or_default();
+            a.start(crate::announce::MIGRATION_SCHEDULE, &nics, params);
+        }
         Ok(())
+    }
+
+    fn qmp_announce_self(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let mut params = lock(&self.migration).params.announce();
+        let int = |k: &str| args.get(k).and_then(Value::as_u64);
+        if let Some(v) = int("initial") {
+            params.initial_ms = v;
+        }
+        if let Some(v) = int("max") {
+            params.max_ms = v;
+        }
+        if let Some(v) = int("rounds") {
+            params.rounds = v;
+        }
+        if let Some(v) = int("step") {
+            params.step_ms = v;
+        }
+        let interfaces: Vec<String> = match args.get("interfaces") {
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    QmpError::generic(
+                        "Invalid parameter type for 'interfaces', expected: array of strings",
+                    )
+                })?,
+            _ => Vec::new(),
+        };
+        let id = args.get("id").and_then(Value::as_str).unwrap_or("");
+        let mut a = lock(&self.announcer);
+        let nics = a
+            .nic_indexes(&interfaces)
+            .map_err(QmpError::device_not_found)?;
+        a.start(id, &nics, params);
+        Ok(json!({}))
     }
 
     fn qmp_stop(&self) -> Result<Value, QmpError> {
@@ -188,6 +242,8 @@ impl VmControl {
         }
         let job = Arc::new(MigrationJob::new());
         m.job = Some(job.clone());
+        // A new migration cancels an announce still in flight.
+        lock(&self.announcer).cancel_all();
         crate::migrate::source::spawn(self.clone(), uri, m.params.clone(), job);
         Ok(json!({}))
     }
@@ -303,6 +359,17 @@ pub const COMMANDS: &[CommandSpec] = &[
         ],
     ),
     CommandSpec::no_args("query-migrate-parameters"),
+    CommandSpec::new(
+        "announce-self",
+        &[
+            ArgSpec::optional("initial", ArgType::Int),
+            ArgSpec::optional("max", ArgType::Int),
+            ArgSpec::optional("rounds", ArgType::Int),
+            ArgSpec::optional("step", ArgType::Int),
+            ArgSpec::optional("interfaces", ArgType::Array),
+            ArgSpec::optional("id", ArgType::String),
+        ],
+    ),
 ];
 
 impl QmpHandler for VmControl {
@@ -336,6 +403,7 @@ impl QmpHandler for VmControl {
                 Ok(json!({}))
             }
             "query-migrate-parameters" => Ok(lock(&self.migration).params.to_qmp()),
+            "announce-self" => self.qmp_announce_self(args),
             other => Err(QmpError::command_not_found(other)),
         }
     }

@@ -2,6 +2,7 @@
 //! kernel, and the loop that runs it.
 
 pub mod acpi;
+pub mod announce;
 pub mod boot;
 pub mod builder;
 pub mod check;

@@ -12,6 +12,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::announce::{Announcer, AnnouncerHandler};
 use crate::builder::{self, VmParts};
 use crate::check::{kvm_kind, KvmKind};
 use crate::config::{resolve_nets, SerialConfig, VmConfig};
@@ -31,6 +32,8 @@ pub struct Vm {
     pub(crate) stdio_console: bool,
     pub(crate) qmp: Option<QmpListener>,
     pub(crate) start_paused: bool,
+    /// The announce schedule an incoming migration brought.
+    pub(crate) announce: Option<net::AnnounceParams>,
 }
 
 /// Binds the control socket: a bad --qmp fails before anything is built.
@@ -61,6 +64,7 @@ impl Vm {
             stdio_console: config.serial == SerialConfig::Stdio,
             qmp,
             start_paused: config.start_paused,
+            announce: None,
         })
     }
 
@@ -125,7 +129,19 @@ impl Vm {
 
         let runstate = self.runstate.clone();
         let emitter = EventEmitter::new().map_err(|e| VmmError::Qmp(e.to_string()))?;
-        let control = VmControl::new(parts.clone(), runstate.clone(), emitter.clone());
+        let announcer = Arc::new(Mutex::new(Announcer::new(parts.nets.clone()).map_err(
+            |source| VmmError::Io {
+                what: "announce timer",
+                source,
+            },
+        )?));
+        event_manager.add_subscriber(Arc::new(Mutex::new(AnnouncerHandler::new(
+            announcer.clone(),
+        ))));
+        let control = VmControl::new(parts.clone(), runstate.clone(), emitter.clone(), announcer);
+        if let Some(params) = self.announce {
+            control.set_announce_params(params);
+        }
         let qmp = match self.qmp.take() {
             Some(listener) => {
                 let server = QmpServer::new(listener, COMMANDS, control.clone(), emitter.clone())

@@ -299,5 +299,6 @@ fn load(
         stdio_console: config.serial == SerialConfig::Stdio,
         qmp: None,
         start_paused: config.start_paused,
+        announce: Some(incoming.announce),
     })
 }

@@ -58,6 +58,23 @@ const PARAMETERS: &[(&str, Setter, u64, u64)] = &[
 ];
 
 impl MigrationParameters {
+    /// The announce schedule these parameters describe.
+    pub fn announce(&self) -> net::AnnounceParams {
+        net::AnnounceParams {
+            initial_ms: self.announce_initial_ms,
+            max_ms: self.announce_max_ms,
+            rounds: self.announce_rounds,
+            step_ms: self.announce_step_ms,
+        }
+    }
+
+    pub fn set_announce(&mut self, p: net::AnnounceParams) {
+        self.announce_initial_ms = p.initial_ms;
+        self.announce_max_ms = p.max_ms;
+        self.announce_rounds = p.rounds;
+        self.announce_step_ms = p.step_ms;
+    }
+
     pub fn names() -> impl Iterator<Item = &'static str> {
         PARAMETERS.iter().map(|p| p.0)
     }

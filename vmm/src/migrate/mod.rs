@@ -23,6 +23,10 @@ use crate::config::{MachineConfig, NetDescriptor};
 pub struct MigrationConfig {
     pub machine: MachineConfig,
     pub nets: Vec<NetDescriptor>,
+    /// The schedule the destination announces the guest with, from the
+    /// source's migration parameters.
+    #[serde(default)]
+    pub announce: net::AnnounceParams,
 }
 
 pub const CONFIG_SECTION: &str = "config";

@@ -199,6 +199,7 @@ impl Outgoing<'_> {
         let config = MigrationConfig {
             machine: parts.machine.clone(),
             nets: parts.nets_desc.clone(),
+            announce: self.params.announce(),
         };
         w.write_json(SectionKind::Config, CONFIG_SECTION, CONFIG_VERSION, &config)?;
         if !to_file {

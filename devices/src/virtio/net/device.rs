@@ -9,8 +9,9 @@
 use std::io::{Read, Write};
 use std::sync::Arc;
 
+use net::nic::rarp_announce;
 use net::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
-use net::{MacAddr, Nic, Tap};
+use net::{Announced, MacAddr, Nic, Tap};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemory;
@@ -102,6 +103,8 @@ pub struct Net {
     broken: Option<String>,
     /// The VM is paused: touch neither guest memory nor the TAP.
     paused: bool,
+    /// Written when the guest acknowledges an announce (ANNOUNCE_ACK).
+    announce_acked: Arc<EventFd>,
     metrics: NetMetrics,
 }
 
@@ -145,6 +148,7 @@ impl Net {
                 acked_features: 0,
                 config_generation: 0,
                 rx_filter: RxFilter::default(),
+                announce: Default::default(),
             },
             tap: options.tap,
             queue_evts,
@@ -156,6 +160,7 @@ impl Net {
             tx_frame: Vec::with_capacity(MAX_FRAME_LEN),
             broken: None,
             paused: false,
+            announce_acked: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
             metrics: NetMetrics::default(),
         })
     }
@@ -212,6 +217,23 @@ impl Net {
 
     pub fn is_paused(&self) -> bool {
         self.paused
+    }
+
+    /// Readable after each ANNOUNCE_ACK from the guest.
+    pub fn announce_acked_evt(&self) -> &Arc<EventFd> {
+        &self.announce_acked
+    }
+
+    /// Records how many rounds of the announce schedule remain (part of
+    /// the migrated state).
+    pub fn set_announce_rounds_left(&mut self, rounds: u64) {
+        self.state.announce.rounds_left = rounds;
+    }
+
+    /// Drops an announce in flight (a reset, a new migration).
+    pub fn cancel_announce(&mut self) {
+        self.state.announce = Default::default();
+        self.state.status &= !(VIRTIO_NET_S_ANNOUNCE as u16);
     }
 
     /// The reason the device broke, once.
@@ -608,7 +630,12 @@ impl Net {
             CtrlCommand::AnnounceAck => {
                 self.require(VIRTIO_NET_F_GUEST_ANNOUNCE, 3)?;
                 self.state.status &= !(VIRTIO_NET_S_ANNOUNCE as u16);
+                self.state.announce.awaiting_ack = false;
                 log::info!("{id}: guest acknowledged the announce");
+                // Releases the next round of the schedule.
+                if let Err(e) = self.announce_acked.write(1) {
+                    log::error!("{id}: cannot signal the announce ack: {e}");
+                }
             }
         }
         Ok(())
@@ -767,7 +794,7 @@ impl VirtioDevice for Net {
         self.broken = None;
         self.state.acked_features = 0;
         self.state.rx_filter = RxFilter::default();
-        self.state.status &= !(VIRTIO_NET_S_ANNOUNCE as u16);
+        self.cancel_announce();
         self.notify_handler();
     }
 }
@@ -796,5 +823,24 @@ impl Nic for Net {
         self.tap
             .write_vectored(&[std::io::IoSlice::new(&header), std::io::IoSlice::new(frame)])
             .map(|_| ())
+    }
+
+    /// Asks the guest when it can announce itself — it alone knows every
+    /// address on every VLAN (seeds 001/002) — by setting S_ANNOUNCE and
+    /// raising the config interrupt; otherwise falls back to RARPs for
+    /// what the control queue taught us.
+    fn announce(&mut self) -> std::io::Result<Announced> {
+        let asks_guest =
+            self.acked(VIRTIO_NET_F_GUEST_ANNOUNCE) && self.acked(VIRTIO_NET_F_CTRL_VQ);
+        match self.active.as_ref() {
+            Some(active) if asks_guest && self.broken.is_none() => {
+                self.state.status |= VIRTIO_NET_S_ANNOUNCE as u16;
+                self.state.announce.awaiting_ack = true;
+                self.state.config_generation = self.state.config_generation.wrapping_add(1);
+                active.interrupt.signal_config_change();
+                Ok(Announced::Guest)
+            }
+            _ => rarp_announce(self),
+        }
     }
 }

@@ -48,4 +48,16 @@ pub struct NetState {
     pub acked_features: u64,
     pub config_generation: u32,
     pub rx_filter: RxFilter,
+    /// The announce in flight, if any (issue #7).
+    #[serde(default)]
+    pub announce: AnnounceState,
+}
+
+/// Where a NIC is in its announce schedule.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnnounceState {
+    /// Rounds still to go.
+    pub rounds_left: u64,
+    /// S_ANNOUNCE is set and the guest has not acknowledged it yet.
+    pub awaiting_ack: bool,
 }

@@ -1,0 +1,281 @@
+//! Announcing the guest on the network once it runs on a new host
+//! (issue #7): per NIC, rounds on QEMU's schedule, each round either the
+//! guest's own gratuitous ARPs (virtio-net GUEST_ANNOUNCE, released by its
+//! ANNOUNCE_ACK) or the host's RARPs. Timers live on the VMM's event loop
+//! (a timerfd), never in a sleeping thread.
+//!
+//! What starts a schedule: the run state going from prelaunch-migrate to
+//! running (after a live migration or a restore; at `cont` with -S), and
+//! QMP `announce-self`. Nothing else.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::bus::lock;
+use devices::virtio::mmio::MmioTransport;
+use devices::virtio::net::Net;
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use net::{AnnounceParams, Announced, Nic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
+
+/// How long a round waits for the guest's ANNOUNCE_ACK before going on
+/// anyway (QEMU waits forever; a wedged guest should not stop the rest).
+const ACK_PATIENCE: Duration = Duration::from_secs(2);
+
+/// The schedule id of the announce that follows a migration or restore.
+pub const MIGRATION_SCHEDULE: &str = "";
+
+struct Schedule {
+    id: String,
+    nic: usize,
+    params: AnnounceParams,
+    /// Rounds sent so far.
+    done: u64,
+    next_due: Option<Instant>,
+    /// The guest was asked; its ack (or `ACK_PATIENCE`) releases the next.
+    waiting_since: Option<Instant>,
+}
+
+/// What was announced, for logs and tests.
+#[derive(Clone, Debug, Default)]
+pub struct AnnounceLog {
+    pub rounds: u64,
+    pub rarp_frames: u64,
+    pub guest_requests: u64,
+    pub first_round_at: Option<Instant>,
+}
+
+pub struct Announcer {
+    nets: Vec<Arc<Mutex<MmioTransport<Net>>>>,
+    schedules: Vec<Schedule>,
+    timer: TimerFd,
+    log: AnnounceLog,
+}
+
+fn set_nonblocking(fd: RawFd) {
+    // SAFETY: fcntl on a descriptor this process owns; only status flags
+    // change.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+}
+
+impl Announcer {
+    pub fn new(nets: Vec<Arc<Mutex<MmioTransport<Net>>>>) -> std::io::Result<Self> {
+        let timer = TimerFd::new().map_err(std::io::Error::from)?;
+        // A timer re-armed between epoll and the read must not block the loop.
+        set_nonblocking(timer.as_raw_fd());
+        Ok(Self {
+            nets,
+            schedules: Vec::new(),
+            timer,
+            log: AnnounceLog::default(),
+        })
+    }
+
+    pub fn log(&self) -> AnnounceLog {
+        self.log.clone()
+    }
+
+    /// NIC indexes by id; all NICs when `ids` is empty.
+    pub fn nic_indexes(&self, ids: &[String]) -> Result<Vec<usize>, String> {
+        if ids.is_empty() {
+            return Ok((0..self.nets.len()).collect());
+        }
+        ids.iter()
+            .map(|id| {
+                self.nets
+                    .iter()
+                    .position(|n| lock(n).device().state().id == *id)
+                    .ok_or_else(|| format!("no NIC called {id}"))
+            })
+            .collect()
+    }
+
+    /// Starts (or restarts: same id) a schedule on `nics`; the first round
+    /// goes out now.
+    pub fn start(&mut self, id: &str, nics: &[usize], params: AnnounceParams) {
+        self.schedules.retain(|s| s.id != id);
+        if params.rounds == 0 {
+            self.rearm();
+            return;
+        }
+        let now = Instant::now();
+        for &nic in nics {
+            // A NIC announces on one schedule at a time: the newest.
+            self.schedules.retain(|s| s.nic != nic);
+            self.schedules.push(Schedule {
+                id: id.to_string(),
+                nic,
+                params,
+                done: 0,
+                next_due: Some(now),
+                waiting_since: None,
+            });
+        }
+        self.run_due();
+    }
+
+    /// Drops every schedule (a new migration starts).
+    pub fn cancel_all(&mut self) {
+        for s in &self.schedules {
+            if let Some(n) = self.nets.get(s.nic) {
+                lock(n).device_mut().cancel_announce();
+            }
+        }
+        self.schedules.clear();
+        self.rearm();
+    }
+
+    fn round(&mut self, idx: usize) {
+        let now = Instant::now();
+        let s = &mut self.schedules[idx];
+        let Some(transport) = self.nets.get(s.nic) else {
+            return;
+        };
+        let mut t = lock(transport);
+        let dev = t.device_mut();
+        // A reset of the device since the last round cancelled it.
+        if s.done > 0 && dev.state().announce.rounds_left == 0 {
+            s.next_due = None;
+            s.done = s.params.rounds;
+            return;
+        }
+        s.done += 1;
+        dev.set_announce_rounds_left(s.params.rounds - s.done);
+        match dev.announce() {
+            Ok(Announced::Guest) => {
+                self.log.guest_requests += 1;
+                s.waiting_since = Some(now);
+                s.next_due = None;
+            }
+            Ok(Announced::Rarp { frames }) => {
+                self.log.rarp_frames += frames as u64;
+                s.next_due = (s.done < s.params.rounds).then(|| now + s.params.pause_after(s.done));
+            }
+            Err(e) => {
+                log::warn!("{}: announce: {e}", dev.state().id);
+                s.next_due = (s.done < s.params.rounds).then(|| now + s.params.pause_after(s.done));
+            }
+        }
+        self.log.rounds += 1;
+        self.log.first_round_at.get_or_insert(now);
+        log::info!(
+            "{}: announce round {} of {}",
+            dev.state().id,
+            s.done,
+            s.params.rounds
+        );
+    }
+
+    fn run_due(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.schedules.len() {
+            let s = &mut self.schedules[i];
+            if s.waiting_since.is_some_and(|t| now >= t + ACK_PATIENCE) {
+                log::info!("announce: no ANNOUNCE_ACK within {ACK_PATIENCE:?}; going on");
+                s.waiting_since = None;
+                s.next_due = (s.done < s.params.rounds).then_some(now);
+            }
+            if s.next_due.is_some_and(|t| t <= now) {
+                self.round(i);
+            }
+        }
+        self.schedules
+            .retain(|s| s.done < s.params.rounds || s.waiting_since.is_some());
+        self.rearm();
+    }
+
+    /// The guest acknowledged on NIC `nic`: its next round is due after
+    /// the schedule's pause.
+    fn acked(&mut self, nic: usize) {
+        let now = Instant::now();
+        for s in self
+            .schedules
+            .iter_mut()
+            .filter(|s| s.nic == nic && s.waiting_since.is_some())
+        {
+            s.waiting_since = None;
+            s.next_due = (s.done < s.params.rounds).then(|| now + s.params.pause_after(s.done));
+        }
+        self.run_due();
+    }
+
+    fn rearm(&mut self) {
+        let now = Instant::now();
+        let next = self
+            .schedules
+            .iter()
+            .filter_map(|s| match (s.next_due, s.waiting_since) {
+                (Some(t), _) => Some(t),
+                (None, Some(w)) => Some(w + ACK_PATIENCE),
+                _ => None,
+            })
+            .min();
+        let result = match next {
+            // A zero duration would disarm the timer: at least 1 µs.
+            Some(t) => self.timer.reset(
+                t.saturating_duration_since(now)
+                    .max(Duration::from_micros(1)),
+                None,
+            ),
+            None => self.timer.clear(),
+        };
+        if let Err(e) = result {
+            log::error!("announce timer: {e}");
+        }
+    }
+}
+
+/// The announcer on the event loop: its timer and each NIC's ack.
+pub struct AnnouncerHandler {
+    announcer: Arc<Mutex<Announcer>>,
+    timer_fd: RawFd,
+    ack_fds: Vec<RawFd>,
+}
+
+impl AnnouncerHandler {
+    pub fn new(announcer: Arc<Mutex<Announcer>>) -> Self {
+        let a = lock(&announcer);
+        let timer_fd = a.timer.as_raw_fd();
+        let ack_fds = a
+            .nets
+            .iter()
+            .map(|n| lock(n).device().announce_acked_evt().as_raw_fd())
+            .collect();
+        drop(a);
+        Self {
+            announcer,
+            timer_fd,
+            ack_fds,
+        }
+    }
+}
+
+impl MutEventSubscriber for AnnouncerHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        for &fd in std::iter::once(&self.timer_fd).chain(self.ack_fds.iter()) {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("announce: cannot watch fd {fd}: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        let mut drain = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live buffer from a
+        // non-blocking timerfd/eventfd this handler watches.
+        unsafe { libc::read(fd, drain.as_mut_ptr().cast(), drain.len()) };
+        let mut a = lock(&self.announcer);
+        match self.ack_fds.iter().position(|&f| f == fd) {
+            Some(nic) => a.acked(nic),
+            None => a.run_due(),
+        }
+    }
+}
