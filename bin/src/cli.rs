@@ -60,6 +60,10 @@ pub struct RunArgs {
     /// is accepted too).
     #[arg(long, value_name = "unix:PATH")]
     pub qmp: Option<vmm::qmp::QmpSocketSpec>,
+    /// Where guest RAM lives: anon (private memory, the default) or memfd
+    /// (shared, so a local migration can hand the pages over).
+    #[arg(long, value_name = "anon|memfd", default_value = "anon")]
+    pub memory_backend: String,
     /// Start in prelaunch: the guest runs only after QMP `cont`.
     #[arg(short = 'S', long = "paused")]
     pub paused: bool,
@@ -125,6 +129,15 @@ impl RunArgs {
                 start_paused: self.paused,
             }));
         }
+        let memory_backend = match self.memory_backend.as_str() {
+            "anon" => vmm::memory::MemoryBackend::Anonymous,
+            "memfd" => vmm::memory::MemoryBackend::Memfd,
+            other => {
+                return Err(format!(
+                    "--memory-backend {other:?}: expected anon or memfd"
+                ))
+            }
+        };
         let kernel = self.kernel.ok_or("--kernel is required (or --incoming)")?;
         Ok(Start::Boot(VmConfig {
             machine: MachineConfig {
@@ -141,6 +154,7 @@ impl RunArgs {
             allow_no_userspace: self.allow_no_userspace,
             qmp: self.qmp,
             start_paused: self.paused,
+            memory_backend,
         }))
     }
 }

@@ -24,7 +24,9 @@ Examples:
   ferry ctl --qmp /run/vm.qmp query-status
   ferry ctl --qmp /run/vm.qmp stop
   ferry ctl --qmp /run/vm.qmp --json query-cpus-fast
-  ferry ctl --qmp /run/vm.qmp events";
+  ferry ctl --qmp /run/vm.qmp events
+  ferry ctl --qmp /run/vm.qmp migrate tcp:198.18.1.2:4444
+  ferry ctl --qmp /run/vm.qmp migrate unix:/run/new.sock backend-transfer=true";
 
 #[derive(Args, Debug)]
 #[command(after_help = ARGUMENT_HELP)]
@@ -100,6 +102,14 @@ fn ctl(args: CtlArgs) -> Result<(), CtlError> {
                 return Err(CtlError::Usage(
                     "migrate needs a URI: ferry ctl migrate tcp:HOST:PORT".into(),
                 ));
+            }
+            // `backend-transfer=true` on the command line is a migration
+            // parameter in QMP: set it first (issue #8's local migration).
+            let mut arguments = arguments;
+            if let Some(v) = arguments.remove("backend-transfer") {
+                let mut p = Map::new();
+                p.insert("backend-transfer".into(), v);
+                client.execute("migrate-set-parameters", Some(p))?;
             }
             client.execute("migrate", Some(arguments))?;
             crate::progress::follow_migration(&mut client)

@@ -26,7 +26,7 @@ use crate::config::{BootConfig, MachineConfig, NetDescriptor, SerialConfig};
 use crate::cpu::{self, cpuid, msr, regs};
 use crate::exit::ExitState;
 use crate::layout::*;
-use crate::memory::{self, GuestMemoryMmap};
+use crate::memory::{self, GuestMemoryMmap, MemoryBackend};
 use crate::vcpu::{Vcpu, VcpuCommand, VcpuControl};
 use crate::VmmError;
 
@@ -45,6 +45,20 @@ pub struct VmParts {
     pub virtio: Vec<VirtioMmioDevice>,
     pub vcpus: Vec<Arc<VcpuControl>>,
     pub exit: Arc<ExitState>,
+    /// Guest RAM's memfd, when RAM is memfd-backed (handed over in a local
+    /// migration).
+    pub memfd: Option<File>,
+}
+
+/// Host resources a machine may be given instead of making its own: a
+/// local migration's destination receives the source's TAPs and memfd.
+#[derive(Default)]
+pub struct HostBackends {
+    pub memory: MemoryBackend,
+    /// Guest RAM to map (a memfd received from the source).
+    pub memfd: Option<File>,
+    /// Per NIC, an already open TAP (received), else `None`: open by name.
+    pub taps: Vec<Option<net::Tap>>,
 }
 
 /// A built machine: its shared parts and its vCPUs, not yet running.
@@ -91,6 +105,7 @@ pub fn build(
     nets: &[NetDescriptor],
     serial: &SerialConfig,
     kind: KvmKind,
+    mut host: HostBackends,
 ) -> Result<Machine, VmmError> {
     let vcpu_count = machine.vcpus;
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
@@ -117,7 +132,15 @@ pub fn build(
     };
     vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-    let memory = memory::create_guest_memory(machine.memory_bytes)?;
+    let memfd = match (host.memfd.take(), host.memory) {
+        (Some(file), _) => Some(file),
+        (None, MemoryBackend::Memfd) => Some(memory::create_memfd(machine.memory_bytes)?),
+        (None, MemoryBackend::Anonymous) => None,
+    };
+    let memory = match &memfd {
+        Some(file) => memory::map_memfd(file, machine.memory_bytes)?,
+        None => memory::create_guest_memory(machine.memory_bytes)?,
+    };
     memory::register_with_kvm(&vm_fd, &memory, 0)?;
 
     let exit = Arc::new(ExitState::new().map_err(io_err("eventfd"))?);
@@ -155,7 +178,10 @@ pub fn build(
         if dev.irq > IRQ_MAX {
             return Err(VmmError::TooManyDevices(i + 1));
         }
-        let tap = net::Tap::open(&nic.tap)?;
+        let tap = match host.taps.get_mut(i).and_then(Option::take) {
+            Some(tap) => tap,
+            None => net::Tap::open(&nic.tap)?,
+        };
         let device = Net::new(NetOptions {
             id: nic.id.clone(),
             tap,
@@ -231,6 +257,7 @@ pub fn build(
             virtio,
             vcpus: controls,
             exit,
+            memfd,
         },
         vcpus,
     })

@@ -118,6 +118,8 @@ pub struct VmConfig {
     pub qmp: Option<crate::qmp::QmpSocketSpec>,
     /// `-S`: stay in prelaunch until `cont`.
     pub start_paused: bool,
+    /// `--memory-backend`.
+    pub memory_backend: crate::memory::MemoryBackend,
 }
 
 /// `ferry run --incoming`: the VM comes from a migration stream; only

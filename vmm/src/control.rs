@@ -237,6 +237,12 @@ impl VmControl {
             )));
         }
         let mut m = lock(&self.migration);
+        if m.params.backend_transfer && !uri.can_pass_fds() {
+            return Err(QmpError::generic(format!(
+                "backend-transfer hands over file descriptors, which only a unix: migration can carry (not {}:)",
+                uri.scheme()
+            )));
+        }
         if m.job.as_ref().is_some_and(|j| !j.status().is_finished()) {
             return Err(QmpError::generic("There's a migration process in progress"));
         }
@@ -356,6 +362,7 @@ pub const COMMANDS: &[CommandSpec] = &[
             ArgSpec::optional("announce-rounds", ArgType::Int),
             ArgSpec::optional("announce-step", ArgType::Int),
             ArgSpec::optional("x-max-passes", ArgType::Int),
+            ArgSpec::optional("backend-transfer", ArgType::Bool),
         ],
     ),
     CommandSpec::no_args("query-migrate-parameters"),

@@ -1,7 +1,10 @@
 //! Guest RAM: how it is laid out around the MMIO gap, how it is mapped in
 //! the VMM, and the e820 view of it the guest boots with.
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::*;
 
@@ -17,6 +20,10 @@ pub enum MemoryError {
     },
     #[error("cannot register guest memory with KVM: {0}")]
     Register(#[source] kvm_ioctls::Error),
+    #[error("guest memory memfd: {0}")]
+    Memfd(#[source] std::io::Error),
+    #[error("the memfd received holds {have} bytes, the guest needs {need}")]
+    MemfdTooSmall { have: u64, need: u64 },
 }
 
 /// The RAM ranges of a guest with `size` bytes: below the MMIO gap first,
@@ -38,6 +45,53 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .map(|(a, s)| (a, s as usize))
         .collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { size, source })
+}
+
+/// Where guest RAM lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// Private anonymous memory (the default).
+    #[default]
+    Anonymous,
+    /// A memfd mapped shared: another process (a local migration's
+    /// destination) can map the very same pages.
+    Memfd,
+}
+
+/// A new memfd of `size` bytes for guest RAM.
+pub fn create_memfd(size: u64) -> Result<File, MemoryError> {
+    let name = c"ferry-guest-ram";
+    // SAFETY: memfd_create with a valid NUL-terminated name; the fd is
+    // owned by the File from here on.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(MemoryError::Memfd)?;
+    Ok(file)
+}
+
+/// Maps guest RAM from `file` (a memfd): the ranges of [`ram_ranges`] at
+/// consecutive offsets, shared.
+pub fn map_memfd(file: &File, size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let len = file.metadata().map_err(MemoryError::Memfd)?.len();
+    if len < size {
+        return Err(MemoryError::MemfdTooSmall {
+            have: len,
+            need: size,
+        });
+    }
+    let mut offset = 0u64;
+    let mut ranges = Vec::new();
+    for (addr, len) in ram_ranges(size) {
+        let clone = file.try_clone().map_err(MemoryError::Memfd)?;
+        ranges.push((addr, len as usize, Some(FileOffset::new(clone, offset))));
+        offset += len;
+    }
+    GuestMemoryMmap::from_ranges_with_files(ranges)
+        .map_err(|source| MemoryError::Map { size, source })
 }
 
 /// Registers every region with KVM as memory slot 0, 1, ...

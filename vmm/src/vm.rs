@@ -55,7 +55,11 @@ impl Vm {
         }
         let qmp = bind_qmp_spec(config.qmp.as_ref())?;
         let nets = resolve_nets(&config.nets)?;
-        let machine = builder::build(&config.machine, &nets, &config.serial, kind)?;
+        let host = builder::HostBackends {
+            memory: config.memory_backend,
+            ..Default::default()
+        };
+        let machine = builder::build(&config.machine, &nets, &config.serial, kind, host)?;
         builder::boot(&machine, &config.boot)?;
         Ok(Self {
             parts: Arc::new(machine.parts),

@@ -23,7 +23,14 @@ fn a_page_written_only_by_the_vmm_is_dirty() {
         memory_bytes: 64 << 20,
         vcpus: 1,
     };
-    let m = builder::build(&machine, &[], &SerialConfig::None, kvm_kind()).expect("build");
+    let m = builder::build(
+        &machine,
+        &[],
+        &SerialConfig::None,
+        kvm_kind(),
+        Default::default(),
+    )
+    .expect("build");
     let parts = &m.parts;
     set_dirty_logging(parts, true).expect("dirty logging on");
     take_dirty(parts).expect("clear");

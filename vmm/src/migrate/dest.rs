@@ -70,6 +70,63 @@ fn apply_overrides(
     Ok(nets)
 }
 
+/// A local migration's TAPs and memfd, received right after the config
+/// section: the destination uses them and opens no TAP of its own.
+fn receive_backends(
+    reader: &mut StreamReader<Box<dyn Channel>>,
+    handover: Option<BackendHandover>,
+    nics: usize,
+    answerable: bool,
+) -> Result<builder::HostBackends, VmmError> {
+    let Some(h) = handover else {
+        return Ok(builder::HostBackends::default());
+    };
+    if !answerable || !reader.inner_mut().can_pass_fds() {
+        return Err(err(
+            "the stream hands over TAPs and memory, which only a unix: migration can carry",
+        ));
+    }
+    if h.taps != nics {
+        return Err(err(format!(
+            "the source hands over {} TAPs for {nics} NICs",
+            h.taps
+        )));
+    }
+    let (fds, _) = reader
+        .inner_mut()
+        .recv_fds(h.fd_count())
+        .map_err(|e| err(format!("receiving the source's TAPs and memory: {e}")))?;
+    if fds.len() != h.fd_count() {
+        return Err(err(format!(
+            "expected {} descriptors from the source, got {}",
+            h.fd_count(),
+            fds.len()
+        )));
+    }
+    let mut fds = fds.into_iter();
+    let mut taps = Vec::with_capacity(h.taps);
+    for fd in fds.by_ref().take(h.taps) {
+        taps.push(Some(
+            net::Tap::from_fd(fd).map_err(|e| err(format!("received TAP: {e}")))?,
+        ));
+    }
+    let memfd = fds.next().map(std::fs::File::from);
+    log::info!(
+        "local migration: received {} TAPs{}",
+        taps.len(),
+        if memfd.is_some() {
+            " and guest RAM"
+        } else {
+            ""
+        }
+    );
+    Ok(builder::HostBackends {
+        taps,
+        memfd,
+        ..Default::default()
+    })
+}
+
 /// Everything the stream says about the VM besides its RAM.
 #[derive(Default)]
 struct Loaded {
@@ -171,7 +228,8 @@ fn load(
     machine.validate()?;
     let nets = apply_overrides(&incoming.nets, &config.nets)?;
     let runstate = Arc::new(Mutex::new(RunStateMachine::new(RunState::Inmigrate)));
-    let built = builder::build(machine, &nets, &config.serial, kvm_kind())?;
+    let host = receive_backends(reader, incoming.backend, nets.len(), answerable)?;
+    let built = builder::build(machine, &nets, &config.serial, kvm_kind(), host)?;
     check_xsave_size(&built.parts.kvm).map_err(|e| err(e.to_string()))?;
     if answerable {
         send_go(reader.inner_mut()).map_err(|e| err(format!("cannot answer the source: {e}")))?;

@@ -24,6 +24,9 @@ pub struct MigrationParameters {
     /// Ferry's bound on dirty passes before it gives up on a guest that
     /// dirties memory faster than the link carries it.
     pub max_passes: u64,
+    /// Local migration over unix:: hand the TAPs (and a memfd's RAM) to
+    /// the destination instead of making it open and copy its own.
+    pub backend_transfer: bool,
 }
 
 impl Default for MigrationParameters {
@@ -36,6 +39,7 @@ impl Default for MigrationParameters {
             announce_rounds: 5,
             announce_step_ms: 100,
             max_passes: 30,
+            backend_transfer: false,
         }
     }
 }
@@ -85,6 +89,7 @@ impl MigrationParameters {
         for (name, field, _, _) in PARAMETERS {
             map.insert((*name).to_string(), json!(*field(&mut copy)));
         }
+        map.insert("backend-transfer".into(), json!(self.backend_transfer));
         Value::Object(map)
     }
 
@@ -92,6 +97,14 @@ impl MigrationParameters {
     pub fn apply(&mut self, args: &Map<String, Value>) -> Result<(), QmpError> {
         let mut next = self.clone();
         for (key, value) in args {
+            if key == "backend-transfer" {
+                next.backend_transfer = value.as_bool().ok_or_else(|| {
+                    QmpError::generic(
+                        "Invalid parameter type for 'backend-transfer', expected: boolean",
+                    )
+                })?;
+                continue;
+            }
             let Some((name, field, min, max)) = PARAMETERS.iter().find(|p| p.0 == key) else {
                 return Err(QmpError::generic(format!(
                     "Parameter '{key}' is unexpected"

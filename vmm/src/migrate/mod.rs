@@ -27,6 +27,25 @@ pub struct MigrationConfig {
     /// source's migration parameters.
     #[serde(default)]
     pub announce: net::AnnounceParams,
+    /// Local migration over unix:: the host resources that follow this
+    /// section as one descriptor message (issue #8).
+    #[serde(default)]
+    pub backend: Option<BackendHandover>,
+}
+
+/// What a local migration hands over: one TAP descriptor per NIC, in NIC
+/// order, then the memfd of guest RAM when there is one (then no page is
+/// copied: both processes map the same pages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendHandover {
+    pub taps: usize,
+    pub memfd: bool,
+}
+
+impl BackendHandover {
+    pub fn fd_count(&self) -> usize {
+        self.taps + usize::from(self.memfd)
+    }
 }
 
 pub const CONFIG_SECTION: &str = "config";

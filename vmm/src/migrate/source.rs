@@ -22,6 +22,7 @@ use super::ack::{read_answer, Answer};
 use super::job::{MigrationJob, MigrationParameters, MigrationStatus};
 use super::ram::{self, DirtyPages, RamError};
 use super::*;
+use crate::builder::VmParts;
 use crate::control::{ControlError, VmControl};
 use crate::runstate::RunState;
 use crate::state::{saveable_msrs, StateError, VcpuState, VmState};
@@ -59,6 +60,8 @@ pub enum MigrateError {
     },
     #[error("cancelled")]
     Cancelled,
+    #[error("backend-transfer hands over file descriptors, which only a unix: migration can carry (not {0}:)")]
+    BackendTransferNeedsUnix(&'static str),
 }
 
 fn mbytes_per_sec(bytes: u64, d: Duration) -> f64 {
@@ -179,6 +182,19 @@ impl Outgoing<'_> {
 
     fn migrate(&mut self, uri: &MigrationUri, before: RunState) -> Result<(), MigrateError> {
         let parts = self.control.parts.clone();
+        // Checked before anything is sent: only a unix: socket carries
+        // descriptors.
+        let handover = if self.params.backend_transfer {
+            if !uri.can_pass_fds() {
+                return Err(MigrateError::BackendTransferNeedsUnix(uri.scheme()));
+            }
+            Some(BackendHandover {
+                taps: parts.nets.len(),
+                memfd: parts.memfd.is_some(),
+            })
+        } else {
+            None
+        };
         let channel =
             migration::connect(uri).map_err(|e| MigrateError::Transport(e.to_string()))?;
         let to_file = matches!(uri, MigrationUri::File(_));
@@ -200,12 +216,16 @@ impl Outgoing<'_> {
             machine: parts.machine.clone(),
             nets: parts.nets_desc.clone(),
             announce: self.params.announce(),
+            backend: handover,
         };
         w.write_json(SectionKind::Config, CONFIG_SECTION, CONFIG_VERSION, &config)?;
         if !to_file {
             // The destination checks the configuration and builds the
             // machine before any RAM travels; a refusal comes back here.
             w.flush()?;
+            if handover.is_some() {
+                self.hand_over(&mut w.inner_mut().inner, &parts)?;
+            }
             match read_answer(w.inner_mut()).map_err(MigrateError::NoAck)? {
                 Answer::Go => {}
                 Answer::Nak(reason) => return Err(MigrateError::Refused(reason)),
@@ -228,7 +248,11 @@ impl Outgoing<'_> {
         self.check_cancel()?;
 
         let cancelled = || self.job.cancelled();
-        if to_file || !before.is_running() {
+        if handover.is_some_and(|h| h.memfd) {
+            // The destination maps the same pages: nothing to copy. Stop
+            // the guest and send only its state.
+            self.stop_guest()?;
+        } else if to_file || !before.is_running() {
             // Nothing changes memory while stopped: one pass is the image.
             self.stop_guest()?;
             let mut ram = w.ram();
@@ -336,6 +360,30 @@ impl Outgoing<'_> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Sends the TAP descriptors (and the memfd) as one descriptor message.
+    /// The source keeps its own: if the migration fails it goes on with
+    /// them; once the destination acknowledges, the source, stopped in
+    /// postmigrate, never touches them again.
+    fn hand_over(
+        &self,
+        channel: &mut Box<dyn Channel>,
+        parts: &VmParts,
+    ) -> Result<(), MigrateError> {
+        use std::os::fd::AsRawFd;
+        let mut fds = Vec::new();
+        for net in &parts.nets {
+            fds.push(devices::bus::lock(net).device().tap().as_raw_fd());
+        }
+        if let Some(memfd) = &parts.memfd {
+            fds.push(memfd.as_raw_fd());
+        }
+        channel.send_fds(&fds, b"ferry backends").map_err(|e| {
+            MigrateError::Transport(format!("handing over the TAPs and memory: {e}"))
+        })?;
+        log::info!("local migration: handed over {} descriptors", fds.len());
         Ok(())
     }
 
