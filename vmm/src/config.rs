@@ -39,8 +39,9 @@ pub struct NetConfig {
     pub tap: String,
     pub mac: Option<MacAddr>,
     pub id: Option<String>,
-    /// Offer VIRTIO_NET_F_GUEST_ANNOUNCE (default on).
-    pub guest_announce: bool,
+    /// Offer VIRTIO_NET_F_GUEST_ANNOUNCE; None when not given (on for a
+    /// new NIC, as the stream says for an incoming one).
+    pub guest_announce: Option<bool>,
 }
 
 impl NetConfig {
@@ -54,7 +55,7 @@ impl NetConfig {
             tap: String::new(),
             mac: None,
             id: None,
-            guest_announce: true,
+            guest_announce: None,
         };
         let mut seen = Vec::new();
         for part in spec.split(',') {
@@ -87,8 +88,8 @@ impl NetConfig {
                 "id" => return Err(bad("the id must be letters, digits, '-', '_' or '.'".into())),
                 "guest-announce" => {
                     net.guest_announce = match value {
-                        "on" => true,
-                        "off" => false,
+                        "on" => Some(true),
+                        "off" => Some(false),
                         _ => return Err(bad("guest-announce is on or off".into())),
                     }
                 }
@@ -277,7 +278,7 @@ pub fn resolve_nets(nets: &[NetConfig]) -> Result<Vec<NetDescriptor>, ConfigErro
                 id,
                 mac,
                 tap: n.tap.clone(),
-                guest_announce: n.guest_announce,
+                guest_announce: n.guest_announce.unwrap_or(true),
             }
         })
         .collect();
@@ -296,8 +297,8 @@ mod tests {
         assert_eq!(n.tap, "ftap0");
         assert_eq!(n.mac, Some("52:54:00:12:34:56".parse().unwrap()));
         assert_eq!(n.id.as_deref(), Some("lan"));
-        assert!(!n.guest_announce);
-        assert!(NetConfig::parse("tap=t").unwrap().guest_announce);
+        assert_eq!(n.guest_announce, Some(false));
+        assert_eq!(NetConfig::parse("tap=t").unwrap().guest_announce, None);
         for bad in [
             "",
             "mac=52:54:00:12:34:56",

@@ -58,7 +58,8 @@ fn apply_overrides(
                 n.id, n.mac
             )));
         }
-        if o.guest_announce != n.guest_announce {
+        // Not given: the stream's.
+        if o.guest_announce.is_some_and(|g| g != n.guest_announce) {
             return Err(err(format!(
                 "--net guest-announce= would change NIC {}'s features: refused",
                 n.id
