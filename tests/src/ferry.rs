@@ -161,6 +161,8 @@ pub struct FerryVm {
     child: Child,
     pub console: crate::probe::Console,
     stderr: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Joined once the process ended, so `stderr()` then holds all of it.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
     dir: PathBuf,
     qmp_path: Option<PathBuf>,
 }
@@ -214,9 +216,10 @@ impl FerryVm {
         let mut child = cmd.spawn().expect("spawn ferry");
         let console = crate::probe::Console::from_child(name, &mut child).expect("console");
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut stderr_reader = None;
         if let Some(mut err) = child.stderr.take() {
             let sink = stderr.clone();
-            std::thread::spawn(move || {
+            stderr_reader = Some(std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = err.read(&mut buf) {
                     if n == 0 {
@@ -226,12 +229,13 @@ impl FerryVm {
                         .unwrap_or_else(|p| p.into_inner())
                         .extend_from_slice(&buf[..n]);
                 }
-            });
+            }));
         }
         let vm = FerryVm {
             child,
             console,
             stderr,
+            stderr_reader,
             dir,
             qmp_path,
         };
