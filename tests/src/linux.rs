@@ -480,7 +480,7 @@ mod tests {
     /// Builds (or finds) the real guest: downloads packages on a machine
     /// without the cache, so it is not run by default.
     #[test]
-    #[ignore]
+    #[ignore = "downloads packages; tests/linux_boot.rs builds (or finds) the guest in the normal run"]
     fn builds_or_finds_the_guest() {
         let g = linux_guest().expect("the Linux guest");
         assert!(g.bzimage.is_file() && g.vmlinux.is_file() && g.initramfs.is_file());
