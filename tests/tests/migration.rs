@@ -174,7 +174,24 @@ fn live_migration_between_two_hosts_with_traffic_flowing() {
         .unwrap_or(0);
     assert!(sunk > 0, "the guest received the UDP stream");
 
-    // The source stays in postmigrate until told to quit.
+    // The source stays in postmigrate until told to quit; it will not
+    // run the guest a second time.
+    let err = src
+        .execute("cont", json!({}))
+        .expect_err("cont in postmigrate");
+    assert!(
+        err.to_string().contains("GenericError")
+            && err.to_string().contains("runs on the destination"),
+        "{err}"
+    );
+    let err = src
+        .execute("migrate", json!({}))
+        .expect_err("migrate without a uri");
+    assert!(
+        err.to_string().contains("Parameter 'uri' is missing"),
+        "{err}"
+    );
+    assert_eq!(status(&src), "postmigrate");
     let mut src = src;
     src.execute("quit", json!({})).expect("quit");
     assert_eq!(src.wait(T).code(), Some(0));

@@ -113,9 +113,17 @@ impl VmControl {
     }
 
     fn resume_vcpus(&self) {
+        self.resume_devices();
+        self.run_vcpus();
+    }
+
+    fn resume_devices(&self) {
         for net in self.nets() {
             lock(net).device_mut().resume();
         }
+    }
+
+    fn run_vcpus(&self) {
         for v in self.vcpus() {
             v.set(VcpuCommand::Run);
         }
@@ -147,15 +155,20 @@ impl VmControl {
     pub fn start(&self) -> Result<(), ControlError> {
         let mut rs = lock(&self.runstate);
         let from = rs.transition(RunState::Running)?;
-        self.resume_vcpus();
-        drop(rs);
-        self.emitter.emit("RESUME", None);
+        self.resume_devices();
         if from == RunState::PrelaunchMigrate {
+            // The first round goes out before the vCPUs run (QEMU too
+            // announces before vm_start): a vCPU thread just woken on a
+            // busy host must not get between its frames. For a guest
+            // announce the config interrupt waits for the vCPU.
             let params = lock(&self.migration).params.announce();
             let mut a = lock(&self.announcer);
             let nics = a.nic_indexes(&[]).unwrap_or_default();
             a.start(crate::announce::MIGRATION_SCHEDULE, &nics, params);
         }
+        self.run_vcpus();
+        drop(rs);
+        self.emitter.emit("RESUME", None);
         Ok(())
     }
 
@@ -216,6 +229,12 @@ impl VmControl {
                 "cannot continue while the VM is in state {}",
                 self.state()
             ))),
+            // Unlike QEMU: the guest now runs on the destination (maybe on
+            // the very TAP and memory handed over); running it here too
+            // would put it on the network twice.
+            RunState::Postmigrate => Err(QmpError::generic(
+                "the guest was migrated and runs on the destination; continuing it here would run it twice",
+            )),
             _ => {
                 self.start()?;
                 Ok(json!({}))
