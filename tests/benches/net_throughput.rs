@@ -14,7 +14,10 @@
 //!
 //! Each run boots each VMM fresh and measures everything; the VMMs take
 //! turns (which goes first alternates), so machine noise hits both alike.
-//! Medians over the runs.
+//! The table has the medians over the runs, their ratio, and the median of
+//! each run's own Ferry/QEMU (steadier when the machine's load drifts),
+//! with the host's load average: on a shared machine every figure moves
+//! with it.
 //!
 //! `cargo bench -p ferry-tests --bench net_throughput`; environment:
 //! FERRY_BENCH_RUNS (default 5), FERRY_BENCH_SECONDS per throughput
@@ -160,6 +163,15 @@ fn measure(vmm: Vmm, ns: &Netns, secs: f64, verbose: bool) -> Run {
     run
 }
 
+/// The 1-minute load average: how busy the machine was (on a shared
+/// machine every figure here moves with it).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key)
         .ok()
@@ -243,22 +255,41 @@ fn main() {
 
     let ns = namespace("netbench");
     let started = Instant::now();
-    let mut results: Vec<(Vmm, Run)> = Vec::new();
+    let load_before = loadavg();
+    // results[run] = (Ferry's, QEMU's) figures of that run.
+    let mut results: Vec<(Option<Run>, Option<Run>)> = Vec::new();
     for run in 0..runs {
         let mut order = vmms.clone();
         if run % 2 == 1 {
             order.reverse();
         }
+        let (mut ferry, mut qemu) = (None, None);
         for vmm in order {
-            results.push((vmm, measure(vmm, &ns, secs, verbose)));
+            let r = Some(measure(vmm, &ns, secs, verbose));
+            match vmm {
+                Vmm::Ferry => ferry = r,
+                Vmm::Qemu => qemu = r,
+            }
         }
+        results.push((ferry, qemu));
     }
     let med = |vmm: Vmm, f: fn(&Run) -> f64| {
         median(
             results
                 .iter()
-                .filter(|(v, _)| *v == vmm)
-                .map(|(_, r)| f(r))
+                .filter_map(|(a, b)| if vmm == Vmm::Ferry { a } else { b }.as_ref())
+                .map(f)
+                .collect(),
+        )
+    };
+    // Each run's own Ferry/QEMU: the two were measured within seconds of
+    // each other, so drift in the machine's load cancels out of these
+    // better than out of the ratio of the medians.
+    let paired = |f: fn(&Run) -> f64| {
+        median(
+            results
+                .iter()
+                .filter_map(|(a, b)| Some(f(a.as_ref()?) / f(b.as_ref()?)))
                 .collect(),
         )
     };
@@ -269,42 +300,42 @@ fn main() {
     println!();
     println!(
         "virtio-net, probe guest, Ferry vs QEMU 7.2 microvm (TAP, no vhost); KVM {kind}, {} CPUs; \
-         medians of {runs} runs, {secs} s per throughput figure ({:.0} s in all)",
+         medians of {runs} runs, {secs} s per throughput figure ({:.0} s in all); \
+         host load average {load_before} before, {} after",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        loadavg()
     );
     println!();
-    println!("| measure | unit | Ferry | QEMU | Ferry/QEMU |");
-    println!("|---|---|---:|---:|---:|");
+    println!("| measure | unit | Ferry | QEMU | Ferry/QEMU | per-run Ferry/QEMU, median |");
+    println!("|---|---|---:|---:|---:|---:|");
+    let ratio_text = |ratio: f64, higher_better: bool| {
+        if !ratio.is_finite() {
+            "-".to_string()
+        } else if higher_better {
+            format!("{ratio:.2}")
+        } else {
+            format!("{ratio:.2} (lower is better)")
+        }
+    };
+    let fmt = |v: f64| {
+        if v.is_nan() {
+            "-".to_string()
+        } else if v >= 100.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.2}")
+        }
+    };
     for (label, unit, higher_better, f) in rows() {
         let ferry = med(Vmm::Ferry, f);
         let qemu = med(Vmm::Qemu, f);
-        let ratio = ferry / qemu;
-        let note = if ratio.is_finite() {
-            format!(
-                "{ratio:.2}{}",
-                if higher_better {
-                    ""
-                } else {
-                    " (lower is better)"
-                }
-            )
-        } else {
-            "-".into()
-        };
-        let fmt = |v: f64| {
-            if v.is_nan() {
-                "-".to_string()
-            } else if v >= 100.0 {
-                format!("{v:.0}")
-            } else {
-                format!("{v:.2}")
-            }
-        };
         println!(
-            "| {label} | {unit} | {} | {} | {note} |",
+            "| {label} | {unit} | {} | {} | {} | {} |",
             fmt(ferry),
-            fmt(qemu)
+            fmt(qemu),
+            ratio_text(ferry / qemu, higher_better),
+            ratio_text(paired(f), higher_better)
         );
     }
 }
