@@ -30,6 +30,8 @@ pub struct QemuConfig {
     pub qmp: bool,
     /// `-global virtio-mmio.force-legacy=` value (tests of the refusal).
     pub force_legacy: bool,
+    /// More arguments, last on the command line (e.g. `-incoming URI`).
+    pub extra: Vec<String>,
 }
 
 impl QemuConfig {
@@ -41,6 +43,7 @@ impl QemuConfig {
             netns: None,
             qmp: false,
             force_legacy: false,
+            extra: Vec::new(),
         }
     }
 }
@@ -107,6 +110,7 @@ impl Qemu {
             cmd.arg("-qmp")
                 .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
         }
+        cmd.args(&config.extra);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
