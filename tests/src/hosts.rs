@@ -25,15 +25,22 @@ pub struct TwoHosts {
 
 impl TwoHosts {
     pub fn new(test: &str) -> TwoHosts {
+        let hosts = TwoHosts::linked(test);
+        for (ns, tap) in [(&hosts.a, A_TAP), (&hosts.b, B_TAP)] {
+            ns.add_tap(tap).expect("tap");
+            ns.add_addr(tap, "198.18.0.1/24").expect("tap addr");
+        }
+        hosts
+    }
+
+    /// Only the two namespaces and the migration link between them; the
+    /// guest's side of each host is the caller's (see `crate::switch`).
+    pub fn linked(test: &str) -> TwoHosts {
         let a = Netns::new(&format!("{test}a")).expect("netns A");
         let b = Netns::new(&format!("{test}b")).expect("netns B");
         Netns::veth_pair(&a, "vha", &b, "vhb").expect("veth");
         a.add_addr("vha", &format!("{A_ADDR}/24")).expect("addr A");
         b.add_addr("vhb", &format!("{B_ADDR}/24")).expect("addr B");
-        for (ns, tap) in [(&a, A_TAP), (&b, B_TAP)] {
-            ns.add_tap(tap).expect("tap");
-            ns.add_addr(tap, "198.18.0.1/24").expect("tap addr");
-        }
         TwoHosts { a, b }
     }
 }

@@ -2,6 +2,7 @@
 //! host can do, the guests (probe and Linux), network namespaces, and
 //! driving `ferry` and QEMU processes.
 
+pub mod announce;
 pub mod bench_net;
 pub mod ferry;
 pub mod host;
@@ -9,5 +10,6 @@ pub mod hosts;
 pub mod linux;
 pub mod netns;
 pub mod probe;
+pub mod switch;
 pub mod tiny;
 pub mod virtio_driver;

@@ -367,6 +367,13 @@ impl Pcap {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Every frame with its capture time (seconds since the epoch), read
+    /// straight from the file: the bytes as they crossed the interface
+    /// (libpcap puts 802.1Q tags the kernel had moved aside back in).
+    pub fn frames(&self) -> io::Result<Vec<(f64, Vec<u8>)>> {
+        parse_pcap(&std::fs::read(&self.path)?)
+    }
+
     /// `tshark -r FILE -T fields -E separator=, -e FIELD...` with an optional
     /// display filter: one line per frame.
     pub fn tshark_fields(&self, filter: &str, fields: &[&str]) -> io::Result<String> {
@@ -391,6 +398,46 @@ impl Pcap {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// The records of a classic pcap file (either byte order, micro- or
+/// nanosecond timestamps).
+pub fn parse_pcap(data: &[u8]) -> io::Result<Vec<(f64, Vec<u8>)>> {
+    let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, format!("pcap: {why}"));
+    let magic = data.get(..4).ok_or_else(|| bad("no header"))?;
+    let (little, nanos) = match magic {
+        [0xd4, 0xc3, 0xb2, 0xa1] => (true, false),
+        [0x4d, 0x3c, 0xb2, 0xa1] => (true, true),
+        [0xa1, 0xb2, 0xc3, 0xd4] => (false, false),
+        [0xa1, 0xb2, 0x3c, 0x4d] => (false, true),
+        _ => return Err(bad("not a pcap file (pcapng?)")),
+    };
+    let word = |at: usize| -> io::Result<u32> {
+        let b: [u8; 4] = data
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| bad("truncated"))?;
+        Ok(if little {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        })
+    };
+    if word(20)? != 1 {
+        return Err(bad("link type is not Ethernet"));
+    }
+    let mut frames = Vec::new();
+    let mut at = 24;
+    while at < data.len() {
+        let (sec, frac, len) = (word(at)?, word(at + 4)?, word(at + 8)? as usize);
+        let body = data
+            .get(at + 16..at + 16 + len)
+            .ok_or_else(|| bad("truncated record"))?;
+        let scale = if nanos { 1e-9 } else { 1e-6 };
+        frames.push((sec as f64 + frac as f64 * scale, body.to_vec()));
+        at += 16 + len;
+    }
+    Ok(frames)
 }
 
 /// An AF_PACKET socket bound to one interface: whole frames in and out,
