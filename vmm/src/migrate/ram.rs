@@ -2,7 +2,9 @@
 //! merged with the pages the VMM itself wrote, which KVM cannot see) and
 //! sending pages as zero or data runs; applying runs on the destination.
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use migration::{RamRun, RamSectionWriter, Section, StreamError, PAGE_SIZE};
@@ -96,17 +98,171 @@ pub struct SentPages {
     pub data: u64,
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only splits
-        // the slice into aligned parts.
-        unsafe { page.align_to::<u64>() }
+/// Whether the guest page at `host` is all zero, read in place.
+///
+/// The guest may be writing the page meanwhile (live passes): volatile
+/// loads, as for any memory shared with a guest. A torn view only
+/// decides how this copy of the page travels; the write that tore it is
+/// in the dirty log, so the page goes again in the next pass.
+///
+/// # Safety
+/// `host` must point to `PAGE_SIZE` mapped bytes, 8-byte aligned.
+unsafe fn guest_page_is_zero(host: *const u8) -> bool {
+    let words = host.cast::<u64>();
+    for block in 0..PAGE_SIZE / 64 {
+        let mut acc = 0u64;
+        for i in 0..8 {
+            // SAFETY: block * 8 + i < PAGE_SIZE / 8: inside the page the
+            // caller vouches for; aligned since `host` is.
+            acc |= unsafe { words.add(block * 8 + i).read_volatile() };
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Dirty-bitmap words looked at together: one pagemap read covers them.
+const CHUNK_WORDS: usize = 64;
+
+/// `/proc/self/pagemap`: which pages of a private anonymous mapping have
+/// ever been faulted in.
+///
+/// A page of private anonymous memory that is neither present nor
+/// swapped out (nor being migrated, which the kernel reports as swapped)
+/// has never been written since the mapping was made, or was discarded
+/// (MADV_DONTNEED): either way it reads as zero, and the stream can say so
+/// without reading it — reading it would fault in a page-table entry for
+/// the zero page, which is most of the cost of a full pass over a big,
+/// mostly untouched guest. This holds only for private anonymous memory:
+/// a shared or file mapping (a memfd) may hold data in the page cache
+/// that this process never mapped, so such regions are always read. A
+/// page the guest (or the VMM) writes after the pagemap was read is in
+/// the dirty log, whose pass started before: it goes again in the next
+/// pass, like any page written during a pass.
+struct Pagemap {
+    file: File,
+    buf: Vec<u8>,
+}
+
+/// Pagemap entry: page present in RAM.
+const PM_PRESENT: u64 = 1 << 63;
+/// Pagemap entry: page swapped out (or any other non-present swap-type
+/// entry, e.g. a page being migrated).
+const PM_SWAP: u64 = 1 << 62;
+
+impl Pagemap {
+    fn open() -> Option<Pagemap> {
+        match File::open("/proc/self/pagemap") {
+            Ok(file) => Some(Pagemap {
+                file,
+                buf: Vec::new(),
+            }),
+            Err(e) => {
+                log::debug!("no pagemap ({e}): every page is read");
+                None
+            }
+        }
+    }
+
+    /// For the `words * 64` pages from host address `addr`: a bit per
+    /// page, set where the page may hold data (present or swapped).
+    fn touched(&mut self, addr: usize, words: usize, out: &mut Vec<u64>) -> io::Result<()> {
+        let pages = words * 64;
+        self.buf.resize(pages * 8, 0);
+        let offset = (addr / PAGE_SIZE * 8) as u64;
+        self.file.read_exact_at(&mut self.buf, offset)?;
+        out.clear();
+        out.extend(self.buf.chunks_exact(64 * 8).map(|word| {
+            word.chunks_exact(8).enumerate().fold(0u64, |acc, (i, e)| {
+                let mut entry = [0u8; 8];
+                entry.copy_from_slice(e);
+                let entry = u64::from_ne_bytes(entry);
+                if entry & (PM_PRESENT | PM_SWAP) != 0 {
+                    acc | 1 << i
+                } else {
+                    acc
+                }
+            })
+        }));
+        Ok(())
+    }
+}
+
+/// Whether `region` is private anonymous memory (see [`Pagemap`]).
+fn private_anonymous(region: &MmapRegion<vm_memory::bitmap::AtomicBitmap>) -> bool {
+    region.file_offset().is_none()
+        && region.flags() & libc::MAP_PRIVATE != 0
+        && region.flags() & libc::MAP_ANONYMOUS != 0
+}
+
+/// Longest run handed to the writer at once.
+const MAX_RUN_PAGES: u64 = 1 << 20;
+
+/// Consecutive pages of one kind, waiting to be written.
+#[derive(Clone, Copy)]
+struct PendingRun {
+    zero: bool,
+    gpa: u64,
+    pages: u64,
+}
+
+/// Adds a page to the pending run, or writes the pending run and starts
+/// a new one.
+fn push_page<W: Write>(
+    ram: &mut RamSectionWriter<'_, W>,
+    memory: &GuestMemoryMmap,
+    pending: &mut Option<PendingRun>,
+    sent: &mut SentPages,
+    gpa: u64,
+    zero: bool,
+) -> Result<(), RamError> {
+    if let Some(run) = pending.as_mut() {
+        if run.zero == zero && run.gpa + run.pages * PAGE == gpa && run.pages < MAX_RUN_PAGES {
+            run.pages += 1;
+            return Ok(());
+        }
+    }
+    flush_run(ram, memory, pending, sent)?;
+    *pending = Some(PendingRun {
+        zero,
+        gpa,
+        pages: 1,
+    });
+    Ok(())
+}
+
+fn flush_run<W: Write>(
+    ram: &mut RamSectionWriter<'_, W>,
+    memory: &GuestMemoryMmap,
+    pending: &mut Option<PendingRun>,
+    sent: &mut SentPages,
+) -> Result<(), RamError> {
+    let Some(run) = pending.take() else {
+        return Ok(());
     };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+    if run.zero {
+        // MAX_RUN_PAGES fits a u32.
+        ram.zero_pages(run.gpa, run.pages as u32)?;
+        sent.zero += run.pages;
+    } else {
+        // One copy, from guest memory straight into the section buffer.
+        ram.data_pages_with(run.gpa, run.pages, |at, dst| {
+            memory
+                .read_slice(dst, GuestAddress(at))
+                .map_err(io::Error::other)
+        })?;
+        sent.data += run.pages;
+    }
+    Ok(())
 }
 
 /// Sends the pages of `set` as runs: all-zero pages without data, the
-/// others with their contents. `cancelled` is polled between chunks.
+/// others with their contents, consecutive pages of a kind as one run.
+/// Pages of private anonymous memory that were never touched are zero
+/// without being read (see [`Pagemap`]). `cancelled` is polled between
+/// chunks.
 pub fn send_pages<W: Write>(
     ram: &mut RamSectionWriter<'_, W>,
     memory: &GuestMemoryMmap,
@@ -114,36 +270,65 @@ pub fn send_pages<W: Write>(
     cancelled: &dyn Fn() -> bool,
 ) -> Result<SentPages, RamError> {
     let mut sent = SentPages::default();
-    let mut page = [0u8; PAGE_SIZE];
+    let mut pagemap = Pagemap::open();
+    let mut touched = Vec::with_capacity(CHUNK_WORDS);
     for (region, bits) in memory.iter().zip(&set.regions) {
         let base = region.start_addr().0;
-        for (w, &word) in bits.iter().enumerate() {
-            if word == 0 {
+        let host = region.as_ptr();
+        let region_pages = (region.len() / PAGE) as usize;
+        let mmap: &MmapRegion<_> = region;
+        let anonymous = private_anonymous(mmap);
+        let mut pending = None;
+        for (c, chunk) in bits.chunks(CHUNK_WORDS).enumerate() {
+            if chunk.iter().all(|&w| w == 0) {
                 continue;
             }
-            if w % 64 == 0 && cancelled() {
+            if cancelled() {
                 return Err(RamError::Cancelled);
             }
-            let mut word = word;
-            while word != 0 {
-                let bit = word.trailing_zeros() as u64;
-                word &= word - 1;
-                let gpa = base + (w as u64 * 64 + bit) * PAGE;
-                memory
-                    .read_slice(&mut page, GuestAddress(gpa))
-                    .map_err(|e| RamError::Read {
-                        gpa,
-                        why: e.to_string(),
-                    })?;
-                if is_zero(&page) {
-                    ram.zero_pages(gpa, 1)?;
-                    sent.zero += 1;
-                } else {
-                    ram.data_pages(gpa, &page)?;
-                    sent.data += 1;
+            let first_word = c * CHUNK_WORDS;
+            // Never more words than the region has pages for: the bitmap
+            // of a region whose size is not a multiple of 64 pages ends
+            // in a partial word.
+            let words = chunk
+                .len()
+                .min((region_pages - first_word * 64).div_ceil(64));
+            let known = match pagemap.as_mut() {
+                Some(pm) if anonymous => {
+                    // SAFETY: only the address is computed, inside the region.
+                    let addr = unsafe { host.add(first_word * 64 * PAGE_SIZE) } as usize;
+                    match pm.touched(addr, words, &mut touched) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            log::debug!("pagemap read failed ({e}): every page is read");
+                            pagemap = None;
+                            false
+                        }
+                    }
+                }
+                _ => false,
+            };
+            for (i, &word) in chunk.iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    let bit = word.trailing_zeros() as usize;
+                    word &= word - 1;
+                    let page = (first_word + i) * 64 + bit;
+                    if page >= region_pages {
+                        break;
+                    }
+                    let never_touched = known && touched.get(i).is_some_and(|t| t & 1 << bit == 0);
+                    let zero = never_touched || {
+                        // SAFETY: `page` < the region's page count: a
+                        // whole page of the mapping, page-aligned.
+                        unsafe { guest_page_is_zero(host.add(page * PAGE_SIZE)) }
+                    };
+                    let gpa = base + page as u64 * PAGE;
+                    push_page(ram, memory, &mut pending, &mut sent, gpa, zero)?;
                 }
             }
         }
+        flush_run(ram, memory, &mut pending, &mut sent)?;
     }
     Ok(sent)
 }
@@ -247,9 +432,85 @@ mod tests {
         let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
         let all = DirtyPages::all(&mem);
         assert_eq!(all.count(), (64 << 20) / PAGE);
-        assert!(is_zero(&[0u8; PAGE_SIZE]));
-        let mut p = [0u8; PAGE_SIZE];
-        p[4095] = 1;
-        assert!(!is_zero(&p));
+        let mut p = vec![0u64; PAGE_SIZE / 8];
+        // SAFETY: a page-sized, u64-aligned buffer.
+        assert!(unsafe { guest_page_is_zero(p.as_ptr().cast()) });
+        for at in [0, 1, 100, 511] {
+            p.fill(0);
+            p[at] = 1 << 63;
+            // SAFETY: as above.
+            assert!(!unsafe { guest_page_is_zero(p.as_ptr().cast()) });
+        }
+    }
+
+    /// Whether the page at `host` is mapped in this process.
+    fn resident(host: *const u8) -> bool {
+        let mut vec = 0u8;
+        // SAFETY: mincore on one page of a live mapping, one output byte.
+        let r = unsafe { libc::mincore(host as *mut libc::c_void, PAGE_SIZE, &mut vec) };
+        assert_eq!(r, 0);
+        vec & 1 != 0
+    }
+
+    #[test]
+    fn pages_go_as_runs_and_untouched_memory_is_not_read() {
+        // Two regions, as a guest bigger than the MMIO gap has.
+        let ranges = [(GuestAddress(0), 8 << 20), (GuestAddress(1 << 32), 8 << 20)];
+        let mem = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+        let data = |gpa: u64| vec![(gpa >> 12) as u8 | 1; PAGE_SIZE];
+        let written = [0x1000u64, 0x2000, 0x3000, 0x10_0000, (1 << 32) + 0x7f_f000];
+        for gpa in written {
+            mem.write_slice(&data(gpa), GuestAddress(gpa)).unwrap();
+        }
+        // Touched, but zero: read, found zero.
+        mem.write_slice(&[0u8; PAGE_SIZE], GuestAddress(0x20_0000))
+            .unwrap();
+        let untouched = mem.get_host_address(GuestAddress(0x40_0000)).unwrap();
+        assert!(!resident(untouched));
+
+        let mut w = migration::StreamWriter::new(Vec::new()).unwrap();
+        let mut ram = w.ram();
+        let sent = send_pages(&mut ram, &mem, &DirtyPages::all(&mem), &|| false).unwrap();
+        ram.finish().unwrap();
+        let bytes = w.finish().unwrap();
+        assert_eq!(sent.data, written.len() as u64);
+        assert_eq!(sent.zero, DirtyPages::all(&mem).count() - sent.data);
+        assert!(!resident(untouched), "a never-touched page was read");
+
+        let mut r = migration::StreamReader::new(&bytes[..]).unwrap();
+        let mut runs = Vec::new();
+        loop {
+            let section = r.next_section().unwrap();
+            if section.kind == migration::SectionKind::End {
+                break;
+            }
+            for run in section.ram_runs().unwrap() {
+                match run.unwrap() {
+                    RamRun::Zero { gpa, pages } => runs.push((gpa, u64::from(pages), None)),
+                    RamRun::Data { gpa, data } => {
+                        for (i, page) in data.chunks(PAGE_SIZE).enumerate() {
+                            assert_eq!(page, &data_of(gpa + i as u64 * PAGE)[..]);
+                        }
+                        runs.push((gpa, (data.len() / PAGE_SIZE) as u64, Some(())))
+                    }
+                }
+            }
+        }
+        fn data_of(gpa: u64) -> Vec<u8> {
+            vec![(gpa >> 12) as u8 | 1; PAGE_SIZE]
+        }
+        // Consecutive data pages travel as one run; so do zero pages.
+        assert_eq!(
+            runs,
+            vec![
+                (0, 1, None),
+                (0x1000, 3, Some(())),
+                (0x4000, 0xfc, None),
+                (0x10_0000, 1, Some(())),
+                (0x10_1000, 0x6ff, None),
+                (1 << 32, 0x7ff, None),
+                ((1 << 32) + 0x7f_f000, 1, Some(())),
+            ]
+        );
     }
 }
