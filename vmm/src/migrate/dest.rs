@@ -238,8 +238,14 @@ fn load(
 
     let mut loaded = Loaded::default();
     let mut written = WrittenPages::new(&built.parts.memory);
+    // When the first section after the RAM came: the source's guest has
+    // been stopped since about then.
+    let mut state_from = None;
     loop {
         let section = reader.next_section().map_err(stream_err)?;
+        if !matches!(section.kind, SectionKind::Ram | SectionKind::Pass) && state_from.is_none() {
+            state_from = Some(std::time::Instant::now());
+        }
         match section.kind {
             SectionKind::Ram => {
                 apply_ram(&section, &built.parts.memory, &mut written)
@@ -314,6 +320,7 @@ fn load(
     }
 
     // Everything arrived and checked out: now change the VM.
+    let restore_from = std::time::Instant::now();
     let missing = |what: &str| err(format!("migration stream ended without its {what} section"));
     let parts = &built.parts;
     loaded
@@ -346,10 +353,13 @@ fn load(
     devices::bus::lock(&runstate)
         .transition(RunState::PrelaunchMigrate)
         .map_err(|e| err(e.to_string()))?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     log::info!(
-        "incoming migration loaded: {} bytes, {} sections",
+        "incoming migration loaded: {} bytes, {} sections; state sections read in {:.2} ms, restored in {:.2} ms",
         reader.bytes_read(),
-        reader.sections_read()
+        reader.sections_read(),
+        state_from.map_or(0.0, |t| ms(restore_from - t)),
+        ms(restore_from.elapsed())
     );
     Ok(Vm {
         parts: Arc::new(built.parts),

@@ -98,17 +98,22 @@ fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: 
         job: &job,
         params: &params,
         stopped_at: None,
+        acked_at: None,
+        phases: Phases::default(),
     };
     let result = outcome.migrate(&uri, before);
-    if !matches!(uri, MigrationUri::File(_)) {
+    let to_socket = !matches!(uri, MigrationUri::File(_));
+    let dirty_logging_off = || {
         if let Err(e) = ram::set_dirty_logging(&control.parts, false) {
             log::warn!("migration: {e}");
         }
+    };
+    if result.is_err() && to_socket {
+        dirty_logging_off();
     }
     let stopped_at = outcome.stopped_at;
     let status = match result {
         Ok(()) => {
-            let downtime = stopped_at.map(|t| t.elapsed().as_millis() as u64);
             let next = match (&uri, before) {
                 (MigrationUri::File(_), RunState::Running) => control.start().map(|_| ()),
                 (MigrationUri::File(_), _) => control.set_state(before).map(|_| ()),
@@ -117,6 +122,17 @@ fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: 
             if let Err(e) = next {
                 log::error!("migration completed but the VM could not move on: {e}");
             }
+            // Downtime: from the stop to the moment the destination said
+            // it runs the guest (a socket), or to the guest's return here
+            // (a snapshot).
+            let resumed = outcome.acked_at.unwrap_or_else(Instant::now);
+            let downtime = stopped_at.map(|t| resumed.saturating_duration_since(t));
+            log::info!(
+                "migration to {uri}: guest stopped {:.2} ms: {}",
+                downtime.unwrap_or_default().as_secs_f64() * 1e3,
+                outcome.phases.summary()
+            );
+            let downtime = downtime.map(|d| d.as_millis() as u64);
             job.update(|i| {
                 i.status = MigrationStatus::Completed;
                 i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
@@ -155,14 +171,55 @@ fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: 
     };
     job.forget_channel();
     emit(&control, status);
+    if status == MigrationStatus::Completed && to_socket {
+        // The guest runs on the destination: not part of the migration's
+        // times any more (re-registering big memory slots takes a while).
+        dirty_logging_off();
+    }
 }
 
 struct Outgoing<'a> {
     control: &'a VmControl,
     job: &'a MigrationJob,
     params: &'a MigrationParameters,
-    /// When the guest was stopped for the end of the migration.
+    /// When the guest was stopped for the end of the migration: when the
+    /// stop was asked for, as the guest stops executing while its vCPUs
+    /// are being parked.
     stopped_at: Option<Instant>,
+    /// When the destination acknowledged: it runs the guest from then.
+    acked_at: Option<Instant>,
+    /// The steps of the stop-and-copy phase, for the log.
+    phases: Phases,
+}
+
+/// How long each step of the stop-and-copy phase took.
+#[derive(Default)]
+struct Phases {
+    last: Option<Instant>,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn start(&mut self, at: Instant) {
+        self.last = Some(at);
+    }
+
+    /// Ends the step `name` now (nothing before [`Self::start`]).
+    fn mark(&mut self, name: &'static str) {
+        if let Some(last) = self.last {
+            let now = Instant::now();
+            self.steps.push((name, now - last));
+            self.last = Some(now);
+        }
+    }
+
+    fn summary(&self) -> String {
+        self.steps
+            .iter()
+            .map(|(name, d)| format!("{name} {:.2} ms", d.as_secs_f64() * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 impl Outgoing<'_> {
@@ -175,8 +232,11 @@ impl Outgoing<'_> {
     }
 
     fn stop_guest(&mut self) -> Result<(), MigrateError> {
+        let asked = Instant::now();
         self.control.stop_into(RunState::FinishMigrate)?;
-        self.stopped_at = Some(Instant::now());
+        self.stopped_at = Some(asked);
+        self.phases.start(asked);
+        self.phases.mark("stop");
         Ok(())
     }
 
@@ -265,6 +325,7 @@ impl Outgoing<'_> {
             ram.finish()?;
             w.write_pass_end(1, sent.zero + sent.data)?;
             self.account(&w, sent, 0, 1);
+            self.phases.mark("ram");
         } else {
             ram::set_dirty_logging(&parts, true)?;
             // Start from a clean log: what was dirtied before is sent now.
@@ -306,11 +367,13 @@ impl Outgoing<'_> {
             self.stop_guest()?;
             let last = ram::take_dirty(&parts)?;
             let set = merge(set, last);
+            self.phases.mark("dirty log");
             let mut ram = w.ram();
             let sent = ram::send_pages(&mut ram, &parts.memory, &set, &|| false)?;
             ram.finish()?;
             w.write_pass_end((pass + 1) as u32, sent.zero + sent.data)?;
             self.account(&w, sent, 0, pass + 1);
+            self.phases.mark("last pass");
         }
 
         // The VM is stopped: its state is final.
@@ -320,6 +383,7 @@ impl Outgoing<'_> {
             VM_VERSION,
             &VmState::save(&parts.vm_fd)?,
         )?;
+        self.phases.mark("vm state");
         for (id, vcpu) in parts.vcpus.iter().enumerate() {
             let id = id as u8;
             let p = parts.clone();
@@ -331,6 +395,7 @@ impl Outgoing<'_> {
                 .ok_or(MigrateError::VcpuSave(id))??;
             w.write_json(SectionKind::Vcpu, &vcpu_section(id), VCPU_VERSION, &state)?;
         }
+        self.phases.mark("vcpus");
         let serial = devices::bus::lock(&parts.serial).snapshot();
         w.write_json(SectionKind::Device, SERIAL_SECTION, SERIAL_VERSION, &serial)?;
         for (net, desc) in parts.nets.iter().zip(&parts.nets_desc) {
@@ -343,8 +408,10 @@ impl Outgoing<'_> {
                 &snapshot,
             )?;
         }
+        self.phases.mark("devices");
         let transferred = w.bytes_written();
         let mut channel = w.finish()?.inner;
+        self.phases.mark("end+flush");
         self.job.update(|i| i.ram.transferred = transferred);
         if !to_file {
             channel
@@ -359,6 +426,8 @@ impl Outgoing<'_> {
                     ))
                 }
             }
+            self.acked_at = Some(Instant::now());
+            self.phases.mark("ack");
         }
         Ok(())
     }
