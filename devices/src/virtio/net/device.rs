@@ -7,6 +7,7 @@
 //! in DEVICE_NEEDS_RESET. Nothing here panics on guest input.
 
 use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use net::nic::rarp_announce;
@@ -269,8 +270,38 @@ impl Net {
         if self.paused {
             return;
         }
+        // The guest has buffers again: it need not tell us about more
+        // until we run out ([`Net::arm_rx_kick`]); QEMU does the same.
+        if let Some(active) = self.active.as_mut() {
+            if let Err(e) = active.queues[RX_QUEUE].disable_notification(&active.mem) {
+                self.set_broken(format!("rx ring: {e}"));
+                return;
+            }
+        }
         self.rx_blocked = false;
         self.process_rx();
+    }
+
+    /// Out of rx buffers: asks the guest to notify us when it adds the
+    /// next one (VRING_USED_F_NO_NOTIFY cleared, or with EVENT_IDX
+    /// avail_event set to the current avail index). Ok(true) when buffers
+    /// were added meanwhile, which the guest may not notify.
+    fn arm_rx_kick(&mut self) -> Result<bool, String> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(false);
+        };
+        let queue = &mut active.queues[RX_QUEUE];
+        let start = queue.next_avail();
+        let avail = queue
+            .avail_idx(&active.mem, Ordering::Acquire)
+            .map_err(|e| format!("rx ring: {e}"))?;
+        // enable_notification asks for a kick past next_avail; buffers too
+        // few for the pending frame may sit between the two, so ask for
+        // one past the avail index, then put next_avail back.
+        queue.set_next_avail(avail.0);
+        let more = queue.enable_notification(&active.mem);
+        queue.set_next_avail(start);
+        more.map_err(|e| format!("rx ring: {e}"))
     }
 
     /// Moves frames from the TAP into guest buffers until the TAP is empty
@@ -311,8 +342,17 @@ impl Net {
                 }
                 Ok(false) => {
                     self.rx_pending = Some(len);
-                    self.rx_blocked = true;
-                    break;
+                    match self.arm_rx_kick() {
+                        Ok(true) => continue,
+                        Ok(false) => {
+                            self.rx_blocked = true;
+                            break;
+                        }
+                        Err(why) => {
+                            self.set_broken(why);
+                            return;
+                        }
+                    }
                 }
                 Err(why) => {
                     self.set_broken(why);
