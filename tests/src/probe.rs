@@ -8,6 +8,7 @@
 
 pub mod checks;
 pub mod console;
+pub mod heartbeat;
 pub mod qemu;
 
 pub use console::{fields, Console, Reply};

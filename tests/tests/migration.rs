@@ -4,7 +4,7 @@
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_kvm, require_root};
@@ -12,7 +12,8 @@ use ferry_tests::hosts::{
     migrate, status, wait_migration, TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
 };
 use ferry_tests::netns::Netns;
-use ferry_tests::probe::{fields, Cmdline, READY};
+use ferry_tests::probe::heartbeat::{heartbeats, wait_heartbeats};
+use ferry_tests::probe::{Cmdline, READY};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
@@ -47,34 +48,6 @@ fn destination(test: &str, ns: &Netns, uri: &str, extra: &[&str]) -> FerryVm {
     FerryVm::spawn(test, &spec, Some(ns))
 }
 
-fn heartbeats(vm: &FerryVm) -> Vec<(u64, u64)> {
-    vm.console
-        .lines()
-        .iter()
-        .filter(|l| l.starts_with("probe: heartbeat "))
-        .filter_map(|l| {
-            let f = fields(l);
-            Some((f.get("n")?.parse().ok()?, f.get("uptime_ms")?.parse().ok()?))
-        })
-        .collect()
-}
-
-fn wait_heartbeats(vm: &FerryVm, count: usize) -> Vec<(u64, u64)> {
-    let deadline = Instant::now() + T;
-    loop {
-        let h = heartbeats(vm);
-        if h.len() >= count {
-            return h;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no heartbeats; console:\n{}",
-            vm.console.output()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn ping(ns: &Netns, addr: &str) -> bool {
     ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", addr])
         .map(|o| o.status.success())
@@ -84,7 +57,7 @@ fn ping(ns: &Netns, addr: &str) -> bool {
 /// The guest after a move: its heartbeat went on from where it was (no
 /// reboot), its pattern is intact, its NIC works on the new host.
 fn assert_moved_intact(dst: &FerryVm, last_on_source: (u64, u64), ns: &Netns) {
-    let after = wait_heartbeats(dst, 3);
+    let after = wait_heartbeats(&dst.console, 3, T);
     let (n, up) = after[0];
     assert!(
         n > last_on_source.0 && n <= last_on_source.0 + 30,
@@ -129,7 +102,7 @@ fn live_migration_between_two_hosts_with_traffic_flowing() {
     let hosts = TwoHosts::new("live");
     let src = source("live-src", &hosts.a, "512M");
     let dst = destination("live-dst", &hosts.b, &format!("tcp:{B_ADDR}:4444"), &[]);
-    wait_heartbeats(&src, 3);
+    wait_heartbeats(&src.console, 3, T);
 
     // UDP into the guest the whole time: the device writes rx buffers and
     // used rings while memory is being sent.
@@ -165,7 +138,9 @@ fn live_migration_between_two_hosts_with_traffic_flowing() {
     );
     assert_eq!(status(&src), "postmigrate");
     assert_eq!(status(&dst), "running");
-    let last = *heartbeats(&src).last().expect("heartbeats on the source");
+    let last = *heartbeats(&src.console)
+        .last()
+        .expect("heartbeats on the source");
     assert_moved_intact(&dst, last, &hosts.b);
     let sunk = dst
         .console
@@ -205,16 +180,16 @@ fn snapshot_then_restore_twice_into_new_processes() {
     }
     let hosts = TwoHosts::new("snap");
     let src = source("snap-src", &hosts.a, "256M");
-    wait_heartbeats(&src, 3);
+    wait_heartbeats(&src.console, 3, T);
     let file = std::env::temp_dir().join(format!("ferry-snapshot-{}.fm", std::process::id()));
     migrate(&src, &format!("file:{}", file.display()));
     let info = wait_migration(&src, T);
     assert_eq!(info["status"], "completed", "{info}");
     // The source paused for the save and runs on.
     assert_eq!(status(&src), "running");
-    let at_snapshot = *heartbeats(&src).last().unwrap();
-    let before = heartbeats(&src).len();
-    wait_heartbeats(&src, before + 2);
+    let at_snapshot = *heartbeats(&src.console).last().unwrap();
+    let before = heartbeats(&src.console).len();
+    wait_heartbeats(&src.console, before + 2, T);
 
     let other = Netns::new("snap2").expect("netns");
     other.add_tap(B_TAP).unwrap();

@@ -11,7 +11,8 @@ use ferry_tests::hosts::{
     migrate, status, wait_migration, TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
 };
 use ferry_tests::netns::Netns;
-use ferry_tests::probe::{fields, Cmdline, READY};
+use ferry_tests::probe::heartbeat::last_heartbeat;
+use ferry_tests::probe::{Cmdline, READY};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
@@ -42,23 +43,13 @@ fn destination(test: &str, ns: &Netns, extra: &[&str]) -> FerryVm {
     FerryVm::spawn(test, &spec, Some(ns))
 }
 
-fn last_heartbeat(vm: &FerryVm) -> u64 {
-    vm.console
-        .lines()
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("probe: heartbeat "))
-        .and_then(|l| fields(l).get("n").and_then(|n| n.parse().ok()))
-        .unwrap_or(0)
-}
-
 /// The source guest runs on after a failed migration: running state,
 /// heartbeat advancing, answering ping, pattern intact.
 fn assert_source_unharmed(vm: &FerryVm, ns: &Netns) {
     assert_eq!(status(vm), "running", "stderr: {}", vm.stderr());
-    let n = last_heartbeat(vm);
+    let n = last_heartbeat(&vm.console);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while last_heartbeat(vm) <= n + 2 {
+    while last_heartbeat(&vm.console) <= n + 2 {
         assert!(Instant::now() < deadline, "heartbeat stuck at {n}");
         std::thread::sleep(Duration::from_millis(20));
     }

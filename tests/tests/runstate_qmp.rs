@@ -4,41 +4,16 @@
 //! nothing, `quit` reaches every client, and 1,000 pause/resume cycles
 //! leave the guest healthy.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::require_kvm;
-use ferry_tests::probe::{fields, BOOT, READY};
+use ferry_tests::probe::heartbeat::{last_heartbeat, wait_heartbeat_beyond};
+use ferry_tests::probe::{BOOT, READY};
 use serde_json::{json, Value};
 use vmm::qmp::client::ClientError;
 
 const T: Duration = Duration::from_secs(30);
-
-fn last_heartbeat(vm: &FerryVm) -> u64 {
-    vm.console
-        .lines()
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("probe: heartbeat "))
-        .and_then(|l| fields(l).get("n").and_then(|n| n.parse().ok()))
-        .unwrap_or(0)
-}
-
-fn wait_heartbeat_beyond(vm: &FerryVm, n: u64, timeout: Duration) -> u64 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let now = last_heartbeat(vm);
-        if now > n {
-            return now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "heartbeat stuck at {now}; console:\n{}",
-            vm.console.output()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn status(vm: &FerryVm) -> (String, bool) {
     let s = vm.execute("query-status", json!({})).expect("query-status");
@@ -64,7 +39,7 @@ fn stop_freezes_the_guest_and_cont_resumes_it_for_every_client() {
     vm.console.expect(READY, T);
     let mut a = vm.qmp();
     let mut b = vm.qmp();
-    wait_heartbeat_beyond(&vm, 2, T);
+    wait_heartbeat_beyond(&vm.console, 2, T);
 
     a.execute("stop", None).expect("stop");
     for client in [&mut a, &mut b] {
@@ -73,9 +48,13 @@ fn stop_freezes_the_guest_and_cont_resumes_it_for_every_client() {
             .expect("STOP reaches every client");
     }
     assert_eq!(status(&vm), ("paused".into(), false));
-    let frozen = last_heartbeat(&vm);
+    let frozen = last_heartbeat(&vm.console);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(last_heartbeat(&vm), frozen, "no heartbeat while paused");
+    assert_eq!(
+        last_heartbeat(&vm.console),
+        frozen,
+        "no heartbeat while paused"
+    );
     // stop when already paused is a no-op, as in QEMU.
     a.execute("stop", None).expect("second stop");
 
@@ -86,7 +65,7 @@ fn stop_freezes_the_guest_and_cont_resumes_it_for_every_client() {
             .expect("RESUME reaches every client");
     }
     assert_eq!(status(&vm), ("running".into(), true));
-    wait_heartbeat_beyond(&vm, frozen, Duration::from_secs(5));
+    wait_heartbeat_beyond(&vm.console, frozen, Duration::from_secs(5));
 }
 
 #[test]
@@ -151,8 +130,8 @@ fn bad_input_gets_qmp_errors_and_the_vm_keeps_running() {
 
     // The same connection still works, and the guest never stopped.
     assert_eq!(status(&vm), ("running".into(), true));
-    let n = last_heartbeat(&vm);
-    wait_heartbeat_beyond(&vm, n, Duration::from_secs(5));
+    let n = last_heartbeat(&vm.console);
+    wait_heartbeat_beyond(&vm.console, n, Duration::from_secs(5));
 }
 
 #[test]
@@ -195,8 +174,8 @@ fn a_thousand_pause_resume_cycles_leave_the_guest_healthy() {
             .unwrap_or_else(|e| panic!("cont #{i}: {e}"));
     }
     assert_eq!(status(&vm), ("running".into(), true));
-    let n = last_heartbeat(&vm);
-    wait_heartbeat_beyond(&vm, n + 3, Duration::from_secs(10));
+    let n = last_heartbeat(&vm.console);
+    wait_heartbeat_beyond(&vm.console, n + 3, Duration::from_secs(10));
     let reply = vm.console.send_command("pattern-verify", T);
     assert_eq!(
         reply.field("bad_pages").as_deref(),
