@@ -13,3 +13,4 @@ pub mod probe;
 pub mod switch;
 pub mod tiny;
 pub mod virtio_driver;
+pub mod vmms;

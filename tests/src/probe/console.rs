@@ -6,7 +6,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The `key=value` fields of a console line.
 pub fn fields(line: &str) -> HashMap<String, String> {
@@ -49,7 +49,10 @@ impl Reply {
 #[derive(Default)]
 struct ConsoleState {
     lines: Vec<String>,
+    /// When the first byte of each line arrived.
+    times: Vec<SystemTime>,
     partial: Vec<u8>,
+    partial_since: Option<SystemTime>,
     closed: bool,
 }
 
@@ -81,32 +84,43 @@ impl Console {
         let label = name.to_string();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(output);
-            let mut buf = Vec::new();
             loop {
-                buf.clear();
-                let n = reader.read_until(b'\n', &mut buf).unwrap_or(0);
+                // Whatever arrived, stamped: a line's time is that of the
+                // read that brought its first byte.
+                let chunk = reader.fill_buf().map(<[u8]>::to_vec).unwrap_or_default();
+                reader.consume(chunk.len());
+                let arrived = SystemTime::now();
                 let (lock, cond) = &*reader_state;
                 let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
-                if n == 0 {
+                if chunk.is_empty() {
                     if !st.partial.is_empty() {
                         let last = String::from_utf8_lossy(&st.partial).into_owned();
                         st.partial.clear();
                         st.lines.push(last);
+                        let since = st.partial_since.take().unwrap_or(arrived);
+                        st.times.push(since);
                     }
                     st.closed = true;
                     cond.notify_all();
                     return;
                 }
-                st.partial.extend_from_slice(&buf);
-                if st.partial.ends_with(b"\n") {
-                    let text = String::from_utf8_lossy(&st.partial);
-                    let line = text.trim_end_matches(['\r', '\n']).to_string();
-                    st.partial.clear();
-                    if echo {
-                        eprintln!("[{label}] {line}");
+                for piece in chunk.split_inclusive(|&b| b == b'\n') {
+                    if st.partial.is_empty() {
+                        st.partial_since = Some(arrived);
                     }
-                    st.lines.push(line);
-                    cond.notify_all();
+                    st.partial.extend_from_slice(piece);
+                    if st.partial.ends_with(b"\n") {
+                        let text = String::from_utf8_lossy(&st.partial);
+                        let line = text.trim_end_matches(['\r', '\n']).to_string();
+                        st.partial.clear();
+                        if echo {
+                            eprintln!("[{label}] {line}");
+                        }
+                        st.lines.push(line);
+                        let since = st.partial_since.take().unwrap_or(arrived);
+                        st.times.push(since);
+                        cond.notify_all();
+                    }
                 }
             }
         });
@@ -145,6 +159,17 @@ impl Console {
     pub fn lines(&self) -> Vec<String> {
         let (lock, _) = &*self.state;
         lock.lock().unwrap_or_else(|p| p.into_inner()).lines.clone()
+    }
+
+    /// All lines so far, each with the time its first byte was read.
+    pub fn timed_lines(&self) -> Vec<(SystemTime, String)> {
+        let (lock, _) = &*self.state;
+        let st = lock.lock().unwrap_or_else(|p| p.into_inner());
+        st.times
+            .iter()
+            .copied()
+            .zip(st.lines.iter().cloned())
+            .collect()
     }
 
     fn recent(&self, st: &ConsoleState) -> String {

@@ -155,6 +155,14 @@ impl Qemu {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Waits for the QMP event `name` (one that came while a command was
+    /// answered counts too) and returns it.
+    pub fn wait_event(&self, name: &str) -> Result<vmm::qmp::QmpEvent, String> {
+        let qmp = self.qmp.as_ref().ok_or("QEMU started without QMP")?;
+        let mut client = qmp.lock().unwrap_or_else(|p| p.into_inner());
+        client.0.wait_for_event(name).map_err(|e| e.to_string())
+    }
 }
 
 impl Drop for Qemu {

@@ -1,0 +1,469 @@
+//! How fast a migrated guest is found again on the network (issue #7):
+//! Ferry beside QEMU 7.2 (`-M microvm,acpi=off,ioapic2=off -enable-kvm`),
+//! the same probe guest with three identities (device MAC 198.18.0.2, a
+//! second MAC 198.18.0.3, a third MAC on VLAN 100 198.18.100.2), the same
+//! topology (`ferry_tests::switch`: a switch, hosts A and B on trunks, a
+//! client), live migration A → B over TCP, downtime limit 300 ms on both
+//! and no bandwidth limit (QEMU's 128 MiB/s default lifted).
+//!
+//! Per run and mode:
+//! - resume: the destination's first console line, the same marker for
+//!   both VMMs (the probe prints a heartbeat every millisecond and spins,
+//!   so the line comes as soon as the guest runs again; right after a
+//!   restore that takes a few ms on kvm_pvm, which refills its shadow page
+//!   tables). Ferry's destination serves QMP only once it is loaded, too
+//!   late to see its RESUME event; what the marker trails is printed:
+//!   QEMU's RESUME event timestamp, and Ferry's first RARP (sent as its
+//!   vCPUs are released).
+//! - first frame: the first announce frame (gratuitous ARP or RARP from a
+//!   guest MAC) captured on the switch's port toward B, minus resume.
+//!   Negative: announced before the guest ran again (QEMU sends its RARP
+//!   before vm_start; Ferry's RARPs go out before its vCPUs are released).
+//! - recovery per identity: the client pings each identity every 2 ms
+//!   (hand-made ICMP through a packet socket, tagged for VLAN 100); the
+//!   first reply after the outage, minus resume. An identity that has not
+//!   answered 3 s after the migration waits for FDB ageing (300 s here):
+//!   the switch still sends its MAC to A.
+//!
+//! Modes: the guest negotiates GUEST_ANNOUNCE (default), or declines it
+//! (`probe.announce=off`). Ferry then sends RARPs for every MAC × VLAN;
+//! QEMU by default sends one RARP for the device MAC, plus the guest
+//! announce when negotiated. The table marks identities the switch
+//! learned from other traffic (a reply to a ping that was in the guest's
+//! rx ring at the stop), and says why one did not recover: the switch
+//! still sends it to A (FDB ageing), or to B where the guest does not
+//! answer (QEMU 7.2 loses the virtio-net VLAN filter in migration: its
+//! `query-rx-filter` shows vlan-table [100] on the source, [] on the
+//! destination, so VLAN 100 is dropped there whatever is announced).
+//!
+//! Floors (Ferry, every run): first frame within 5 ms of resume; every
+//! identity recovered without FDB ageing. The bench exits 1 when one is
+//! missed.
+//!
+//! FERRY_BENCH_RUNS (default 3) runs, medians; the VMMs take turns.
+//! FERRY_BENCH_ONLY=ferry|qemu measures one; FERRY_BENCH_VERBOSE=1 prints
+//! every run. `cargo bench -p ferry-tests --bench announce` (root, KVM,
+//! QEMU, tcpdump, tshark, bridge).
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_tests::announce::announce_frames;
+use ferry_tests::bench_net::median;
+use ferry_tests::host::{require_kvm, require_root, require_tool};
+use ferry_tests::hosts::{A_TAP, B_ADDR, B_TAP};
+use ferry_tests::probe::checks::{network_cmdline, GUEST_MAC};
+use ferry_tests::switch::{probe_identities, FdbMonitor, Pinger, Switch, PORT_A, PORT_B};
+use ferry_tests::vmms::{Guest, GuestNet, Vmm};
+use serde_json::json;
+
+const MIB: u32 = 256;
+const PING_EVERY: Duration = Duration::from_millis(2);
+/// Longer than any announce needs; far shorter than FDB ageing.
+const RECOVERY_CAP: Duration = Duration::from_secs(3);
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+const FIRST_FRAME_FLOOR_MS: f64 = 5.0;
+
+#[derive(Clone, Copy, Debug)]
+struct Mode {
+    vmm: Vmm,
+    /// The guest negotiates GUEST_ANNOUNCE.
+    guest: bool,
+}
+
+impl Mode {
+    fn label(self) -> String {
+        let what = match (self.vmm, self.guest) {
+            (Vmm::Ferry, true) => "guest announce",
+            (Vmm::Ferry, false) => "guest declines: RARP per MAC x VLAN",
+            (Vmm::Qemu, true) => "default: RARP for the device MAC + guest announce",
+            (Vmm::Qemu, false) => "guest declines: RARP for the device MAC",
+        };
+        format!("{} | {what}", self.vmm.name())
+    }
+}
+
+/// One migration's figures, in ms after resume.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    downtime: f64,
+    first_frame: Option<f64>,
+    /// QEMU only: first frame and first console line after its RESUME
+    /// event.
+    qemu_frame_after_event: Option<f64>,
+    qemu_marker_after_event: Option<f64>,
+    recovery: Vec<Option<f64>>,
+    /// When the switch learned each MAC on B's port.
+    learned: Vec<Option<f64>>,
+    /// Where the switch sends each MAC at the end.
+    fdb_port: Vec<Option<String>>,
+    /// Whether the first frame from each MAC on the switch was an announce.
+    by_announce: Vec<Option<bool>>,
+    /// QEMU's destination: the VLAN table `query-rx-filter` reports.
+    qemu_vlan_table: Option<String>,
+}
+
+fn ms_between(later: SystemTime, earlier: SystemTime) -> f64 {
+    match later.duration_since(earlier) {
+        Ok(d) => d.as_secs_f64() * 1e3,
+        Err(e) => -e.duration().as_secs_f64() * 1e3,
+    }
+}
+
+fn verbose() -> bool {
+    std::env::var("FERRY_BENCH_VERBOSE").is_ok_and(|v| v == "1")
+}
+
+fn secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+fn epoch(s: f64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs_f64(s)
+}
+
+fn migrate_once(mode: Mode, run: usize) -> Sample {
+    let sw = Switch::new(&format!("annb{run}"));
+    let ids = probe_identities();
+    let mut cmdline = network_cmdline().heartbeat_ms(1).idle("spin");
+    if !mode.guest {
+        cmdline = cmdline.announce(false);
+    }
+    let cmdline = cmdline.build();
+    let name = mode.vmm.name();
+    let a = GuestNet {
+        ns: &sw.hosts.a,
+        tap: A_TAP,
+        mac: GUEST_MAC,
+    };
+    let b = GuestNet {
+        ns: &sw.hosts.b,
+        tap: B_TAP,
+        mac: GUEST_MAC,
+    };
+    let uri = format!("tcp:{B_ADDR}:4450");
+    let mut src = Guest::boot(mode.vmm, &format!("annb-{name}-src"), &a, MIB, &cmdline);
+    let mut params = json!({ "downtime-limit": 300 });
+    if mode.vmm == Vmm::Qemu {
+        params["max-bandwidth"] = json!(1u64 << 40);
+    }
+    src.exec("migrate-set-parameters", params)
+        .expect("migrate-set-parameters");
+    // The switch learns the guest's MACs on A before B's TAP is opened:
+    // QEMU's -incoming opens it at once and would queue flooded pings that
+    // the guest answers from B when it resumes (teaching the switch).
+    let pinger = Pinger::start(&sw, &ids, PING_EVERY);
+    assert!(
+        pinger.wait_all_answer(SystemTime::now(), Duration::from_secs(20)),
+        "{name}: the guest does not answer on A"
+    );
+    let dst = Guest::incoming(
+        mode.vmm,
+        &format!("annb-{name}-dst"),
+        &b,
+        MIB,
+        &cmdline,
+        &uri,
+    );
+    let src_vlans = match &src {
+        Guest::Qemu(q) => q
+            .qmp("query-rx-filter", json!({}))
+            .map(|f| f[0]["vlan-table"].to_string())
+            .ok(),
+        Guest::Ferry { .. } => None,
+    };
+    let monitor = FdbMonitor::start(&sw);
+    let file = std::env::temp_dir().join(format!("ferry-annbench-{}.pcap", sw.sw.name()));
+    let capture = sw.sw.capture(PORT_B, &file).expect("tcpdump");
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    src.exec("migrate", json!({ "uri": uri })).expect("migrate");
+    let info = loop {
+        let info = src.exec("query-migrate", json!({})).expect("query-migrate");
+        match info["status"].as_str() {
+            Some("completed") => break info,
+            Some("failed" | "cancelled") => panic!("{name}: {info}\n{}", dst.stderr()),
+            _ => {}
+        }
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "{name}: {info}");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let done = SystemTime::now();
+    pinger.wait_all_answer(done, RECOVERY_CAP);
+    std::thread::sleep(Duration::from_millis(100));
+    let log = pinger.stop();
+    let pcap = capture.stop().expect("tcpdump");
+    let macs: Vec<&str> = ids.iter().map(|i| i.mac).collect();
+    let frames = announce_frames(&pcap, &macs).expect("tshark");
+    // The first frame from each MAC toward the switch: an announce, or
+    // other traffic (the reply to a ping that was in the guest's rx ring
+    // when the source stopped teaches the switch just as well).
+    let all = pcap.frames().expect("pcap");
+    let first_from = |mac: &str| {
+        let mac: net::MacAddr = mac.parse().expect("MAC");
+        all.iter()
+            .find(|(_, f)| f.len() >= 12 && f[6..12] == mac.0)
+            .map(|(at, _)| *at)
+    };
+    let _ = std::fs::remove_file(&file);
+
+    let lines = dst.console().timed_lines();
+    if verbose() {
+        for f in &frames {
+            eprintln!("  {:.3} {} {:?} {:?}", f.at, f.src, f.vlan, f.kind);
+        }
+        eprintln!(
+            "  first console line at {:.3}",
+            secs(lines.first().map_or(UNIX_EPOCH, |l| l.0))
+        );
+    }
+    let resume = lines
+        .iter()
+        .find(|(_, l)| l.starts_with("probe: heartbeat "))
+        .map(|(t, _)| *t)
+        .unwrap_or_else(|| panic!("{name}: no heartbeat from the destination"));
+    let mut sample = Sample {
+        downtime: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        first_frame: frames.first().map(|f| ms_between(epoch(f.at), resume)),
+        ..Sample::default()
+    };
+    if let Guest::Qemu(q) = &dst {
+        let event = q.wait_event("RESUME").expect("QEMU RESUME event");
+        let ts = event.timestamp;
+        let at = UNIX_EPOCH
+            + Duration::from_secs(ts.seconds as u64)
+            + Duration::from_micros(ts.microseconds as u64);
+        sample.qemu_frame_after_event = frames.first().map(|f| ms_between(epoch(f.at), at));
+        sample.qemu_marker_after_event = Some(ms_between(resume, at));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let outage = log.longest_outage(i);
+        sample.recovery.push(
+            outage
+                .and_then(|(from, _)| log.first_reply_after(i, from))
+                .map(|t| ms_between(t, resume)),
+        );
+        sample.learned.push(
+            monitor
+                .moved_to(id.mac, PORT_B, done - Duration::from_secs(10))
+                .map(|t| ms_between(t, resume)),
+        );
+        sample.fdb_port.push(sw.port_of(id.mac));
+        let first = first_from(id.mac);
+        sample
+            .by_announce
+            .push(first.map(|t| frames.iter().any(|f| f.at == t)));
+    }
+    if let Guest::Qemu(q) = &dst {
+        let filter = q
+            .qmp("query-rx-filter", json!({}))
+            .expect("query-rx-filter");
+        let dst_vlans = filter[0]["vlan-table"].to_string();
+        sample.qemu_vlan_table = Some(format!(
+            "source {}, destination {dst_vlans}",
+            src_vlans.as_deref().unwrap_or("?")
+        ));
+    }
+    drop(dst);
+    drop(src);
+    sample
+}
+
+fn fmt(v: Option<f64>) -> String {
+    v.map_or("—".into(), |v| format!("{v:.1}"))
+}
+
+/// The median of the runs that have a value, and how many lack one.
+fn med(values: impl Iterator<Item = Option<f64>>) -> (Option<f64>, usize) {
+    let mut have = Vec::new();
+    let mut missing = 0;
+    for v in values {
+        match v {
+            Some(v) => have.push(v),
+            None => missing += 1,
+        }
+    }
+    ((!have.is_empty()).then(|| median(have)), missing)
+}
+
+fn main() {
+    let test = "bench announce";
+    if require_kvm(test).is_none()
+        || !require_root(test)
+        || !["qemu-system-x86_64", "tcpdump", "tshark", "bridge"]
+            .iter()
+            .all(|t| require_tool(test, t))
+    {
+        return;
+    }
+    let runs: usize = std::env::var("FERRY_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let verbose = verbose();
+    let only = std::env::var("FERRY_BENCH_ONLY").ok();
+    let mut modes: Vec<Mode> = Vec::new();
+    for vmm in [Vmm::Ferry, Vmm::Qemu] {
+        if only.as_deref().is_some_and(|o| o != vmm.name()) {
+            continue;
+        }
+        for guest in [true, false] {
+            modes.push(Mode { vmm, guest });
+        }
+    }
+    let ids = probe_identities();
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
+    for run in 0..runs {
+        let mut order: Vec<usize> = (0..modes.len()).collect();
+        if run % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let s = migrate_once(modes[i], run);
+            if verbose {
+                eprintln!("run {run} {}: {s:?}", modes[i].label());
+            }
+            samples[i].push(s);
+        }
+    }
+
+    println!(
+        "\nAnnounce after live migration A -> B (probe guest, {MIB} MiB, 3 identities), \
+         medians of {runs} runs; ms after the destination's resume (its first console line)\n"
+    );
+    let mut header = "| VMM | announce | downtime | first frame |".to_string();
+    for id in &ids {
+        header.push_str(&format!(" recovery {} ({}) |", id.ip, id.name));
+    }
+    println!("{header}");
+    println!("|{}", " --- |".repeat(4 + ids.len()));
+    let mut violations = Vec::new();
+    let mut notes = std::collections::BTreeSet::new();
+    for (mode, ss) in modes.iter().zip(&samples) {
+        let (downtime, _) = med(ss.iter().map(|s| Some(s.downtime)));
+        let (first, no_frame) = med(ss.iter().map(|s| s.first_frame));
+        let mut row = format!("| {} | {} | {} |", mode.label(), fmt(downtime), fmt(first));
+        if no_frame > 0 {
+            row.pop();
+            row.push_str(&format!("(none in {no_frame} runs) |"));
+        }
+        for i in 0..ids.len() {
+            let (rec, missing) = med(ss.iter().map(|s| s.recovery[i]));
+            let at_a = ss
+                .iter()
+                .filter(|s| s.recovery[i].is_none() && s.fdb_port[i].as_deref() == Some(PORT_A))
+                .count();
+            let by_traffic = ss
+                .iter()
+                .filter(|s| s.recovery[i].is_some() && s.by_announce[i] == Some(false))
+                .count();
+            let mut cell = if missing == 0 {
+                fmt(rec)
+            } else {
+                let mut why = Vec::new();
+                if at_a > 0 {
+                    why.push(format!("FDB ageing in {at_a}"));
+                    notes.insert(
+                        "FDB ageing: the switch still sends the MAC to A; it would move after \
+                         the ageing time (300 s)",
+                    );
+                }
+                if missing > at_a {
+                    why.push(format!("‡ in {}", missing - at_a));
+                    notes.insert(
+                        "‡ the switch sends the MAC to B, but the guest does not answer there",
+                    );
+                }
+                let mut c = format!(
+                    "not in {} s in {missing}/{runs} runs ({})",
+                    RECOVERY_CAP.as_secs(),
+                    why.join(", ")
+                );
+                if missing < runs {
+                    c.push_str(&format!("; else {}", fmt(rec)));
+                }
+                c
+            };
+            if by_traffic > 0 {
+                cell.push_str(&format!(" †{by_traffic}"));
+                notes.insert(
+                    "†N: in N runs the switch learned the MAC on B's port from the guest's reply \
+                     to a ping still in its rx ring when the source stopped, not from an announce",
+                );
+            }
+            row.push_str(&format!(" {cell} |"));
+        }
+        println!("{row}");
+        if mode.vmm == Vmm::Ferry {
+            for s in ss {
+                if s.first_frame.is_none_or(|f| f > FIRST_FRAME_FLOOR_MS) {
+                    violations.push(format!(
+                        "{}: first frame {} ms after resume (floor {FIRST_FRAME_FLOOR_MS} ms)",
+                        mode.label(),
+                        fmt(s.first_frame)
+                    ));
+                }
+                for (i, id) in ids.iter().enumerate() {
+                    if s.recovery[i].is_none() || s.learned[i].is_none() {
+                        violations.push(format!(
+                            "{}: {} not recovered (FDB ageing)",
+                            mode.label(),
+                            id.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    for n in &notes {
+        println!("\n{n}");
+    }
+    let (ferry_marker, _) = med(modes
+        .iter()
+        .zip(&samples)
+        .filter(|(m, _)| m.vmm == Vmm::Ferry && !m.guest)
+        .flat_map(|(_, ss)| ss)
+        .map(|s| s.first_frame.map(|f| -f)));
+    if ferry_marker.is_some() {
+        println!(
+            "\nFerry, after its first RARP (sent as the vCPUs are released): first console line {} ms",
+            fmt(ferry_marker)
+        );
+    }
+    let qemu: Vec<&Sample> = modes
+        .iter()
+        .zip(&samples)
+        .filter(|(m, _)| m.vmm == Vmm::Qemu)
+        .flat_map(|(_, ss)| ss)
+        .collect();
+    if !qemu.is_empty() {
+        let (frame, _) = med(qemu.iter().map(|s| s.qemu_frame_after_event));
+        let (marker, _) = med(qemu.iter().map(|s| s.qemu_marker_after_event));
+        println!(
+            "QEMU, after its RESUME event: first frame {} ms, first console line {} ms",
+            fmt(frame),
+            fmt(marker)
+        );
+        let tables: std::collections::BTreeSet<&str> = qemu
+            .iter()
+            .filter_map(|s| s.qemu_vlan_table.as_deref())
+            .collect();
+        println!(
+            "QEMU query-rx-filter vlan-table: {}",
+            tables.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    if violations.is_empty() {
+        println!(
+            "\nFloors (Ferry, every run): first frame within {FIRST_FRAME_FLOOR_MS} ms of resume, \
+             no identity waits for FDB ageing: met"
+        );
+    } else {
+        println!("\nFloors missed:");
+        for v in &violations {
+            println!("  {v}");
+        }
+        std::process::exit(1);
+    }
+}
