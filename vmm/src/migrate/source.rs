@@ -339,6 +339,10 @@ impl Outgoing<'_> {
                 let sent = ram::send_pages(&mut ram, &parts.memory, &set, &cancelled)?;
                 ram.finish()?;
                 w.write_pass_end(pass as u32, sent.zero + sent.data)?;
+                // On the wire now, not in the channel's buffer: what the
+                // destination has by the stop, it need not take in while
+                // the guest is down.
+                w.flush()?;
                 let took = start.elapsed();
                 let link = mbytes_per_sec(w.bytes_written() - bytes_before, took);
                 set = ram::take_dirty(&parts)?;
