@@ -1,0 +1,464 @@
+//! The virtio-net device model: rx, tx and control queues over a TAP.
+//!
+//! Everything in the queues is guest-controlled. A descriptor chain that
+//! points outside guest memory, loops, has the wrong direction or absurd
+//! lengths costs the guest that one request (returned with length 0 and
+//! counted); a ring that cannot be read or written at all puts the device
+//! in DEVICE_NEEDS_RESET. Nothing here panics on guest input.
+
+use std::sync::Arc;
+
+use net::nic::rarp_announce;
+use net::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
+use net::{Announced, MacAddr, Nic, Tap};
+use virtio_bindings::virtio_net::*;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemory;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::filter::RxFilter;
+use super::persist::NetState;
+use crate::virtio::{
+    read_config_bytes, ActivateError, QueueSnapshot, VirtioDevice, VirtioInterrupt, TYPE_NET,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+};
+use crate::GuestMemoryMmap;
+
+mod ctrl_queue;
+mod rx;
+mod tx;
+
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const CTRL_QUEUE: usize = 2;
+const QUEUE_SIZES: [u16; 3] = [256, 256, 64];
+
+/// Largest frame with its header: 64 KiB of GSO payload plus Ethernet and
+/// VLAN headers.
+pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 65_535 + 14 + 4;
+/// `num_buffers` inside virtio_net_hdr_v1.
+const NUM_BUFFERS_OFFSET: usize = 10;
+
+fn bit(b: u32) -> u64 {
+    1 << b
+}
+
+/// Whether a chain ends where the driver said it ends. virtio-queue stops
+/// iterating silently at a loop (after a queue's worth of descriptors), a
+/// next index beyond the table, an unreadable descriptor, a bad or nested
+/// indirect table or 4 GiB of length, and would hand back the part before
+/// as if it were the whole request.
+fn chain_is_whole<M>(chain: &DescriptorChain<M>) -> bool
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory,
+{
+    chain.clone().last().is_some_and(|d| !d.has_next())
+}
+
+/// How a virtio-net device is made.
+pub struct NetOptions {
+    pub id: String,
+    pub tap: Tap,
+    pub mac: MacAddr,
+    /// Offer VIRTIO_NET_F_GUEST_ANNOUNCE.
+    pub guest_announce: bool,
+}
+
+/// Counters for what the device did and refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NetMetrics {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub rx_filtered: u64,
+    pub rx_dropped: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub tx_dropped: u64,
+    pub bad_descriptors: u64,
+    pub ctrl_commands: u64,
+    pub ctrl_errors: u64,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: VirtioInterrupt,
+    queues: Vec<Queue>,
+}
+
+pub struct Net {
+    state: NetState,
+    tap: Tap,
+    queue_evts: Vec<Arc<EventFd>>,
+    /// Tells the event handler that the device was activated or reset.
+    activate_evt: EventFd,
+    active: Option<Active>,
+    /// A frame read from the TAP that waits for guest buffers.
+    rx_frame: Vec<u8>,
+    rx_pending: Option<usize>,
+    /// No rx buffers for the pending frame: don't read the TAP until the
+    /// guest adds some.
+    rx_blocked: bool,
+    tx_frame: Vec<u8>,
+    /// Why the device stopped (set once; the transport then reports
+    /// DEVICE_NEEDS_RESET).
+    broken: Option<String>,
+    /// The VM is paused: touch neither guest memory nor the TAP.
+    paused: bool,
+    /// Written when the guest acknowledges an announce (ANNOUNCE_ACK).
+    announce_acked: Arc<EventFd>,
+    metrics: NetMetrics,
+}
+
+fn offered_features(guest_announce: bool) -> u64 {
+    let mut f = bit(VIRTIO_F_VERSION_1)
+        | bit(VIRTIO_F_RING_EVENT_IDX)
+        | bit(VIRTIO_F_RING_INDIRECT_DESC)
+        | bit(VIRTIO_NET_F_MAC)
+        | bit(VIRTIO_NET_F_STATUS)
+        | bit(VIRTIO_NET_F_MRG_RXBUF)
+        | bit(VIRTIO_NET_F_CTRL_VQ)
+        | bit(VIRTIO_NET_F_CTRL_RX)
+        | bit(VIRTIO_NET_F_CTRL_RX_EXTRA)
+        | bit(VIRTIO_NET_F_CTRL_VLAN)
+        | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
+        | bit(VIRTIO_NET_F_CSUM)
+        | bit(VIRTIO_NET_F_GUEST_CSUM)
+        | bit(VIRTIO_NET_F_GUEST_TSO4)
+        | bit(VIRTIO_NET_F_GUEST_TSO6)
+        | bit(VIRTIO_NET_F_GUEST_ECN)
+        | bit(VIRTIO_NET_F_HOST_TSO4)
+        | bit(VIRTIO_NET_F_HOST_TSO6)
+        | bit(VIRTIO_NET_F_HOST_ECN);
+    if guest_announce {
+        f |= bit(VIRTIO_NET_F_GUEST_ANNOUNCE);
+    }
+    f
+}
+
+impl Net {
+    pub fn new(options: NetOptions) -> std::io::Result<Self> {
+        let queue_evts = (0..QUEUE_SIZES.len())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self {
+            state: NetState {
+                id: options.id,
+                mac: options.mac,
+                status: VIRTIO_NET_S_LINK_UP as u16,
+                avail_features: offered_features(options.guest_announce),
+                acked_features: 0,
+                config_generation: 0,
+                rx_filter: RxFilter::default(),
+                announce: Default::default(),
+            },
+            tap: options.tap,
+            queue_evts,
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            active: None,
+            rx_frame: vec![0; MAX_FRAME_LEN],
+            rx_pending: None,
+            rx_blocked: false,
+            tx_frame: Vec::with_capacity(MAX_FRAME_LEN),
+            broken: None,
+            paused: false,
+            announce_acked: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+            metrics: NetMetrics::default(),
+        })
+    }
+
+    pub fn state(&self) -> &NetState {
+        &self.state
+    }
+
+    pub fn metrics(&self) -> &NetMetrics {
+        &self.metrics
+    }
+
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    /// Eventfds the guest's queue notifications arrive on, by queue index.
+    pub fn queue_evts(&self) -> &[Arc<EventFd>] {
+        &self.queue_evts
+    }
+
+    pub fn activate_evt(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn acked(&self, b: u32) -> bool {
+        self.state.acked_features & bit(b) != 0
+    }
+
+    /// Whether the TAP should be watched for frames now.
+    pub fn wants_tap(&self) -> bool {
+        self.active.is_some() && !self.rx_blocked && self.broken.is_none() && !self.paused
+    }
+
+    /// Stops all queue processing and TAP reads until [`Net::resume`].
+    /// Called on the event-loop thread, so when it returns no processing
+    /// is under way.
+    pub fn pause(&mut self) {
+        self.paused = true;
+        // Let the handler drop its TAP interest now, not at the next frame.
+        self.notify_handler();
+    }
+
+    /// Picks up whatever the guest queued while paused.
+    pub fn resume(&mut self) {
+        self.paused = false;
+        self.rx_blocked = false;
+        self.notify_handler();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Readable after each ANNOUNCE_ACK from the guest.
+    pub fn announce_acked_evt(&self) -> &Arc<EventFd> {
+        &self.announce_acked
+    }
+
+    /// Records how many rounds of the announce schedule remain (part of
+    /// the migrated state).
+    pub fn set_announce_rounds_left(&mut self, rounds: u64) {
+        self.state.announce.rounds_left = rounds;
+    }
+
+    /// Drops an announce in flight (a reset, a new migration).
+    pub fn cancel_announce(&mut self) {
+        self.state.announce = Default::default();
+        self.state.status &= !(VIRTIO_NET_S_ANNOUNCE as u16);
+    }
+
+    /// The reason the device broke, once.
+    pub fn take_broken(&mut self) -> Option<String> {
+        self.broken.take()
+    }
+
+    fn set_broken(&mut self, why: String) {
+        if self.broken.is_none() {
+            log::warn!("{}: device needs reset: {why}", self.state.id);
+            self.broken = Some(why);
+        }
+        self.active = None;
+    }
+
+    fn signal(&mut self, queue: usize) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let Some(q) = active.queues.get_mut(queue) else {
+            return;
+        };
+        match q.needs_notification(&active.mem) {
+            Ok(true) => active.interrupt.signal_used_queue(),
+            Ok(false) => {}
+            // Cannot read the used-event index: interrupt anyway.
+            Err(_) => active.interrupt.signal_used_queue(),
+        }
+    }
+
+    /// Starts processing: a driver's fresh activation (`fresh`: the
+    /// receive filter starts over) or a restore (it is kept as saved).
+    fn start(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: VirtioInterrupt,
+        mut queues: Vec<Queue>,
+        fresh: bool,
+    ) -> Result<(), ActivateError> {
+        let event_idx = self.acked(VIRTIO_F_RING_EVENT_IDX);
+        for (i, q) in queues.iter_mut().enumerate() {
+            if i != CTRL_QUEUE && !q.ready() {
+                return Err(ActivateError::BadQueue(i));
+            }
+            q.set_event_idx(event_idx);
+        }
+        // The TAP may be new (a destination host): tell it the offloads.
+        self.tap
+            .set_offload(self.tap_offloads())
+            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        if fresh {
+            self.state.rx_filter =
+                RxFilter::with_vlan_filtering(self.acked(VIRTIO_NET_F_CTRL_VLAN));
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues,
+        });
+        self.rx_blocked = false;
+        log::info!(
+            "{}: {} on TAP {} (features {:#x}, TAP offloads {:#x})",
+            self.state.id,
+            if fresh { "activated" } else { "restored" },
+            self.tap.name(),
+            self.state.acked_features,
+            self.tap_offloads()
+        );
+        self.notify_handler();
+        Ok(())
+    }
+
+    /// Replaces the guest-visible state with a saved one (before the
+    /// transport restarts the queues). The NIC keeps its own TAP.
+    pub fn restore_state(&mut self, state: &NetState) {
+        let id = self.state.id.clone();
+        self.state = state.clone();
+        // The id names this NIC on this host (its --net), not the saved one.
+        self.state.id = id;
+    }
+
+    fn tap_offloads(&self) -> u32 {
+        let mut flags = 0;
+        if self.acked(VIRTIO_NET_F_GUEST_CSUM) {
+            flags |= TUN_F_CSUM;
+            if self.acked(VIRTIO_NET_F_GUEST_TSO4) {
+                flags |= TUN_F_TSO4;
+            }
+            if self.acked(VIRTIO_NET_F_GUEST_TSO6) {
+                flags |= TUN_F_TSO6;
+            }
+            if self.acked(VIRTIO_NET_F_GUEST_ECN) {
+                flags |= TUN_F_TSO_ECN;
+            }
+        }
+        flags
+    }
+
+    fn notify_handler(&self) {
+        if let Err(e) = self.activate_evt.write(1) {
+            log::error!("{}: cannot wake the event loop: {e}", self.state.id);
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn device_features(&self) -> u64 {
+        self.state.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.state.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.state.mac.0);
+        config[6..].copy_from_slice(&self.state.status.to_le_bytes());
+        read_config_bytes(&config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The config space of a VERSION_1 device is read-only for drivers.
+        log::debug!(
+            "{}: config write of {} bytes at {offset} ignored",
+            self.state.id,
+            data.len()
+        );
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.state.config_generation
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: VirtioInterrupt,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        self.start(mem, interrupt, queues, true)
+    }
+
+    fn activate_restored(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: VirtioInterrupt,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        self.start(mem, interrupt, queues, false)
+    }
+
+    fn live_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        self.active.as_ref().map(|a| {
+            a.queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect()
+        })
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.rx_pending = None;
+        self.rx_blocked = false;
+        self.broken = None;
+        self.state.acked_features = 0;
+        self.state.rx_filter = RxFilter::default();
+        self.cancel_announce();
+        self.notify_handler();
+    }
+}
+
+impl Nic for Net {
+    fn id(&self) -> &str {
+        &self.state.id
+    }
+
+    fn macs(&self) -> Vec<MacAddr> {
+        let mut macs = vec![self.state.mac];
+        for m in &self.state.rx_filter.unicast {
+            if !macs.contains(m) {
+                macs.push(*m);
+            }
+        }
+        macs
+    }
+
+    fn vlans(&self) -> Vec<u16> {
+        self.state.rx_filter.vlan_list()
+    }
+
+    fn send_raw(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        let header = [0u8; VNET_HDR_LEN];
+        self.tap
+            .write_vectored(&[std::io::IoSlice::new(&header), std::io::IoSlice::new(frame)])
+            .map(|_| ())
+    }
+
+    /// Asks the guest when it can announce itself — it alone knows every
+    /// address on every VLAN (seeds 001/002) — by setting S_ANNOUNCE and
+    /// raising the config interrupt; otherwise falls back to RARPs for
+    /// what the control queue taught us.
+    fn announce(&mut self) -> std::io::Result<Announced> {
+        let asks_guest =
+            self.acked(VIRTIO_NET_F_GUEST_ANNOUNCE) && self.acked(VIRTIO_NET_F_CTRL_VQ);
+        match self.active.as_ref() {
+            Some(active) if asks_guest && self.broken.is_none() => {
+                self.state.status |= VIRTIO_NET_S_ANNOUNCE as u16;
+                self.state.announce.awaiting_ack = true;
+                self.state.config_generation = self.state.config_generation.wrapping_add(1);
+                active.interrupt.signal_config_change();
+                Ok(Announced::Guest)
+            }
+            _ => rarp_announce(self),
+        }
+    }
+}

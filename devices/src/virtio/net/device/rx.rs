@@ -1,0 +1,187 @@
+//! The receive queue: frames from the TAP into the guest's buffers.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+
+use net::tap::VNET_HDR_LEN;
+use virtio_bindings::virtio_net::*;
+use virtio_queue::{QueueOwnedT, QueueT, Writer};
+
+use super::{chain_is_whole, Net, NUM_BUFFERS_OFFSET, RX_QUEUE};
+
+impl Net {
+    /// The guest added rx buffers.
+    pub fn process_rx_queue_event(&mut self) {
+        if self.paused {
+            return;
+        }
+        // The guest has buffers again: it need not tell us about more
+        // until we run out ([`Net::arm_rx_kick`]); QEMU does the same.
+        if let Some(active) = self.active.as_mut() {
+            if let Err(e) = active.queues[RX_QUEUE].disable_notification(&active.mem) {
+                self.set_broken(format!("rx ring: {e}"));
+                return;
+            }
+        }
+        self.rx_blocked = false;
+        self.process_rx();
+    }
+
+    /// Out of rx buffers: asks the guest to notify us when it adds the
+    /// next one (VRING_USED_F_NO_NOTIFY cleared, or with EVENT_IDX
+    /// avail_event set to the current avail index). Ok(true) when buffers
+    /// were added meanwhile, which the guest may not notify.
+    fn arm_rx_kick(&mut self) -> Result<bool, String> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(false);
+        };
+        let queue = &mut active.queues[RX_QUEUE];
+        let start = queue.next_avail();
+        let avail = queue
+            .avail_idx(&active.mem, Ordering::Acquire)
+            .map_err(|e| format!("rx ring: {e}"))?;
+        // enable_notification asks for a kick past next_avail; buffers too
+        // few for the pending frame may sit between the two, so ask for
+        // one past the avail index, then put next_avail back.
+        queue.set_next_avail(avail.0);
+        let more = queue.enable_notification(&active.mem);
+        queue.set_next_avail(start);
+        more.map_err(|e| format!("rx ring: {e}"))
+    }
+
+    /// Moves frames from the TAP into guest buffers until the TAP is empty
+    /// or the guest has no buffers left.
+    pub fn process_rx(&mut self) {
+        if self.active.is_none() || self.paused {
+            return;
+        }
+        let mut delivered = false;
+        loop {
+            let len = match self.rx_pending {
+                Some(len) => len,
+                None => match self.tap.read(&mut self.rx_frame) {
+                    Ok(len) => len,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        log::warn!("{}: TAP read: {e}", self.state.id);
+                        break;
+                    }
+                },
+            };
+            if len <= VNET_HDR_LEN
+                || !self
+                    .state
+                    .rx_filter
+                    .accepts(&self.state.mac, &self.rx_frame[VNET_HDR_LEN..len])
+            {
+                self.metrics.rx_filtered += 1;
+                self.rx_pending = None;
+                continue;
+            }
+            match self.deliver_rx(len) {
+                Ok(true) => {
+                    delivered = true;
+                    self.rx_pending = None;
+                    self.metrics.rx_frames += 1;
+                    self.metrics.rx_bytes += (len - VNET_HDR_LEN) as u64;
+                }
+                Ok(false) => {
+                    self.rx_pending = Some(len);
+                    match self.arm_rx_kick() {
+                        Ok(true) => continue,
+                        Ok(false) => {
+                            self.rx_blocked = true;
+                            break;
+                        }
+                        Err(why) => {
+                            self.set_broken(why);
+                            return;
+                        }
+                    }
+                }
+                Err(why) => {
+                    self.set_broken(why);
+                    return;
+                }
+            }
+        }
+        if delivered {
+            self.signal(RX_QUEUE);
+        }
+    }
+
+    /// Writes the pending frame into one (or, with MRG_RXBUF, several)
+    /// guest buffers. Ok(false): not enough buffers; nothing was consumed.
+    fn deliver_rx(&mut self, len: usize) -> Result<bool, String> {
+        let mergeable = self.acked(VIRTIO_NET_F_MRG_RXBUF);
+        let Some(active) = self.active.as_mut() else {
+            return Ok(false);
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[RX_QUEUE];
+        let start = queue.next_avail();
+        // Each popped chain: its head and, if usable, a writer and the
+        // bytes it will take.
+        let mut chains: Vec<(u16, Option<(Writer<'_, _>, usize)>)> = Vec::new();
+        let mut room = 0usize;
+        let mut good = 0u16;
+        while room < len {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                if let Err(e) = queue.iter(mem) {
+                    return Err(format!("rx ring unreadable: {e}"));
+                }
+                queue.set_next_avail(start);
+                return Ok(false);
+            };
+            let head = chain.head_index();
+            let whole = chain_is_whole(&chain);
+            let usable = Writer::new(mem, chain).ok().filter(|w| {
+                let cap = w.available_bytes();
+                // The first buffer must hold the whole header.
+                whole && cap > 0 && (good > 0 || cap >= VNET_HDR_LEN)
+            });
+            match usable {
+                Some(w) => {
+                    let take = w.available_bytes().min(len - room);
+                    room += take;
+                    good += 1;
+                    chains.push((head, Some((w, take))));
+                    if !mergeable && room < len {
+                        // Without MRG_RXBUF a frame must fit one buffer.
+                        break;
+                    }
+                }
+                None => {
+                    self.metrics.bad_descriptors += 1;
+                    chains.push((head, None));
+                }
+            }
+        }
+        let fits = room >= len;
+        if fits {
+            self.rx_frame[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
+                .copy_from_slice(&good.to_le_bytes());
+        } else {
+            self.metrics.rx_dropped += 1;
+        }
+        let mut offset = 0;
+        for (head, writer) in chains {
+            let used = match writer {
+                Some((mut w, take)) if fits => {
+                    if w.write_all(&self.rx_frame[offset..offset + take]).is_err() {
+                        self.metrics.bad_descriptors += 1;
+                    }
+                    offset += take;
+                    take as u32
+                }
+                _ => 0,
+            };
+            queue
+                .add_used(mem, head, used)
+                .map_err(|e| format!("rx used ring: {e}"))?;
+        }
+        // A frame that could not fit (no MRG_RXBUF, small buffer) is gone:
+        // report it delivered so the next one is tried.
+        Ok(true)
+    }
+}
