@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use devices::legacy::serial::SerialSnapshot;
 use devices::virtio::net::NetSnapshot;
-use migration::{Channel, Listener, MigrationUri, Section, SectionKind, StreamReader};
+use migration::{Channel, Listener, MigrationUri, Section, SectionKind, StreamError, StreamReader};
 
 use super::ack::{send_ack, send_go, send_nak};
-use super::ram::{apply_ram, WrittenPages};
+use super::ram::GuestRamSink;
 use super::*;
 use crate::builder;
 use crate::check::kvm_kind;
@@ -237,20 +237,31 @@ fn load(
     }
 
     let mut loaded = Loaded::default();
-    let mut written = WrittenPages::new(&built.parts.memory);
+    // SAFETY: the machine was just built: no vCPU has run, no device is
+    // active, nothing but the sink touches guest memory until the loop
+    // below is done with it.
+    let mut sink = unsafe { GuestRamSink::new(&built.parts.memory) };
     // When the first section after the RAM came: the source's guest has
     // been stopped since about then.
     let mut state_from = None;
     loop {
-        let section = reader.next_section().map_err(stream_err)?;
+        let at = reader.bytes_read();
+        let section = reader.next_section_with_ram(&mut sink).map_err(|e| {
+            if let StreamError::Refused { section, .. } = &e {
+                // A run outside guest memory: the sink's message, with
+                // the offset of its section's payload.
+                if let Some(refusal) = sink.refusal(at + 14 + section.len() as u64) {
+                    return err(format!("migration stream: {refusal}"));
+                }
+            }
+            stream_err(e)
+        })?;
         if !matches!(section.kind, SectionKind::Ram | SectionKind::Pass) && state_from.is_none() {
             state_from = Some(std::time::Instant::now());
         }
         match section.kind {
-            SectionKind::Ram => {
-                apply_ram(&section, &built.parts.memory, &mut written)
-                    .map_err(|e| err(format!("migration stream: {e}")))?;
-            }
+            // Already in guest memory.
+            SectionKind::Ram => {}
             SectionKind::Pass => {}
             SectionKind::End => break,
             SectionKind::VmState if section.name == VM_SECTION => {

@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
-use migration::{RamRun, RamSectionWriter, Section, StreamError, PAGE_SIZE};
+use migration::{RamSectionWriter, StreamError, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
 use crate::builder::VmParts;
@@ -21,8 +21,6 @@ pub enum RamError {
     DirtyLog(String),
     #[error(transparent)]
     Stream(#[from] StreamError),
-    #[error("reading guest memory at {gpa:#x}: {why}")]
-    Read { gpa: u64, why: String },
     #[error(
         "RAM run at {gpa:#x} ({pages} pages) in section at byte {offset} lies outside guest memory"
     )]
@@ -348,84 +346,127 @@ impl WrittenPages {
         }
     }
 
-    fn mark(&mut self, page: u64, on: bool) -> bool {
-        let (w, b) = ((page / 64) as usize, page % 64);
-        let Some(word) = self.bits.get_mut(w) else {
-            return false;
-        };
-        let was = *word & (1 << b) != 0;
-        if on {
-            *word |= 1 << b;
-        } else {
-            *word &= !(1 << b);
+    /// Sets (`on`) or clears the bits of pages `first..first + count`;
+    /// calls `was_set` with each page whose bit was set before.
+    fn mark_range(&mut self, first: u64, count: u64, on: bool, mut was_set: impl FnMut(u64)) {
+        let end = first + count;
+        let mut page = first;
+        while page < end {
+            let (w, b) = ((page / 64) as usize, page % 64);
+            let n = (64 - b).min(end - page);
+            let Some(word) = self.bits.get_mut(w) else {
+                return;
+            };
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << b
+            };
+            let mut before = *word & mask;
+            if on {
+                *word |= mask;
+            } else {
+                *word &= !mask;
+            }
+            while before != 0 {
+                was_set(w as u64 * 64 + u64::from(before.trailing_zeros()));
+                before &= before - 1;
+            }
+            page += n;
         }
-        was
     }
 }
 
-/// Writes a `ram` section's runs into guest memory. Every run is checked
-/// to lie inside guest memory before anything of it is written.
-pub fn apply_ram(
-    section: &Section,
-    memory: &GuestMemoryMmap,
-    written: &mut WrittenPages,
-) -> Result<u64, RamError> {
-    let mut pages = 0;
-    let zeros = [0u8; PAGE_SIZE];
-    for run in section.ram_runs()? {
-        let run = run?;
-        let (gpa, count) = (run.gpa(), run.pages());
-        let end = gpa.checked_add(run.len()).and_then(|e| e.checked_sub(1));
-        let inside = end.is_some_and(|end| {
-            memory.address_in_range(GuestAddress(gpa))
-                && memory.address_in_range(GuestAddress(end))
-                && memory
-                    .find_region(GuestAddress(gpa))
-                    .map(|r| r.start_addr())
-                    == memory
-                        .find_region(GuestAddress(end))
-                        .map(|r| r.start_addr())
-        });
-        if !inside {
-            return Err(RamError::OutsideMemory {
-                gpa,
-                pages: count,
-                offset: section.payload_offset(),
-            });
+/// Puts the runs of `ram` sections into guest memory as the stream is
+/// read ([`migration::StreamReader::next_section_with_ram`]): page data
+/// goes from the connection straight into guest memory, without a copy
+/// out of a section buffer. Every run is checked to lie inside one region
+/// of guest memory before anything of it is written; a zero run clears
+/// only pages an earlier run wrote ([`WrittenPages`]).
+pub struct GuestRamSink<'a> {
+    memory: &'a GuestMemoryMmap,
+    written: WrittenPages,
+    /// The run refused for lying outside guest memory: (gpa, pages).
+    outside: Option<(u64, u64)>,
+}
+
+impl<'a> GuestRamSink<'a> {
+    /// A sink into `memory`.
+    ///
+    /// # Safety
+    /// Nothing else may read or write `memory` while the sink is in use:
+    /// no vCPU has run and no device is active (an incoming VM being
+    /// loaded). The sink hands out `&mut` slices of it.
+    pub unsafe fn new(memory: &'a GuestMemoryMmap) -> Self {
+        Self {
+            memory,
+            written: WrittenPages::new(memory),
+            outside: None,
         }
-        match run {
-            RamRun::Zero { .. } => {
-                for p in 0..count {
-                    if written.mark(gpa / PAGE + p, false) {
-                        memory
-                            .write_slice(&zeros, GuestAddress(gpa + p * PAGE))
-                            .map_err(|e| RamError::Read {
-                                gpa,
-                                why: e.to_string(),
-                            })?;
-                    }
-                }
-            }
-            RamRun::Data { data, .. } => {
-                memory
-                    .write_slice(data, GuestAddress(gpa))
-                    .map_err(|e| RamError::Read {
-                        gpa,
-                        why: e.to_string(),
-                    })?;
-                for p in 0..count {
-                    written.mark(gpa / PAGE + p, true);
-                }
-            }
-        }
-        pages += count;
     }
-    Ok(pages)
+
+    /// The error for the run this sink refused, if it refused one;
+    /// `payload_offset` is the stream offset of its section's payload.
+    pub fn refusal(&self, payload_offset: u64) -> Option<RamError> {
+        self.outside.map(|(gpa, pages)| RamError::OutsideMemory {
+            gpa,
+            pages,
+            offset: payload_offset,
+        })
+    }
+
+    /// The host address of `pages` pages from `gpa`, all in one region.
+    fn host_range(&mut self, gpa: u64, pages: u64) -> Result<*mut u8, String> {
+        let inside = pages
+            .checked_mul(PAGE)
+            .and_then(|len| gpa.checked_add(len))
+            .and_then(|end| end.checked_sub(1))
+            .and_then(|last| {
+                let region = self.memory.find_region(GuestAddress(gpa))?;
+                (last <= region.last_addr().0).then_some(region)
+            })
+            .and_then(|region| {
+                region
+                    .get_host_address(vm_memory::MemoryRegionAddress(gpa - region.start_addr().0))
+                    .ok()
+            });
+        inside.ok_or_else(|| {
+            self.outside = Some((gpa, pages));
+            format!("RAM run at {gpa:#x} ({pages} pages) lies outside guest memory")
+        })
+    }
+}
+
+impl migration::RamSink for GuestRamSink<'_> {
+    fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), String> {
+        let host = self.host_range(gpa, u64::from(pages))?;
+        self.written
+            .mark_range(gpa / PAGE, u64::from(pages), false, |page| {
+                let at = (page * PAGE - gpa) as usize;
+                // SAFETY: `page` is one of the run's pages, which
+                // host_range found inside one mapped region; nothing else
+                // touches guest memory while the sink is in use (`new`).
+                unsafe { std::ptr::write_bytes(host.add(at), 0, PAGE_SIZE) };
+            });
+        Ok(())
+    }
+
+    fn data_pages(&mut self, gpa: u64, len: usize) -> Result<&mut [u8], String> {
+        let pages = (len / PAGE_SIZE) as u64;
+        let host = self.host_range(gpa, pages)?;
+        self.written.mark_range(gpa / PAGE, pages, true, |_| {});
+        // SAFETY: `len` bytes from `host` lie inside one mapped region of
+        // guest memory, which outlives the sink (host_range); nothing else
+        // touches guest memory while the sink is in use (`new`), and the
+        // slice borrows the sink mutably, so no two slices coexist.
+        Ok(unsafe { std::slice::from_raw_parts_mut(host, len) })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use migration::RamRun;
 
     #[test]
     fn all_pages_and_zero_detection() {
@@ -511,6 +552,48 @@ mod tests {
                 (1 << 32, 0x7ff, None),
                 ((1 << 32) + 0x7f_f000, 1, Some(())),
             ]
+        );
+    }
+
+    #[test]
+    fn the_sink_writes_runs_into_guest_memory_and_refuses_runs_outside() {
+        let mem = crate::memory::create_guest_memory(8 << 20).unwrap();
+        let mut w = migration::StreamWriter::new(Vec::new()).unwrap();
+        let mut ram = w.ram();
+        ram.data_pages(0x1000, &[7u8; 2 * PAGE_SIZE]).unwrap();
+        ram.finish().unwrap();
+        let mut ram = w.ram();
+        // Over a page written before: cleared. Over pages never written:
+        // nothing to do, they stay unmapped.
+        ram.zero_pages(0x1000, 1).unwrap();
+        ram.zero_pages(0x10_0000, 16).unwrap();
+        ram.finish().unwrap();
+        let bytes = w.finish().unwrap();
+        // SAFETY: nothing else uses `mem`.
+        let mut sink = unsafe { GuestRamSink::new(&mem) };
+        let mut r = migration::StreamReader::new(&bytes[..]).unwrap();
+        while r.next_section_with_ram(&mut sink).unwrap().kind != migration::SectionKind::End {}
+        let mut page = [1u8; PAGE_SIZE];
+        mem.read_slice(&mut page, GuestAddress(0x1000)).unwrap();
+        assert_eq!(page, [0u8; PAGE_SIZE]);
+        mem.read_slice(&mut page, GuestAddress(0x2000)).unwrap();
+        assert_eq!(page, [7u8; PAGE_SIZE]);
+        let untouched = mem.get_host_address(GuestAddress(0x10_0000)).unwrap();
+        assert!(!resident(untouched));
+
+        let mut w = migration::StreamWriter::new(Vec::new()).unwrap();
+        let mut ram = w.ram();
+        ram.data_pages(0x7f_f000, &[1u8; 2 * PAGE_SIZE]).unwrap();
+        ram.finish().unwrap();
+        let bytes = w.finish().unwrap();
+        // SAFETY: as above.
+        let mut sink = unsafe { GuestRamSink::new(&mem) };
+        let mut r = migration::StreamReader::new(&bytes[..]).unwrap();
+        let e = r.next_section_with_ram(&mut sink).unwrap_err();
+        assert!(matches!(e, StreamError::Refused { .. }), "{e}");
+        assert_eq!(
+            sink.refusal(33).unwrap().to_string(),
+            "RAM run at 0x7ff000 (2 pages) in section at byte 33 lies outside guest memory"
         );
     }
 }
