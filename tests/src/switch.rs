@@ -407,6 +407,11 @@ impl Pinger {
                     }
                     seq = seq.wrapping_add(1);
                     next += every;
+                    // Starved (a busy host): carry on from now rather than
+                    // send the missed rounds in one burst.
+                    if next < Instant::now() {
+                        next = Instant::now() + every;
+                    }
                 }
                 let wait = next.saturating_duration_since(Instant::now());
                 let Some(frame) = sock.recv(wait.max(Duration::from_micros(100)))? else {

@@ -288,10 +288,13 @@ fn check_moved(what: &str, m: &Moved, ids: &[Identity], mode: Mode, tolerance_ms
                 id.name
             )
         });
-        // The monitor stamps events when it reads them: a little after
-        // the capture saw the frame that caused them.
+        // Before the second round: the first did it. (Not checked: that
+        // nothing came before the first announce frame. The guest may
+        // answer a ping that was still in its rx ring when the source
+        // stopped before it takes the announce interrupt: a reply from B
+        // teaches the switch as well.)
         assert!(
-            secs(t) >= first - 0.002 && t < at(second),
+            t < at(second),
             "{summary}: {} learned on B at {:.4}, first round at {first:.4}, second at {second:.4}",
             id.name,
             secs(t)
