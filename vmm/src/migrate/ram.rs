@@ -141,7 +141,7 @@ const CHUNK_WORDS: usize = 64;
 /// pass, like any page written during a pass.
 struct Pagemap {
     file: File,
-    buf: Vec<u8>,
+    entries: Vec<u64>,
 }
 
 /// Pagemap entry: page present in RAM.
@@ -155,7 +155,7 @@ impl Pagemap {
         match File::open("/proc/self/pagemap") {
             Ok(file) => Some(Pagemap {
                 file,
-                buf: Vec::new(),
+                entries: Vec::new(),
             }),
             Err(e) => {
                 log::debug!("no pagemap ({e}): every page is read");
@@ -167,21 +167,23 @@ impl Pagemap {
     /// For the `words * 64` pages from host address `addr`: a bit per
     /// page, set where the page may hold data (present or swapped).
     fn touched(&mut self, addr: usize, words: usize, out: &mut Vec<u64>) -> io::Result<()> {
-        let pages = words * 64;
-        self.buf.resize(pages * 8, 0);
-        let offset = (addr / PAGE_SIZE * 8) as u64;
-        self.file.read_exact_at(&mut self.buf, offset)?;
+        self.entries.resize(words * 64, 0);
+        let bytes = {
+            let (head, bytes, tail) = {
+                // SAFETY: any bytes are a valid u8; align_to_mut only
+                // views the u64 buffer as bytes (no head or tail: u8
+                // has alignment 1).
+                unsafe { self.entries.align_to_mut::<u8>() }
+            };
+            debug_assert!(head.is_empty() && tail.is_empty());
+            bytes
+        };
+        self.file
+            .read_exact_at(bytes, (addr / PAGE_SIZE * 8) as u64)?;
         out.clear();
-        out.extend(self.buf.chunks_exact(64 * 8).map(|word| {
-            word.chunks_exact(8).enumerate().fold(0u64, |acc, (i, e)| {
-                let mut entry = [0u8; 8];
-                entry.copy_from_slice(e);
-                let entry = u64::from_ne_bytes(entry);
-                if entry & (PM_PRESENT | PM_SWAP) != 0 {
-                    acc | 1 << i
-                } else {
-                    acc
-                }
+        out.extend(self.entries.chunks_exact(64).map(|entries| {
+            entries.iter().enumerate().fold(0u64, |acc, (i, e)| {
+                acc | u64::from(e & (PM_PRESENT | PM_SWAP) != 0) << i
             })
         }));
         Ok(())
@@ -206,28 +208,28 @@ struct PendingRun {
     pages: u64,
 }
 
-/// Adds a page to the pending run, or writes the pending run and starts
-/// a new one.
-fn push_page<W: Write>(
+/// Adds `pages` (at most 64) pages of a kind to the pending run, or
+/// writes the pending run and starts a new one.
+fn push_pages<W: Write>(
     ram: &mut RamSectionWriter<'_, W>,
     memory: &GuestMemoryMmap,
     pending: &mut Option<PendingRun>,
     sent: &mut SentPages,
     gpa: u64,
+    pages: u64,
     zero: bool,
 ) -> Result<(), RamError> {
     if let Some(run) = pending.as_mut() {
-        if run.zero == zero && run.gpa + run.pages * PAGE == gpa && run.pages < MAX_RUN_PAGES {
-            run.pages += 1;
+        if run.zero == zero
+            && run.gpa + run.pages * PAGE == gpa
+            && run.pages + pages <= MAX_RUN_PAGES
+        {
+            run.pages += pages;
             return Ok(());
         }
     }
     flush_run(ram, memory, pending, sent)?;
-    *pending = Some(PendingRun {
-        zero,
-        gpa,
-        pages: 1,
-    });
+    *pending = Some(PendingRun { zero, gpa, pages });
     Ok(())
 }
 
@@ -307,22 +309,38 @@ pub fn send_pages<W: Write>(
                 _ => false,
             };
             for (i, &word) in chunk.iter().enumerate() {
-                let mut word = word;
+                let first_page = (first_word + i) * 64;
+                // Only the region's pages (a last, partial word).
+                let left = region_pages.saturating_sub(first_page);
+                let mut word = if left >= 64 {
+                    word
+                } else {
+                    word & ((1u64 << left) - 1)
+                };
+                let untouched = match touched.get(i) {
+                    Some(t) if known => !t,
+                    _ => 0,
+                };
                 while word != 0 {
-                    let bit = word.trailing_zeros() as usize;
-                    word &= word - 1;
-                    let page = (first_word + i) * 64 + bit;
-                    if page >= region_pages {
-                        break;
-                    }
-                    let never_touched = known && touched.get(i).is_some_and(|t| t & 1 << bit == 0);
-                    let zero = never_touched || {
+                    let bit = word.trailing_zeros();
+                    let page = first_page + bit as usize;
+                    let gpa = base + page as u64 * PAGE;
+                    if untouched >> bit & 1 != 0 {
+                        // Consecutive never-touched pages: zero, unread.
+                        let n = ((word & untouched) >> bit).trailing_ones();
+                        push_pages(ram, memory, &mut pending, &mut sent, gpa, n.into(), true)?;
+                        word &= if n == 64 {
+                            0
+                        } else {
+                            !(((1u64 << n) - 1) << bit)
+                        };
+                    } else {
                         // SAFETY: `page` < the region's page count: a
                         // whole page of the mapping, page-aligned.
-                        unsafe { guest_page_is_zero(host.add(page * PAGE_SIZE)) }
-                    };
-                    let gpa = base + page as u64 * PAGE;
-                    push_page(ram, memory, &mut pending, &mut sent, gpa, zero)?;
+                        let zero = unsafe { guest_page_is_zero(host.add(page * PAGE_SIZE)) };
+                        push_pages(ram, memory, &mut pending, &mut sent, gpa, 1, zero)?;
+                        word &= word - 1;
+                    }
                 }
             }
         }
