@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
@@ -142,7 +143,43 @@ const CHUNK_WORDS: usize = 64;
 struct Pagemap {
     file: File,
     entries: Vec<u64>,
+    /// PAGEMAP_SCAN works here (Linux 6.7+): it reports the populated
+    /// ranges only, and pages mapped to the shared zero page apart.
+    scan: bool,
+    regions: Vec<PageRegion>,
 }
+
+/// `struct pm_scan_arg` of linux/fs.h.
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region` of linux/fs.h.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
 
 /// Pagemap entry: page present in RAM.
 const PM_PRESENT: u64 = 1 << 63;
@@ -156,6 +193,8 @@ impl Pagemap {
             Ok(file) => Some(Pagemap {
                 file,
                 entries: Vec::new(),
+                scan: true,
+                regions: vec![PageRegion::default(); 256],
             }),
             Err(e) => {
                 log::debug!("no pagemap ({e}): every page is read");
@@ -165,8 +204,79 @@ impl Pagemap {
     }
 
     /// For the `words * 64` pages from host address `addr`: a bit per
-    /// page, set where the page may hold data (present or swapped).
+    /// page, set where the page may hold data (present, except mapped to
+    /// the shared zero page, or swapped).
     fn touched(&mut self, addr: usize, words: usize, out: &mut Vec<u64>) -> io::Result<()> {
+        if self.scan {
+            match self.scan_touched(addr, words, out) {
+                Ok(()) => return Ok(()),
+                // Not this kernel's: read the entries from now on.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => {
+                    log::debug!("no PAGEMAP_SCAN ({e}): pagemap entries are read");
+                    self.scan = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.read_touched(addr, words, out)
+    }
+
+    /// [`Self::touched`] with PAGEMAP_SCAN: the kernel walks only the
+    /// populated page tables and returns ranges.
+    fn scan_touched(&mut self, addr: usize, words: usize, out: &mut Vec<u64>) -> io::Result<()> {
+        out.clear();
+        out.resize(words, 0);
+        let end = (addr + words * 64 * PAGE_SIZE) as u64;
+        let mut start = addr as u64;
+        while start < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags: 0,
+                start,
+                end,
+                walk_end: 0,
+                vec: self.regions.as_mut_ptr() as u64,
+                vec_len: self.regions.len() as u64,
+                max_pages: 0,
+                category_inverted: 0,
+                category_mask: 0,
+                category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO,
+            };
+            // SAFETY: PAGEMAP_SCAN on our own pagemap with a pm_scan_arg
+            // of the size it states, whose vec points to vec_len
+            // page_regions we own; the kernel writes only those and
+            // walk_end.
+            let n = unsafe { libc::ioctl(self.file.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for r in self.regions.iter().take(n as usize) {
+                if r.categories & (PAGE_IS_PFNZERO | PAGE_IS_SWAPPED) == PAGE_IS_PFNZERO {
+                    // Mapped to the shared zero page: reads as zero.
+                    continue;
+                }
+                let first = (r.start.max(addr as u64) - addr as u64) as usize / PAGE_SIZE;
+                let last = (r.end.min(end) - addr as u64) as usize / PAGE_SIZE;
+                for page in first..last {
+                    out[page / 64] |= 1 << (page % 64);
+                }
+            }
+            if arg.walk_end <= start {
+                // No progress: whatever is left may hold data.
+                let from = (start - addr as u64) as usize / PAGE_SIZE;
+                for page in from..words * 64 {
+                    out[page / 64] |= 1 << (page % 64);
+                }
+                break;
+            }
+            start = arg.walk_end;
+        }
+        Ok(())
+    }
+
+    /// [`Self::touched`] from the pagemap's entries, one per page.
+    fn read_touched(&mut self, addr: usize, words: usize, out: &mut Vec<u64>) -> io::Result<()> {
         self.entries.resize(words * 64, 0);
         let bytes = {
             let (head, bytes, tail) = {
@@ -624,5 +734,39 @@ mod tests {
             sink.refusal(33).unwrap().to_string(),
             "RAM run at 0x7ff000 (2 pages) in section at byte 33 lies outside guest memory"
         );
+    }
+
+    #[test]
+    fn pagemap_scan_and_entries_agree() {
+        let mem = crate::memory::create_guest_memory(8 << 20).unwrap();
+        let host = mem.get_host_address(GuestAddress(0)).unwrap();
+        let data = [1u8; PAGE_SIZE];
+        let written: Vec<usize> = [1, 2, 3, 100].into_iter().chain(64..128).collect();
+        for &page in &written {
+            mem.write_slice(&data, GuestAddress(page as u64 * PAGE))
+                .unwrap();
+        }
+        // Read, never written: mapped to the shared zero page.
+        // SAFETY: page 200 of an 8 MiB mapping, aligned.
+        assert!(unsafe { guest_page_is_zero(host.add(200 * PAGE_SIZE)) });
+        let bits = |pages: &[usize]| {
+            let mut words = vec![0u64; 32];
+            for &p in pages {
+                words[p / 64] |= 1 << (p % 64);
+            }
+            words
+        };
+        let mut pm = Pagemap::open().unwrap();
+        let mut entries = Vec::new();
+        pm.read_touched(host as usize, 32, &mut entries).unwrap();
+        let mut with_zero_page = written.clone();
+        with_zero_page.push(200);
+        assert_eq!(entries, bits(&with_zero_page));
+        let mut scanned = Vec::new();
+        match pm.scan_touched(host as usize, 32, &mut scanned) {
+            // The zero page's mapping reads as zero: not touched.
+            Ok(()) => assert_eq!(scanned, bits(&written)),
+            Err(e) => eprintln!("no PAGEMAP_SCAN on this kernel: {e}"),
+        }
     }
 }
