@@ -31,6 +31,9 @@ use crate::state::{saveable_msrs, StateError, VcpuState, VmState};
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the destination may take to load the last state and answer.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// A last pass expected to take this long (ms) is not worth another live
+/// pass to shrink it.
+const SHORT_LAST_PASS_MS: f64 = 1.0;
 /// How long a parked vCPU may take to save its state.
 const VCPU_SAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -357,7 +360,17 @@ impl Outgoing<'_> {
                 });
                 self.check_cancel()?;
                 if expected_ms <= self.params.downtime_limit_ms as f64 {
-                    break;
+                    // Under the limit. One more pass is still worth it
+                    // while passes halve what is left (the guest dirties
+                    // far slower than the link carries): what is left is
+                    // what the stopped guest waits for.
+                    let halving = dirty * 2 <= sent.zero + sent.data;
+                    if expected_ms <= SHORT_LAST_PASS_MS
+                        || !halving
+                        || pass >= self.params.max_passes
+                    {
+                        break;
+                    }
                 }
                 if pass >= self.params.max_passes {
                     return Err(MigrateError::NotConverging {
