@@ -7,12 +7,14 @@
 //!
 //! - idle guest of 256 MiB, 1 GiB and 4 GiB: total time, downtime and bytes
 //!   sent as each VMM's `query-migrate` reports them, and the downtime seen
-//!   from outside: the longest silence in a UDP echo stream (one datagram
-//!   per ms to the probe's port 7, sent from both hosts at once, each
-//!   host's TAP with a permanent neighbour entry for the guest's MAC), from
-//!   the last echo answered on A to the first answered on B. That figure
-//!   includes up to one sending interval (1 ms) and the echo round trip;
-//!   the same stream before the migration gives its noise floor.
+//!   from outside: the silence of a UDP echo stream across the move (one
+//!   datagram per ms to the probe's port 7, sent from both hosts at once,
+//!   each host's TAP with a permanent neighbour entry for the guest's
+//!   MAC), from the last echo answered on A to the first answered on B.
+//!   That figure includes up to one sending interval (1 ms), the echo
+//!   round trip and the destination's start after it acknowledged; the
+//!   longest silence of the same stream in the second before the
+//!   migration is its noise floor.
 //! - a guest dirtying memory at a steady rate (`probe.dirty=RATE,SIZE`):
 //!   passes (`dirty-sync-count`), downtime, converged or not. Ferry gives
 //!   up after `x-max-passes` (30) with an error; QEMU keeps going, so it is
@@ -29,7 +31,8 @@
 //! run, FERRY_BENCH_ONLY=ferry|qemu measures one side,
 //! FERRY_BENCH_PARTS=idle,dirty,snapshot picks sections (`echo` adds
 //! the echo stream's gaps without a migration, its noise floor) and
-//! FERRY_BENCH_SIZES=256,1024,4096 the idle sizes (MiB). With
+//! FERRY_BENCH_SIZES=256,1024,4096 the idle sizes (MiB),
+//! FERRY_BENCH_DIRTY=50M,max the dirtying rates. With
 //! FERRY_BENCH_VERBOSE=1 Ferry runs with FERRY_LOG=info and its log lines
 //! on the stop-and-copy phases are printed.
 //!
@@ -345,6 +348,22 @@ impl EchoStream {
     }
 }
 
+/// The silence across the move: from the last answer on host A before
+/// the first answer on host B after `from`, to that first answer.
+fn switch_gap(replies: &[(Instant, char)], from: Instant) -> Option<Duration> {
+    let first_b = replies
+        .iter()
+        .filter(|&&(t, side)| side == 'B' && t > from)
+        .map(|&(t, _)| t)
+        .min()?;
+    let last_a = replies
+        .iter()
+        .filter(|&&(t, side)| side == 'A' && t < first_b)
+        .map(|&(t, _)| t)
+        .max()?;
+    Some(first_b - last_a)
+}
+
 /// Longest gap between consecutive answers whose later one is in
 /// (from, to].
 fn longest_gap(replies: &[(Instant, char)], from: Instant, to: Instant) -> Option<Duration> {
@@ -435,7 +454,15 @@ fn live(env: &mut Env, vmm: Vmm, mib: u32, cmdline: &str, bound: Option<Duration
     }
     let replies = echo.stop();
 
-    let gap = longest_gap(&replies, t0, Instant::now()).unwrap_or(t_end - t0);
+    let gap = switch_gap(&replies, t0).unwrap_or(t_end - t0);
+    if verbose() {
+        let longest = longest_gap(&replies, t0, Instant::now()).unwrap_or_default();
+        eprintln!(
+            "    echo: {:.1} ms across the move, longest silence during the migration {:.1} ms",
+            gap.as_secs_f64() * 1e3,
+            longest.as_secs_f64() * 1e3
+        );
+    }
     let floor = longest_gap(&replies, t0 - Duration::from_secs(1), t0).unwrap_or_default();
     let outcome = match (info["status"].as_str(), cancelled_at) {
         (_, Some(at)) => format!("cancelled after {:.0} s", at.as_secs_f64()),
@@ -498,6 +525,10 @@ fn save(env: &mut Env, vmm: Vmm, mib: u32, file: &Path) -> Save {
         assert!(t0.elapsed() < MIGRATION_TIMEOUT, "snapshot: {info}");
         std::thread::sleep(Duration::from_millis(2));
     };
+    if verbose() && vmm == Vmm::Ferry {
+        std::thread::sleep(Duration::from_millis(20));
+        eprint!("{}", phase_lines(&src));
+    }
     Save {
         total_ms: num(&info["total-time"]),
         downtime_ms: num(&info["downtime"]),
@@ -704,8 +735,8 @@ fn idle(env: &mut Env, sizes: &[u32]) {
     println!();
     println!(
         "Idle guest, A → B over TCP; medians of {} runs; downtime limit {DOWNTIME_LIMIT_MS} ms. \
-         Echo gap: longest silence of a 1 ms UDP echo stream (from outside; floor = the same \
-         stream's longest silence in the second before).",
+         Echo gap: a 1 ms UDP echo stream's silence from the last answer on A to the first on B \
+         (from outside; floor = the same stream's longest silence in the second before).",
         env.runs
     );
     println!();
@@ -748,8 +779,12 @@ fn dirty(env: &mut Env) {
         ("50M", "256M", "50 MB/s over 256 MiB"),
         ("max", "768M", "unthrottled over 768 MiB"),
     ];
+    let rates = std::env::var("FERRY_BENCH_DIRTY").unwrap_or_else(|_| "50M,max".into());
     let mut table = Vec::new();
-    for &(rate, size, label) in loads {
+    for &(rate, size, label) in loads
+        .iter()
+        .filter(|(rate, _, _)| rates.split(',').any(|r| r.trim() == *rate))
+    {
         let mut results: Vec<(Vmm, Migration)> = Vec::new();
         for run in 0..env.runs {
             for vmm in env.order(run) {
