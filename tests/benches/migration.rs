@@ -391,6 +391,10 @@ struct Migration {
     echo_gap_ms: f64,
     /// Longest echo silence in the second before it.
     echo_floor_ms: f64,
+    /// Page writes per second of the guest's dirtier during the migration
+    /// (each a word in a page; unthrottled, the same pages again and
+    /// again).
+    writes_per_s: f64,
 }
 
 fn num(v: &Value) -> f64 {
@@ -406,6 +410,7 @@ fn live(env: &mut Env, vmm: Vmm, mib: u32, cmdline: &str, bound: Option<Duration
     let mut dst = destination(vmm, hosts, mib, cmdline, &uri);
     let echo = EchoStream::start(hosts);
     std::thread::sleep(Duration::from_millis(1000));
+    let written_before = pages_written(&src);
     let t0 = Instant::now();
     src.exec("migrate", json!({ "uri": uri })).expect("migrate");
     let mut cancelled_at = None;
@@ -451,6 +456,13 @@ fn live(env: &mut Env, vmm: Vmm, mib: u32, cmdline: &str, bound: Option<Duration
             vmm.name()
         );
     }
+    // How fast the guest really dirtied memory meanwhile (where it runs
+    // now), pauses included.
+    let written_after = pages_written(if completed { &dst } else { &src });
+    let writes_per_s = match (written_before, written_after) {
+        (Some((p0, t0)), Some((p1, t1))) => p1.saturating_sub(p0) as f64 / (t1 - t0).as_secs_f64(),
+        _ => f64::NAN,
+    };
     std::thread::sleep(Duration::from_millis(20));
     if verbose() && vmm == Vmm::Ferry {
         eprint!("{}{}", phase_lines(&src), phase_lines(&dst));
@@ -489,7 +501,17 @@ fn live(env: &mut Env, vmm: Vmm, mib: u32, cmdline: &str, bound: Option<Duration
             f64::NAN
         },
         echo_floor_ms: floor.as_secs_f64() * 1e3,
+        writes_per_s,
     }
+}
+
+/// The probe's count of pages its dirtier wrote, and when it was read.
+fn pages_written(guest: &Guest) -> Option<(u64, Instant)> {
+    let reply = guest
+        .console()
+        .try_command("workloads", Duration::from_secs(10))
+        .ok()?;
+    Some((reply.number("pages_written")?, Instant::now()))
 }
 
 /// What a snapshot save measured.
@@ -698,6 +720,8 @@ fn fmt(v: f64, unit: &str) -> String {
         "B" if v >= 1e9 => format!("{:.2} GB", v / 1e9),
         "B" if v >= 1e6 => format!("{:.1} MB", v / 1e6),
         "B" => format!("{:.0} kB", v / 1e3),
+        "count" if v >= 1e6 => format!("{:.1} M", v / 1e6),
+        "count" if v >= 1e3 => format!("{:.1} k", v / 1e3),
         _ => format!("{v:.0}"),
     }
 }
@@ -806,13 +830,15 @@ fn dirty(env: &mut Env) {
     println!();
     println!(
         "Guest of 1 GiB dirtying memory (probe.dirty), A → B over TCP; medians of {} runs; \
-         downtime limit {DOWNTIME_LIMIT_MS} ms; QEMU cancelled after {} s.",
+         downtime limit {DOWNTIME_LIMIT_MS} ms; QEMU cancelled after {} s. Guest writes: page writes \
+         per second of the probe's dirtier from the migrate command to the end (its own counter, \
+         pauses included): how far the guest got meanwhile.",
         env.runs,
         QEMU_BOUND.as_secs()
     );
     println!();
-    println!("| workload | VMM | converged | passes | total time | downtime (reported) | downtime (echo gap) | bytes sent | outcome |");
-    println!("|---|---|---|---:|---:|---:|---:|---:|---|");
+    println!("| workload | VMM | converged | passes | total time | downtime (reported) | downtime (echo gap) | bytes sent | guest writes | outcome |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---|");
     for (label, results) in &table {
         for vmm in &env.vmms {
             let mine: Vec<&Migration> = results
@@ -827,7 +853,7 @@ fn dirty(env: &mut Env) {
                 outcome = outcomes.join("; ");
             }
             println!(
-                "| {label} | {} | {converged}/{} | {} | {} | {} | {} | {} | {} |",
+                "| {label} | {} | {converged}/{} | {} | {} | {} | {} | {} | {}/s | {} |",
                 vmm.name(),
                 mine.len(),
                 fmt(med(results, *vmm, |m| m.passes), ""),
@@ -842,6 +868,7 @@ fn dirty(env: &mut Env) {
                 ),
                 fmt(med(results, *vmm, |m| m.echo_gap_ms), "ms"),
                 fmt(med(results, *vmm, |m| m.transferred), "B"),
+                fmt(med(results, *vmm, |m| m.writes_per_s), "count"),
                 outcome.replace('|', "/"),
             );
         }
