@@ -55,7 +55,7 @@ pub enum MigrateError {
     Refused(String),
     #[error("no acknowledgement from the destination: {0}")]
     NoAck(std::io::Error),
-    #[error("did not converge after {passes} passes: the guest dirties {dirty_mbps:.0} MB/s, the link carries {link_mbps:.0} MB/s")]
+    #[error("did not converge after {passes} passes: the guest dirties at least {dirty_mbps:.0} MB/s, the link carries {link_mbps:.0} MB/s")]
     NotConverging {
         passes: u64,
         dirty_mbps: f64,

@@ -175,7 +175,18 @@ impl QmpListener {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(bind_err(e)),
         }
-        let listener = UnixListener::bind(&path).map_err(bind_err)?;
+        // Listen under a private name and rename into place, so the path
+        // appears only once connections are accepted: a client that waits
+        // for the file and then connects never meets ECONNREFUSED.
+        let mut staging = path.clone().into_os_string();
+        staging.push(format!(".{}.tmp", std::process::id()));
+        let staging = std::path::PathBuf::from(staging);
+        let _ = fs::remove_file(&staging);
+        let listener = UnixListener::bind(&staging).map_err(bind_err)?;
+        if let Err(e) = fs::rename(&staging, &path) {
+            let _ = fs::remove_file(&staging);
+            return Err(bind_err(e));
+        }
         listener.set_nonblocking(true).map_err(bind_err)?;
         let identity = fs::symlink_metadata(&path).ok().map(|m| (m.dev(), m.ino()));
         Ok(Self {
