@@ -16,9 +16,12 @@ pub fn is_ci() -> bool {
         .unwrap_or(false)
 }
 
-/// Prints a visible skip line for `test`.
+/// Prints a visible skip line for `test`. Written to the stderr handle
+/// rather than through `eprintln!`, which the test harness captures and
+/// hides for a passing test: a skip must show in every run's output.
 pub fn skip(test: &str, reason: &str) {
-    eprintln!("SKIPPED {test}: {reason}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
 }
 
 /// The KVM kind of this host, or `None` (after printing why) when the test
