@@ -11,6 +11,7 @@
 pub mod ack;
 pub mod dest;
 pub mod job;
+mod pagemap;
 pub mod ram;
 pub mod source;
 
