@@ -1,15 +1,17 @@
-//! Receive-queue notifications: while the device has rx buffers it asks
-//! the driver not to notify it of more (VRING_USED_F_NO_NOTIFY; with
-//! VIRTIO_F_RING_EVENT_IDX, an avail_event it has passed), and once a frame
-//! waits for buffers it asks to be notified of the very next one. Checked
-//! from the driver's side, with the rule a driver applies before kicking,
-//! on the real device over a real TAP (the rig of the hostile-input tests).
+//! Notifications both ways. Receive-queue kicks: while the device has rx
+//! buffers it asks the driver not to notify it of more
+//! (VRING_USED_F_NO_NOTIFY; with VIRTIO_F_RING_EVENT_IDX, an avail_event it
+//! has passed), and once a frame waits for buffers it asks to be notified
+//! of the very next one. Interrupts: a driver without EVENT_IDX that sets
+//! VRING_AVAIL_F_NO_INTERRUPT on a queue gets none for it. Checked from the
+//! driver's side, with the rule a driver applies before kicking, on the
+//! real device over a real TAP (the rig of the hostile-input tests).
 
-use devices::virtio::net::device::RX_QUEUE;
-use devices::virtio::VIRTIO_F_RING_EVENT_IDX;
+use devices::virtio::net::device::{RX_QUEUE, TX_QUEUE};
+use devices::virtio::{INT_USED_RING, VIRTIO_F_RING_EVENT_IDX};
 use ferry_tests::virtio_driver::net_rig::*;
-use ferry_tests::virtio_driver::Desc;
-use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
+use ferry_tests::virtio_driver::{reg, Desc};
+use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
 use vm_memory::{Bytes, GuestAddress};
 
 fn read_u16(r: &Rig, addr: u64) -> u16 {
@@ -86,4 +88,51 @@ fn rx_kicks_only_when_out_of_buffers_with_event_idx() {
         "rx_kicks_only_when_out_of_buffers_with_event_idx",
         all() | f(VIRTIO_F_RING_EVENT_IDX),
     );
+}
+
+/// The used-ring bit of the interrupt status, acknowledged.
+fn take_used_interrupt(r: &mut Rig) -> bool {
+    let isr = r.drv.read32(reg::INTERRUPT_STATUS);
+    r.drv.write32(reg::INTERRUPT_ACK, isr);
+    isr & INT_USED_RING != 0
+}
+
+/// Sets or clears VRING_AVAIL_F_NO_INTERRUPT on queue `q`.
+fn set_no_interrupt(r: &mut Rig, q: usize, on: bool) {
+    let flags: u16 = if on {
+        VRING_AVAIL_F_NO_INTERRUPT as u16
+    } else {
+        0
+    };
+    let avail = r.drv.queues[q].layout.avail;
+    r.drv.write_mem(avail, &flags.to_le_bytes());
+}
+
+#[test]
+fn no_interrupt_flag_silences_a_queue() {
+    case("no_interrupt_flag_silences_a_queue", all(), |r| {
+        take_used_interrupt(r);
+        // A driver that reaps its transmit queue on the next send.
+        set_no_interrupt(r, TX_QUEUE, true);
+        r.tx_ok();
+        r.tx_ok();
+        assert!(
+            !take_used_interrupt(r),
+            "transmitted frames interrupted a driver that asked for none"
+        );
+        // Receive still interrupts: its flag is clear.
+        r.post(&[Desc::write(slot(60), 2048)]);
+        r.kick(RX_QUEUE);
+        let m = r.next_marker();
+        r.inject(&frame(MAC, PEER, m, 100));
+        assert_eq!(r.drv.take_used(RX_QUEUE).len(), 1);
+        assert!(take_used_interrupt(r), "no interrupt for a received frame");
+        // The flag cleared: interrupts again.
+        set_no_interrupt(r, TX_QUEUE, false);
+        r.tx_ok();
+        assert!(
+            take_used_interrupt(r),
+            "no interrupt once the flag is clear"
+        );
+    });
 }

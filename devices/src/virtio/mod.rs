@@ -7,7 +7,7 @@ pub mod net;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemoryMmap;
@@ -172,6 +172,31 @@ impl QueueSnapshot {
             avail_ring: self.avail_ring,
             used_ring: self.used_ring,
         })
+    }
+}
+
+/// `VRING_AVAIL_F_NO_INTERRUPT` in the avail ring's flags.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver wants an interrupt for what was just added to the
+/// used ring of `queue`. With EVENT_IDX that is the used-event index
+/// (`Queue::needs_notification`); without it the driver's
+/// `VRING_AVAIL_F_NO_INTERRUPT` flag, which virtio-queue does not look
+/// at. Honouring it matters: a driver that polls a queue (a transmit
+/// queue it reaps on its next send) sets it, and each interrupt it did not
+/// want costs it an interrupt handler — on kvm_pvm an emulated one.
+/// When the ring cannot be read, interrupt: a missed one can hang the
+/// driver, an extra one cannot.
+pub fn wants_interrupt<M: vm_memory::GuestMemory>(queue: &mut Queue, mem: &M) -> bool {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    // The used-ring writes before the flag read (virtio 1.x 2.7.7.2).
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let flags = vm_memory::GuestAddress(queue.avail_ring());
+    match vm_memory::Bytes::load::<u16>(mem, flags, Ordering::Acquire) {
+        Ok(flags) => u16::from_le(flags) & AVAIL_F_NO_INTERRUPT == 0,
+        Err(_) => true,
     }
 }
 

@@ -19,8 +19,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::filter::RxFilter;
 use super::persist::NetState;
 use crate::virtio::{
-    read_config_bytes, ActivateError, QueueSnapshot, VirtioDevice, VirtioInterrupt, TYPE_NET,
-    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+    read_config_bytes, wants_interrupt, ActivateError, QueueSnapshot, VirtioDevice,
+    VirtioInterrupt, TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
 };
 use crate::GuestMemoryMmap;
 
@@ -258,11 +259,8 @@ impl Net {
         let Some(q) = active.queues.get_mut(queue) else {
             return;
         };
-        match q.needs_notification(&active.mem) {
-            Ok(true) => active.interrupt.signal_used_queue(),
-            Ok(false) => {}
-            // Cannot read the used-event index: interrupt anyway.
-            Err(_) => active.interrupt.signal_used_queue(),
+        if wants_interrupt(q, &active.mem) {
+            active.interrupt.signal_used_queue();
         }
     }
 
