@@ -209,6 +209,33 @@ impl Tap {
         }
     }
 
+    /// Writes one frame (vnet header first) gathered from raw `iovs`: for
+    /// memory that may not be borrowed as `&[u8]`, like guest memory the
+    /// guest can write while the kernel reads it.
+    ///
+    /// # Safety
+    /// Each iovec must point to `iov_len` bytes that stay mapped and
+    /// readable for the duration of the call.
+    pub unsafe fn write_iovecs(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        if iovs.len() > libc::UIO_MAXIOV as usize {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: the caller vouches for the buffers; the count is the
+        // slice's own (at most UIO_MAXIOV).
+        let n = unsafe {
+            libc::writev(
+                self.file.as_raw_fd(),
+                iovs.as_ptr(),
+                iovs.len() as libc::c_int,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
     pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
         self.write_vectored(&[IoSlice::new(buf)])
     }

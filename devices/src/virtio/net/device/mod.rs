@@ -100,7 +100,6 @@ pub struct Net {
     /// No rx buffers for the pending frame: don't read the TAP until the
     /// guest adds some.
     rx_blocked: bool,
-    tx_frame: Vec<u8>,
     /// Why the device stopped (set once; the transport then reports
     /// DEVICE_NEEDS_RESET).
     broken: Option<String>,
@@ -160,7 +159,6 @@ impl Net {
             rx_frame: vec![0; MAX_FRAME_LEN],
             rx_pending: None,
             rx_blocked: false,
-            tx_frame: Vec::with_capacity(MAX_FRAME_LEN),
             broken: None,
             paused: false,
             announce_acked: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),

@@ -1,11 +1,20 @@
 //! The transmit queue: the guest's frames out to the TAP.
-
-use std::io::Read;
+//!
+//! A frame goes to the TAP straight from guest memory, one writev over the
+//! chain's buffers: no copy, and the chain is walked once (it was walked
+//! three times — whole-chain check, reader, copy — which cost guest→host
+//! throughput a few percent against QEMU).
 
 use net::tap::VNET_HDR_LEN;
-use virtio_queue::{QueueOwnedT, QueueT, Reader};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryBackend;
 
-use super::{chain_is_whole, Net, MAX_FRAME_LEN, TX_QUEUE};
+use super::{Net, MAX_FRAME_LEN, TX_QUEUE};
+use crate::GuestMemoryMmap;
+
+/// Most pieces a frame may be in; more is refused (Linux sends at most
+/// MAX_SKB_FRAGS + 2, i.e. 19).
+const MAX_TX_PIECES: usize = libc::UIO_MAXIOV as usize;
 
 impl Net {
     /// Sends every frame the guest queued.
@@ -19,6 +28,7 @@ impl Net {
         let mem = &active.mem;
         let queue = &mut active.queues[TX_QUEUE];
         let mut sent = false;
+        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(32);
         loop {
             if let Err(e) = queue.disable_notification(mem) {
                 self.broken = Some(format!("tx ring: {e}"));
@@ -26,30 +36,24 @@ impl Net {
             }
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
-                let whole = chain_is_whole(&chain);
-                match Reader::new(mem, chain) {
-                    Ok(mut reader) if whole => {
-                        let len = reader.available_bytes();
-                        if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len) {
-                            self.metrics.bad_descriptors += 1;
-                        } else {
-                            self.tx_frame.resize(len, 0);
-                            match reader.read_exact(&mut self.tx_frame) {
-                                Ok(()) => match self.tap.write(&self.tx_frame) {
-                                    Ok(_) => {
-                                        self.metrics.tx_frames += 1;
-                                        self.metrics.tx_bytes += (len - VNET_HDR_LEN) as u64;
-                                    }
-                                    Err(e) => {
-                                        self.metrics.tx_dropped += 1;
-                                        log::debug!("{}: TAP write: {e}", self.state.id);
-                                    }
-                                },
-                                Err(_) => self.metrics.bad_descriptors += 1,
+                match frame_pieces(mem, chain, &mut iovs) {
+                    Some(len) => {
+                        // SAFETY: each iovec is a slice of guest memory
+                        // that `frame_pieces` checked lies inside a region
+                        // of `mem`, which stays mapped while `mem` (held
+                        // by this device) lives.
+                        match unsafe { self.tap.write_iovecs(&iovs) } {
+                            Ok(_) => {
+                                self.metrics.tx_frames += 1;
+                                self.metrics.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                            }
+                            Err(e) => {
+                                self.metrics.tx_dropped += 1;
+                                log::debug!("{}: TAP write: {e}", self.state.id);
                             }
                         }
                     }
-                    _ => self.metrics.bad_descriptors += 1,
+                    None => self.metrics.bad_descriptors += 1,
                 }
                 if let Err(e) = queue.add_used(mem, head, 0) {
                     self.broken = Some(format!("tx used ring: {e}"));
@@ -86,4 +90,43 @@ impl Net {
             self.signal(TX_QUEUE);
         }
     }
+}
+
+/// The frame of a tx chain as host pieces of guest memory in `iovs`, and
+/// its length with the vnet header; `None` for a chain to refuse: one
+/// that ends early (a next index beyond the table, an unreadable
+/// descriptor, a bad or nested indirect table, a loop — the iterator stops
+/// without reaching a descriptor lacking NEXT), a buffer outside guest
+/// memory, a frame shorter than its header or longer than any frame, or
+/// too many pieces. Device-writable buffers carry nothing to send and are
+/// skipped, as virtio-queue's Reader does.
+fn frame_pieces<'m>(
+    mem: &'m GuestMemoryMmap,
+    chain: DescriptorChain<&'m GuestMemoryMmap>,
+    iovs: &mut Vec<libc::iovec>,
+) -> Option<usize> {
+    iovs.clear();
+    let mut len = 0usize;
+    let mut whole = false;
+    for desc in chain {
+        whole = !desc.has_next();
+        if desc.is_write_only() {
+            continue;
+        }
+        len = len.checked_add(desc.len() as usize)?;
+        if len > MAX_FRAME_LEN {
+            return None;
+        }
+        for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), desc.len() as usize) {
+            let slice = slice.ok()?;
+            if iovs.len() == MAX_TX_PIECES {
+                return None;
+            }
+            iovs.push(libc::iovec {
+                iov_base: slice.ptr_guard().as_ptr() as *mut libc::c_void,
+                iov_len: slice.len(),
+            });
+        }
+    }
+    (whole && len >= VNET_HDR_LEN).then_some(len)
 }
