@@ -105,7 +105,11 @@ pub fn write_guest(name: &str, message: &[u8], ending: Ending) -> std::path::Pat
         .join("target")
         .join("tiny-guests");
     std::fs::create_dir_all(&dir).expect("create target/tiny-guests");
-    let path = dir.join(format!("{name}-{}.elf", std::process::id()));
+    // Tests in one process run in parallel: a per-call number keeps one
+    // test from truncating the file another is booting.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{name}-{}-{n}.elf", std::process::id()));
     std::fs::write(&path, pvh_elf(&code(message, ending))).expect("write tiny guest");
     path
 }
