@@ -58,7 +58,7 @@ pub fn follow_migration(client: &mut QmpClient) -> Result<bool, ClientError> {
                     (transferred as f64 / total as f64).min(0.99)
                 };
                 let filled = (done * BAR as f64) as usize;
-                let line = format!(
+                let mut line = format!(
                     "[{}{}] {:>3.0}%  {status}  pass {}  sent {:.1} MiB  remaining {:.1} MiB  {:.1} MiB/s",
                     "#".repeat(filled),
                     "-".repeat(BAR - filled),
@@ -68,6 +68,9 @@ pub fn follow_migration(client: &mut QmpClient) -> Result<bool, ClientError> {
                     mib(remaining),
                     mib(rate as u64)
                 );
+                if let Some(t) = info["cpu-throttle-percentage"].as_u64() {
+                    line.push_str(&format!("  throttle {t}%"));
+                }
                 if tty {
                     eprint!("\r\x1b[K{line}");
                     let _ = std::io::stderr().flush();
@@ -90,6 +93,9 @@ fn print_summary(info: &Value) {
     println!("total time: {} ms", field(info, &["total-time"]));
     if let Some(d) = info["downtime"].as_u64() {
         println!("downtime: {d} ms");
+    }
+    if let Some(t) = info["cpu-throttle-percentage"].as_u64() {
+        println!("vCPUs throttled by: {t}% (auto-converge)");
     }
     println!(
         "sent: {:.1} MiB in {} passes ({} pages with data, {} zero pages)",

@@ -125,13 +125,7 @@ fn local_move(test: &str, memory: &str, memfd: bool) -> Value {
         "lost {} of {sent} pings, downtime {downtime} ms allows {allowed}",
         sent - received
     );
-    let verify = dst.console.send_command("pattern-verify", T);
-    assert_eq!(
-        verify.field("bad_pages").as_deref(),
-        Some("0"),
-        "{:?}",
-        verify.lines
-    );
+    dst.console.assert_pattern_intact(T);
     // The source exits and leaves the TAP (and memory) to the destination.
     let mut src = src;
     src.execute("quit", json!({})).expect("quit");

@@ -67,13 +67,7 @@ fn assert_moved_intact(dst: &FerryVm, last_on_source: (u64, u64), ns: &Netns) {
         up > last_on_source.1,
         "uptime went back: {after:?} after {last_on_source:?}"
     );
-    let verify = dst.console.send_command("pattern-verify", T);
-    assert_eq!(
-        verify.field("bad_pages").as_deref(),
-        Some("0"),
-        "{:?}",
-        verify.lines
-    );
+    dst.console.assert_pattern_intact(T);
     assert!(
         ping(ns, GUEST_ADDR),
         "no ping on the new host; console:\n{}",

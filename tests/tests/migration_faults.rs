@@ -60,13 +60,7 @@ fn assert_source_unharmed(vm: &FerryVm, ns: &Netns) {
         ping.status.success(),
         "the source guest stopped answering ping"
     );
-    let verify = vm.console.send_command("pattern-verify", T);
-    assert_eq!(
-        verify.field("bad_pages").as_deref(),
-        Some("0"),
-        "{:?}",
-        verify.lines
-    );
+    vm.console.assert_pattern_intact(T);
 }
 
 fn slow_down(vm: &FerryVm, bytes_per_sec: u64) {
@@ -178,13 +172,34 @@ fn a_guest_dirtying_faster_than_the_link_fails_clearly_and_runs_on() {
     let hosts = TwoHosts::new("dirty");
     let src = source("dirty-src", &hosts.a, Some(("64M", "64M")));
     let _dst = destination("dirty-dst", &hosts.b, &[]);
+    // Auto-converge (on by default) starts at the harshest throttle, so
+    // one left behind would show: the guest would run 1% of the time.
     src.execute(
         "migrate-set-parameters",
-        json!({ "max-bandwidth": 8 << 20, "x-max-passes": 3, "downtime-limit": 10 }),
+        json!({ "max-bandwidth": 8 << 20, "x-max-passes": 3, "downtime-limit": 10,
+                "cpu-throttle-initial": 99 }),
     )
     .expect("parameters");
     migrate(&src, &format!("tcp:{B_ADDR}:4444"));
     let info = wait_migration(&src, T);
-    assert_failed(&info, &["did not converge after 3 passes", "MB/s"]);
+    assert_failed(
+        &info,
+        &[
+            "did not converge after 3 passes",
+            "MB/s",
+            "throttled by 99%",
+        ],
+    );
     assert_source_unharmed(&src, &hosts.a);
+    // Heartbeats every 100 ms at full speed: 10 of them in well under the
+    // 100 s a 99% throttle would take.
+    let n = last_heartbeat(&src.console);
+    let t0 = Instant::now();
+    while last_heartbeat(&src.console) < n + 10 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the guest still runs throttled after the failed migration"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -382,9 +382,18 @@ pub const COMMANDS: &[CommandSpec] = &[
             ArgSpec::optional("announce-step", ArgType::Int),
             ArgSpec::optional("x-max-passes", ArgType::Int),
             ArgSpec::optional("backend-transfer", ArgType::Bool),
+            ArgSpec::optional("throttle-trigger-threshold", ArgType::Int),
+            ArgSpec::optional("cpu-throttle-initial", ArgType::Int),
+            ArgSpec::optional("cpu-throttle-increment", ArgType::Int),
+            ArgSpec::optional("max-cpu-throttle", ArgType::Int),
         ],
     ),
     CommandSpec::no_args("query-migrate-parameters"),
+    CommandSpec::new(
+        "migrate-set-capabilities",
+        &[ArgSpec::required("capabilities", ArgType::Array)],
+    ),
+    CommandSpec::no_args("query-migrate-capabilities"),
     CommandSpec::new(
         "announce-self",
         &[
@@ -429,6 +438,14 @@ impl QmpHandler for VmControl {
                 Ok(json!({}))
             }
             "query-migrate-parameters" => Ok(lock(&self.migration).params.to_qmp()),
+            "migrate-set-capabilities" => {
+                let list = args.get("capabilities").and_then(Value::as_array);
+                lock(&self.migration)
+                    .params
+                    .apply_capabilities(list.map_or(&[], |l| l.as_slice()))?;
+                Ok(json!({}))
+            }
+            "query-migrate-capabilities" => Ok(lock(&self.migration).params.capabilities_to_qmp()),
             "announce-self" => self.qmp_announce_self(args),
             other => Err(QmpError::command_not_found(other)),
         }

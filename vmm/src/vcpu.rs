@@ -70,6 +70,9 @@ struct ControlState {
     /// Work to run on the vCPU's own thread while it is parked (state
     /// capture): KVM wants vCPU ioctls from the thread that runs it.
     job: Option<VcpuJob>,
+    /// Time the thread owes a migration's CPU throttle: it sleeps that
+    /// long at its next exit (crate::throttle).
+    throttle_owed: std::time::Duration,
 }
 
 type VcpuJob = Box<dyn FnOnce(&VcpuFd) + Send>;
@@ -91,6 +94,7 @@ impl VcpuControl {
                 pthread: None,
                 tid: 0,
                 job: None,
+                throttle_owed: std::time::Duration::ZERO,
             }),
             changed: Condvar::new(),
         }
@@ -136,6 +140,34 @@ impl VcpuControl {
                 .unwrap_or_else(|p| p.into_inner().0);
         }
         true
+    }
+
+    /// Makes the thread sleep `d` at its next exit (replacing what it
+    /// owed); kick it to make that now.
+    pub fn owe_sleep(&self, d: std::time::Duration) {
+        self.lock().throttle_owed = d;
+    }
+
+    /// Sleeps what the throttle says this thread owes, cut short by any
+    /// new command (a pause or exit must not wait behind a throttle).
+    fn pay_throttle(&self) {
+        let mut state = self.lock();
+        let owed = std::mem::take(&mut state.throttle_owed);
+        if owed.is_zero() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + owed;
+        while state.command == VcpuCommand::Run {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
     /// The vCPU thread's kernel thread id (0 before it started).
@@ -239,8 +271,10 @@ impl Vcpu {
             let step = match self.fd.run() {
                 Ok(exit) => handle_exit(self.id, exit, &self.pio, &self.mmio),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    // Kicked: clear the flag and look at the command again.
+                    // Kicked: clear the flag, sleep if a throttle asked,
+                    // and look at the command again.
                     self.fd.set_kvm_immediate_exit(0);
+                    self.control.pay_throttle();
                     Ok(())
                 }
                 Err(e) => Err(VmExit::VcpuError {

@@ -307,4 +307,17 @@ impl Console {
             Err(e) => panic!("{e}"),
         }
     }
+
+    /// The probe's memory pattern (`probe.pattern=`) verifies: not one
+    /// page differs from what it wrote.
+    pub fn assert_pattern_intact(&self, timeout: Duration) {
+        let verify = self.send_command("pattern-verify", timeout);
+        assert_eq!(
+            verify.field("bad_pages").as_deref(),
+            Some("0"),
+            "[{}] {:?}",
+            self.name,
+            verify.lines
+        );
+    }
 }

@@ -27,6 +27,14 @@ pub struct MigrationParameters {
     /// Local migration over unix:: hand the TAPs (and a memfd's RAM) to
     /// the destination instead of making it open and copy its own.
     pub backend_transfer: bool,
+    /// QEMU's `auto-converge` capability: throttle the vCPUs of a guest
+    /// that dirties memory faster than the link carries it. On by default
+    /// in Ferry (QEMU's is off): a migration asked for should complete.
+    pub auto_converge: bool,
+    pub throttle_trigger_threshold: u64,
+    pub cpu_throttle_initial: u64,
+    pub cpu_throttle_increment: u64,
+    pub max_cpu_throttle: u64,
 }
 
 impl Default for MigrationParameters {
@@ -40,9 +48,17 @@ impl Default for MigrationParameters {
             announce_step_ms: 100,
             max_passes: 30,
             backend_transfer: false,
+            auto_converge: true,
+            throttle_trigger_threshold: 50,
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 10,
+            max_cpu_throttle: 99,
         }
     }
 }
+
+/// The migration capabilities Ferry knows (`migrate-set-capabilities`).
+pub const CAPABILITIES: &[&str] = &["auto-converge"];
 
 /// (QMP name, setter) of every parameter, so query and set agree.
 type Setter = fn(&mut MigrationParameters) -> &mut u64;
@@ -59,6 +75,25 @@ const PARAMETERS: &[(&str, Setter, u64, u64)] = &[
     ("announce-rounds", |p| &mut p.announce_rounds, 0, 1000),
     ("announce-step", |p| &mut p.announce_step_ms, 0, 10_000),
     ("x-max-passes", |p| &mut p.max_passes, 1, 10_000),
+    (
+        "throttle-trigger-threshold",
+        |p| &mut p.throttle_trigger_threshold,
+        1,
+        100,
+    ),
+    (
+        "cpu-throttle-initial",
+        |p| &mut p.cpu_throttle_initial,
+        1,
+        99,
+    ),
+    (
+        "cpu-throttle-increment",
+        |p| &mut p.cpu_throttle_increment,
+        1,
+        99,
+    ),
+    ("max-cpu-throttle", |p| &mut p.max_cpu_throttle, 1, 99),
 ];
 
 impl MigrationParameters {
@@ -77,6 +112,46 @@ impl MigrationParameters {
         self.announce_max_ms = p.max_ms;
         self.announce_rounds = p.rounds;
         self.announce_step_ms = p.step_ms;
+    }
+
+    /// The auto-converge throttle these parameters describe.
+    pub fn throttle(&self) -> super::throttle::ThrottlePolicy {
+        super::throttle::ThrottlePolicy {
+            trigger_threshold: self.throttle_trigger_threshold,
+            initial: self.cpu_throttle_initial,
+            increment: self.cpu_throttle_increment,
+            max: self.max_cpu_throttle,
+        }
+    }
+
+    /// `query-migrate-capabilities`' answer.
+    pub fn capabilities_to_qmp(&self) -> Value {
+        json!([{ "capability": "auto-converge", "state": self.auto_converge }])
+    }
+
+    /// Applies `migrate-set-capabilities`' list; all or nothing.
+    pub fn apply_capabilities(&mut self, list: &[Value]) -> Result<(), QmpError> {
+        let mut next = self.clone();
+        for entry in list {
+            let name = entry.get("capability").and_then(Value::as_str);
+            let state = entry.get("state").and_then(Value::as_bool);
+            let (Some(name), Some(state)) = (name, state) else {
+                return Err(QmpError::generic(
+                    "each capability is {\"capability\": NAME, \"state\": BOOL}",
+                ));
+            };
+            match name {
+                "auto-converge" => next.auto_converge = state,
+                other => {
+                    return Err(QmpError::generic(format!(
+                        "Capability '{other}' is not supported by Ferry (known: {})",
+                        CAPABILITIES.join(", ")
+                    )))
+                }
+            }
+        }
+        *self = next;
+        Ok(())
     }
 
     pub fn names() -> impl Iterator<Item = &'static str> {
@@ -178,6 +253,8 @@ pub struct MigrationInfo {
     pub total_time_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
     pub expected_downtime_ms: u64,
+    /// The auto-converge throttle in force (0: none).
+    pub cpu_throttle_percentage: u64,
     pub ram: RamFigures,
     pub error: Option<String>,
 }
@@ -204,6 +281,7 @@ impl MigrationJob {
                 total_time_ms: None,
                 downtime_ms: None,
                 expected_downtime_ms: 0,
+                cpu_throttle_percentage: 0,
                 ram: RamFigures::default(),
                 error: None,
             }),
@@ -275,6 +353,9 @@ impl MigrationJob {
         if let Some(d) = i.downtime_ms {
             v["downtime"] = json!(d);
         }
+        if i.cpu_throttle_percentage > 0 {
+            v["cpu-throttle-percentage"] = json!(i.cpu_throttle_percentage);
+        }
         if let Some(e) = i.error {
             v["error-desc"] = json!(e);
         }
@@ -311,5 +392,35 @@ mod tests {
         assert!(p.apply(&unknown).unwrap_err().desc.contains("unexpected"));
         let range: Map<String, Value> = serde_json::from_str(r#"{"announce-initial": 0}"#).unwrap();
         assert!(p.apply(&range).is_err());
+    }
+
+    #[test]
+    fn capabilities_set_all_or_nothing() {
+        let mut p = MigrationParameters::default();
+        assert!(p.auto_converge, "Ferry converges by default");
+        let off: Vec<Value> =
+            serde_json::from_str(r#"[{"capability": "auto-converge", "state": false}]"#).unwrap();
+        p.apply_capabilities(&off).unwrap();
+        assert_eq!(
+            p.capabilities_to_qmp(),
+            json!([{ "capability": "auto-converge", "state": false }])
+        );
+        let mixed: Vec<Value> = serde_json::from_str(
+            r#"[{"capability": "auto-converge", "state": true}, {"capability": "postcopy-ram", "state": true}]"#,
+        )
+        .unwrap();
+        let e = p.apply_capabilities(&mixed).unwrap_err();
+        assert!(e.desc.contains("postcopy-ram"), "{}", e.desc);
+        assert!(!p.auto_converge, "nothing applied from a rejected call");
+        let malformed: Vec<Value> = serde_json::from_str(r#"[{"capability": 1}]"#).unwrap();
+        assert!(p.apply_capabilities(&malformed).is_err());
+        let throttle: Map<String, Value> =
+            serde_json::from_str(r#"{"cpu-throttle-initial": 30, "max-cpu-throttle": 90}"#)
+                .unwrap();
+        p.apply(&throttle).unwrap();
+        assert_eq!((p.throttle().initial, p.throttle().max), (30, 90));
+        let over: Map<String, Value> =
+            serde_json::from_str(r#"{"max-cpu-throttle": 100}"#).unwrap();
+        assert!(p.apply(&over).is_err());
     }
 }

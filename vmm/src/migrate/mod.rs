@@ -14,6 +14,7 @@ pub mod job;
 mod pagemap;
 pub mod ram;
 pub mod source;
+pub mod throttle;
 
 use serde::{Deserialize, Serialize};
 

@@ -5,9 +5,11 @@
 //! what remains fits the downtime limit at the bandwidth just measured;
 //! then the VM stops (finish-migrate), the last pass and the vCPU and
 //! device state go out, and the destination's acknowledgement moves the
-//! source to postmigrate. A guest that dirties memory faster than the link
-//! carries it is not throttled: after `x-max-passes` passes the migration
-//! fails with the rates that prevented it, and the guest runs on.
+//! source to postmigrate. A guest that keeps dirtying more than half of
+//! what a pass sends is slowed down (auto-converge, throttle.rs) until
+//! its passes shrink; after `x-max-passes` passes without converging the
+//! migration fails with the rates that prevented it, and the guest runs
+//! on at full speed.
 //! To `file:` (a snapshot) the guest is stopped for one pass instead and
 //! returns to its state afterwards. Any failure, anywhere, returns the
 //! guest to the state it had.
@@ -21,6 +23,7 @@ use serde_json::json;
 use super::ack::{read_answer, Answer};
 use super::job::{MigrationJob, MigrationParameters, MigrationStatus};
 use super::ram::{self, DirtyPages, RamError};
+use super::throttle::{CpuThrottle, ThrottlePlanner};
 use super::*;
 use crate::builder::VmParts;
 use crate::control::{ControlError, VmControl};
@@ -55,16 +58,26 @@ pub enum MigrateError {
     Refused(String),
     #[error("no acknowledgement from the destination: {0}")]
     NoAck(std::io::Error),
-    #[error("did not converge after {passes} passes: the guest dirties at least {dirty_mbps:.0} MB/s, the link carries {link_mbps:.0} MB/s")]
+    #[error("did not converge after {passes} passes: the guest dirties at least {dirty_mbps:.0} MB/s, the link carries {link_mbps:.0} MB/s{}", throttle_note(*throttle))]
     NotConverging {
         passes: u64,
         dirty_mbps: f64,
         link_mbps: f64,
+        /// The auto-converge throttle reached (percent; 0: none).
+        throttle: u64,
     },
     #[error("cancelled")]
     Cancelled,
     #[error("backend-transfer hands over file descriptors, which only a unix: migration can carry (not {0}:)")]
     BackendTransferNeedsUnix(&'static str),
+}
+
+fn throttle_note(percent: u64) -> String {
+    if percent == 0 {
+        " (auto-converge off or never triggered)".into()
+    } else {
+        format!(" even with the vCPUs throttled by {percent}%")
+    }
 }
 
 fn mbytes_per_sec(bytes: u64, d: Duration) -> f64 {
@@ -335,6 +348,10 @@ impl Outgoing<'_> {
             ram::take_dirty(&parts)?;
             let mut set = DirtyPages::all(&parts.memory);
             let mut pass = 1u64;
+            let mut planner = ThrottlePlanner::new(self.params.throttle());
+            // Dropped when this function returns, however it returns: the
+            // guest runs at full speed again.
+            let mut throttle: Option<CpuThrottle> = None;
             loop {
                 let start = Instant::now();
                 let bytes_before = w.bytes_written();
@@ -347,7 +364,8 @@ impl Outgoing<'_> {
                 // the guest is down.
                 w.flush()?;
                 let took = start.elapsed();
-                let link = mbytes_per_sec(w.bytes_written() - bytes_before, took);
+                let pass_bytes = w.bytes_written() - bytes_before;
+                let link = mbytes_per_sec(pass_bytes, took);
                 set = ram::take_dirty(&parts)?;
                 let dirty = set.count();
                 let dirty_rate = mbytes_per_sec(dirty * PAGE_SIZE as u64, took);
@@ -359,29 +377,57 @@ impl Outgoing<'_> {
                     i.ram.dirty_pages_rate = (dirty as f64 / took.as_secs_f64().max(1e-6)) as u64;
                 });
                 self.check_cancel()?;
-                if expected_ms <= self.params.downtime_limit_ms as f64 {
-                    // Under the limit. One more pass is still worth it
-                    // while passes halve what is left (the guest dirties
-                    // far slower than the link carries): what is left is
-                    // what the stopped guest waits for.
-                    let halving = dirty * 2 <= sent.zero + sent.data;
-                    if expected_ms <= SHORT_LAST_PASS_MS
-                        || !halving
-                        || pass >= self.params.max_passes
-                    {
-                        break;
-                    }
+                // Under the limit, one more pass is still worth it while
+                // passes halve what is left (the guest dirties far slower
+                // than the link carries): what is left is what the stopped
+                // guest waits for. With auto-converge, a guest that keeps
+                // more than half dirty is throttled one step harder
+                // instead, until the last pass is short: the network
+                // notices milliseconds, not the limit.
+                let under = expected_ms <= self.params.downtime_limit_ms as f64;
+                let halving = dirty * 2 <= sent.zero + sent.data;
+                let squeeze = under && !halving && self.params.auto_converge && planner.can_raise();
+                if under
+                    && (expected_ms <= SHORT_LAST_PASS_MS
+                        || (!halving && !squeeze)
+                        || pass >= self.params.max_passes)
+                {
+                    break;
                 }
                 if pass >= self.params.max_passes {
                     return Err(MigrateError::NotConverging {
                         passes: pass,
                         dirty_mbps: dirty_rate,
                         link_mbps: link,
+                        throttle: planner.percent(),
                     });
+                }
+                if self.params.auto_converge {
+                    let raised = if squeeze {
+                        planner.raise()
+                    } else {
+                        planner.after_pass(pass_bytes, dirty * PAGE_SIZE as u64)
+                    };
+                    if let Some(pct) = raised {
+                        log::info!("migration: pass {pass} left {dirty} pages dirty: vCPUs throttled by {pct}%");
+                        match &throttle {
+                            Some(t) => t.set(pct),
+                            None => {
+                                throttle =
+                                    Some(CpuThrottle::start(&parts.vcpus, pct).map_err(|e| {
+                                        MigrateError::Transport(format!(
+                                            "start the CPU throttle: {e}"
+                                        ))
+                                    })?)
+                            }
+                        }
+                        self.job.update(|i| i.cpu_throttle_percentage = pct);
+                    }
                 }
                 pass += 1;
             }
             self.stop_guest()?;
+            drop(throttle);
             let last = ram::take_dirty(&parts)?;
             let set = merge(set, last);
             self.phases.mark("dirty log");
