@@ -39,7 +39,15 @@ fn ferry_env() -> Vec<(String, String)> {
 }
 
 /// The guest booted on host A.
-pub fn source(vmm: Vmm, hosts: &TwoHosts, mib: u32, cmdline: &str) -> Guest {
+/// With `auto_converge`, both VMMs get that capability set through the
+/// same QMP command; without, each keeps its default (Ferry on, QEMU off).
+pub fn source(
+    vmm: Vmm,
+    hosts: &TwoHosts,
+    mib: u32,
+    cmdline: &str,
+    auto_converge: Option<bool>,
+) -> Guest {
     let name = "migbench-src";
     let mut guest = match vmm {
         Vmm::Ferry => {
@@ -68,6 +76,12 @@ pub fn source(vmm: Vmm, hosts: &TwoHosts, mib: u32, cmdline: &str) -> Guest {
     guest
         .exec("migrate-set-parameters", params)
         .expect("migrate-set-parameters");
+    if let Some(on) = auto_converge {
+        let caps = json!({ "capabilities": [{ "capability": "auto-converge", "state": on }] });
+        guest
+            .exec("migrate-set-capabilities", caps)
+            .expect("migrate-set-capabilities");
+    }
     guest
 }
 
@@ -102,6 +116,7 @@ pub fn phase_lines(guest: &Guest) -> String {
             l.contains("guest stopped")
                 || l.contains("migration loaded")
                 || l.contains("last pass:")
+                || l.contains("throttled")
         })
         .map(|l| format!("    {l}\n"))
         .collect()

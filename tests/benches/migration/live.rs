@@ -44,11 +44,12 @@ pub fn live(
     mib: u32,
     cmdline: &str,
     bound: Option<Duration>,
+    auto_converge: Option<bool>,
 ) -> Migration {
     let port = env.next_port();
     let uri = format!("tcp:{B_ADDR}:{port}");
     let hosts = &env.hosts;
-    let mut src = source(vmm, hosts, mib, cmdline);
+    let mut src = source(vmm, hosts, mib, cmdline, auto_converge);
     let mut dst = destination(vmm, hosts, mib, cmdline, &uri);
     let echo = EchoStream::start(hosts);
     // A second of the stream before the move: its noise floor.

@@ -18,11 +18,12 @@
 //! - a 1 GiB guest dirtying memory (`probe.dirty=RATE,SIZE`): 50 MB/s over
 //!   256 MiB; unthrottled over 256 MiB (the whole region dirty on every
 //!   pass, which still fits the limit at this link's rate: a big last
-//!   pass); unthrottled over 768 MiB (beyond what converges):
-//!   passes (`dirty-sync-count`), downtime, converged or not. Ferry gives
-//!   up after `x-max-passes` (30) with an error; QEMU keeps going, so it is
-//!   cancelled (`migrate_cancel`) after a bound and counted as not
-//!   converged.
+//!   pass); unthrottled over 768 MiB (beyond what converges unthrottled),
+//!   with each VMM's default (Ferry auto-converges, QEMU does not) and
+//!   with auto-converge on in both: passes (`dirty-sync-count`),
+//!   downtime, converged or not. Ferry gives up after `x-max-passes` (30)
+//!   with an error; QEMU keeps going, so it is cancelled
+//!   (`migrate_cancel`) after a bound and counted as not converged.
 //! - snapshot of a 1 GiB guest: Ferry `migrate file:`, QEMU `migrate
 //!   exec:cat > FILE` (QEMU's way: a live migration into a pipe); restore:
 //!   `ferry run --incoming file:` / `qemu -incoming exec:cat FILE`, timed
@@ -35,7 +36,8 @@
 //! FERRY_BENCH_PARTS=idle,dirty,snapshot picks sections (`echo` adds
 //! the echo stream's gaps without a migration, its noise floor) and
 //! FERRY_BENCH_SIZES=256,1024,4096 the idle sizes (MiB),
-//! FERRY_BENCH_DIRTY=50M/256M,max/256M,max/768M the dirtying loads. With
+//! FERRY_BENCH_DIRTY=50M/256M,max/256M,max/768M,max/768M+ac the dirtying
+//! loads (`+ac`: auto-converge on in both). With
 //! FERRY_BENCH_VERBOSE=1 Ferry runs with FERRY_LOG=info and its log lines
 //! on the stop-and-copy phases are printed.
 //!

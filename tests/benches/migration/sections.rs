@@ -19,7 +19,7 @@ pub fn idle(env: &mut Env, sizes: &[u32]) {
         let mut results: Vec<(Vmm, Migration)> = Vec::new();
         for run in 0..env.runs {
             for vmm in env.order(run) {
-                let m = live(env, vmm, mib, &cmdline(0, None), None);
+                let m = live(env, vmm, mib, &cmdline(0, None), None, None);
                 if env.verbose {
                     eprintln!("[idle {mib} MiB {}] {m:?}", vmm.name());
                 }
@@ -72,17 +72,30 @@ pub fn idle(env: &mut Env, sizes: &[u32]) {
 
 pub fn dirty(env: &mut Env) {
     let mib = 1024;
-    let loads: &[(&str, &str, &str)] = &[
-        ("50M", "256M", "50 MB/s over 256 MiB"),
-        ("max", "256M", "unthrottled over 256 MiB"),
-        ("max", "768M", "unthrottled over 768 MiB"),
+    // (rate, size, label, auto-converge: None = each VMM's default).
+    type Load = (&'static str, &'static str, &'static str, Option<bool>);
+    let loads: &[Load] = &[
+        ("50M", "256M", "50 MB/s over 256 MiB", None),
+        ("max", "256M", "unthrottled over 256 MiB", None),
+        ("max", "768M", "unthrottled over 768 MiB", None),
+        (
+            "max",
+            "768M",
+            "unthrottled over 768 MiB, auto-converge on in both",
+            Some(true),
+        ),
     ];
+    let key = |rate: &str, size: &str, ac: Option<bool>| match ac {
+        Some(true) => format!("{rate}/{size}+ac"),
+        Some(false) => format!("{rate}/{size}-ac"),
+        None => format!("{rate}/{size}"),
+    };
     let picked = std::env::var("FERRY_BENCH_DIRTY").ok();
     let mut table = Vec::new();
-    for &(rate, size, label) in loads.iter().filter(|(rate, size, _)| {
+    for &(rate, size, label, auto_converge) in loads.iter().filter(|(rate, size, _, ac)| {
         picked
             .as_deref()
-            .is_none_or(|p| p.split(',').any(|k| k.trim() == format!("{rate}/{size}")))
+            .is_none_or(|p| p.split(',').any(|k| k.trim() == key(rate, size, *ac)))
     }) {
         let mut results: Vec<(Vmm, Migration)> = Vec::new();
         for run in 0..env.runs {
@@ -90,7 +103,14 @@ pub fn dirty(env: &mut Env) {
                 // Ferry gives up by itself after x-max-passes; QEMU would
                 // go on for ever.
                 let bound = (vmm == Vmm::Qemu).then_some(QEMU_BOUND);
-                let m = live(env, vmm, mib, &cmdline(0, Some((rate, size))), bound);
+                let m = live(
+                    env,
+                    vmm,
+                    mib,
+                    &cmdline(0, Some((rate, size))),
+                    bound,
+                    auto_converge,
+                );
                 if env.verbose {
                     eprintln!("[dirty {label} {}] {m:?}", vmm.name());
                 }
@@ -218,7 +238,7 @@ pub fn echo_floor(env: &mut Env) {
     for vmm in env.vmms.clone() {
         for idle in ["auto", "spin"] {
             let cmd = format!("{} probe.idle={idle}", cmdline(0, None));
-            let src = source(vmm, &env.hosts, 256, &cmd);
+            let src = source(vmm, &env.hosts, 256, &cmd, None);
             let echo = EchoStream::start(&env.hosts);
             std::thread::sleep(Duration::from_secs(3));
             let r = echo.stop();

@@ -41,7 +41,7 @@ pub struct Restore {
 pub fn save(env: &mut Env, vmm: Vmm, mib: u32, file: &Path) -> Save {
     let _ = std::fs::remove_file(file);
     let cmd = cmdline(SNAPSHOT_HEARTBEAT_MS, None);
-    let mut src = source(vmm, &env.hosts, mib, &cmd);
+    let mut src = source(vmm, &env.hosts, mib, &cmd, None);
     std::thread::sleep(Duration::from_millis(500));
     let uri = match vmm {
         Vmm::Ferry => format!("file:{}", file.display()),
