@@ -40,6 +40,7 @@ fn run(args: cli::RunArgs) -> ExitCode {
     };
     let vm = match built {
         Ok(vm) => vm,
+        Err(vmm::VmmError::QuitWhileArriving) => return ExitCode::SUCCESS,
         Err(e) => return fail(e),
     };
     match vm.run() {

@@ -69,6 +69,24 @@ pub fn migrate(vm: &FerryVm, uri: &str) {
         .expect("migrate");
 }
 
+/// Waits until `vm`'s runstate is `want` (a restore from a file answers
+/// QMP while it loads, in `inmigrate`).
+pub fn wait_status(vm: &FerryVm, want: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = status(vm);
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {now}, not {want}, after {timeout:?}; stderr: {}",
+            vm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 pub fn status(vm: &FerryVm) -> String {
     vm.execute("query-status", json!({})).expect("query-status")["status"]
         .as_str()

@@ -9,7 +9,7 @@ use std::time::Duration;
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_kvm, require_root};
 use ferry_tests::hosts::{
-    migrate, status, wait_migration, TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
+    migrate, status, wait_migration, wait_status, TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
 };
 use ferry_tests::netns::Netns;
 use ferry_tests::probe::heartbeat::{heartbeats, wait_heartbeats};
@@ -190,7 +190,7 @@ fn snapshot_then_restore_twice_into_new_processes() {
     other.add_addr(B_TAP, "198.18.0.1/24").unwrap();
     for (ns, name) in [(&hosts.b, "restore-1"), (&other, "restore-2")] {
         let dst = destination(name, ns, &format!("file:{}", file.display()), &[]);
-        assert_eq!(status(&dst), "running");
+        wait_status(&dst, "running", T);
         // Restored at the moment of the snapshot: the heartbeat continues
         // from there.
         assert_moved_intact(

@@ -70,6 +70,9 @@ pub enum VmmError {
     LinuxNeedsHardwareVirt,
     #[error("event loop: {0}")]
     EventLoop(String),
+    /// Not a failure: QMP `quit` while an incoming VM was arriving.
+    #[error("quit (QMP) before the incoming VM had arrived")]
+    QuitWhileArriving,
     #[error(transparent)]
     Tap(#[from] net::TapError),
     #[error("{0} virtio devices do not fit the interrupt lines of the IOAPIC")]

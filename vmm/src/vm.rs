@@ -17,9 +17,10 @@ use crate::builder::{self, VmParts};
 use crate::check::{kvm_kind, KvmKind};
 use crate::config::{resolve_nets, SerialConfig, VmConfig};
 use crate::console::{ConsoleInput, RawTerminal};
-use crate::control::{VmControl, COMMANDS};
+use crate::control::VmControl;
 use crate::exit::{ExitState, VmExit};
-use crate::qmp::{EventEmitter, QmpListener, QmpServer, QmpSocketSpec};
+use crate::migrate::arriving::QmpEndpoint;
+use crate::qmp::{EventEmitter, QmpListener, QmpSocketSpec};
 use crate::runstate::{RunState, RunStateMachine};
 use crate::vcpu::{self, Vcpu, VcpuCommand};
 use crate::{boot, VmmError};
@@ -30,7 +31,7 @@ pub struct Vm {
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) runstate: Arc<Mutex<RunStateMachine>>,
     pub(crate) stdio_console: bool,
-    pub(crate) qmp: Option<QmpListener>,
+    pub(crate) qmp: Option<QmpEndpoint>,
     pub(crate) start_paused: bool,
     /// The announce schedule an incoming migration brought.
     pub(crate) announce: Option<net::AnnounceParams>,
@@ -66,7 +67,7 @@ impl Vm {
             vcpus: machine.vcpus,
             runstate: Arc::new(Mutex::new(RunStateMachine::new(RunState::Prelaunch))),
             stdio_console: config.serial == SerialConfig::Stdio,
-            qmp,
+            qmp: qmp.map(QmpEndpoint::Bound),
             start_paused: config.start_paused,
             announce: None,
         })
@@ -132,7 +133,6 @@ impl Vm {
         }
 
         let runstate = self.runstate.clone();
-        let emitter = EventEmitter::new().map_err(|e| VmmError::Qmp(e.to_string()))?;
         let announcer = Arc::new(Mutex::new(Announcer::new(parts.nets.clone()).map_err(
             |source| VmmError::Io {
                 what: "announce timer",
@@ -142,20 +142,26 @@ impl Vm {
         event_manager.add_subscriber(Arc::new(Mutex::new(AnnouncerHandler::new(
             announcer.clone(),
         ))));
-        let control = VmControl::new(parts.clone(), runstate.clone(), emitter.clone(), announcer);
+        let make_control = |emitter: &EventEmitter| {
+            VmControl::new(parts.clone(), runstate.clone(), emitter.clone(), announcer)
+        };
+        // The control socket: bound now, or served since the VM began to
+        // arrive (its clients stay connected).
+        let (control, qmp, emitter) = match self.qmp.take() {
+            Some(endpoint) => {
+                let (server, control) = endpoint.into_server(make_control)?;
+                event_manager.add_subscriber(server.clone());
+                let emitter = devices::bus::lock(&server).emitter().clone();
+                (control, Some(server), emitter)
+            }
+            None => {
+                let emitter = EventEmitter::new().map_err(|e| VmmError::Qmp(e.to_string()))?;
+                (make_control(&emitter), None, emitter)
+            }
+        };
         if let Some(params) = self.announce {
             control.set_announce_params(params);
         }
-        let qmp = match self.qmp.take() {
-            Some(listener) => {
-                let server = QmpServer::new(listener, COMMANDS, control.clone(), emitter.clone())
-                    .map_err(|e| VmmError::Qmp(e.to_string()))?;
-                let server = Arc::new(Mutex::new(server));
-                event_manager.add_subscriber(server.clone());
-                Some(server)
-            }
-            None => None,
-        };
         if !self.start_paused {
             control.start().map_err(|e| VmmError::Qmp(e.to_string()))?;
         }

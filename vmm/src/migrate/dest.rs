@@ -23,6 +23,8 @@ use crate::runstate::{RunState, RunStateMachine};
 use crate::state::{check_xsave_size, VcpuState, VmState};
 use crate::vm::{bind_qmp_spec, Vm};
 use crate::VmmError;
+use arriving::{Abort, ArrivingQmp};
+use std::os::fd::AsRawFd;
 
 fn err(message: impl Into<String>) -> VmmError {
     VmmError::Migration(message.into())
@@ -159,29 +161,59 @@ impl Vm {
                 config.uri
             ))
         })?;
-        let qmp = bind_qmp_spec(config.qmp.as_ref())?;
+        // QMP answers from now on (runstate inmigrate), on its own thread
+        // until the VM has arrived.
+        let abort = Arc::new(Abort::new()?);
+        let arriving = bind_qmp_spec(config.qmp.as_ref())?
+            .map(|l| ArrivingQmp::start(l, abort.clone()))
+            .transpose()?;
+        let quit = |arriving: Option<ArrivingQmp>| {
+            if let Some(a) = arriving {
+                a.say_goodbye();
+            }
+            VmmError::QuitWhileArriving
+        };
         log::info!(
             "waiting for an incoming migration on {}",
             listener.local_addr()
         );
+        wait_for_source(&listener, &abort)?;
+        if abort.requested() {
+            return Err(quit(arriving));
+        }
         let channel = listener
             .accept()
             .map_err(|e| err(format!("incoming migration on {}: {e}", config.uri)))?;
+        abort.watch(&*channel);
         let answerable = !matches!(config.uri, MigrationUri::File(_));
         let mut reader = StreamReader::new(channel).map_err(|e| err(e.to_string()));
         let result = match reader.as_mut() {
-            Ok(r) => load(r, config, answerable),
+            Ok(r) if !abort.requested() => load(r, config, answerable),
+            Ok(_) => Err(VmmError::QuitWhileArriving),
             Err(e) => Err(err(e.to_string())),
         };
         match (result, reader) {
             (Ok(mut vm), Ok(mut r)) => {
+                // QMP moves to the VM before the acknowledgement: once the
+                // source says completed, nobody is told `inmigrate`.
+                if let Some(a) = arriving {
+                    vm.qmp = Some(a.hand_over());
+                }
+                if abort.requested() {
+                    // `quit` came in as the load ended: honoured, and the
+                    // source, never acknowledged, keeps its guest.
+                    if answerable {
+                        let _ = send_nak(r.inner_mut(), "quit on the destination");
+                    }
+                    return Err(VmmError::QuitWhileArriving);
+                }
                 if answerable {
                     send_ack(r.inner_mut())
                         .map_err(|e| err(format!("cannot acknowledge the migration: {e}")))?;
                 }
-                vm.qmp = qmp;
                 Ok(vm)
             }
+            (Err(_), _) if abort.requested() => Err(quit(arriving)),
             (Err(e), Ok(mut r)) => {
                 if answerable {
                     let _ = send_nak(r.inner_mut(), &e.to_string());
@@ -189,6 +221,41 @@ impl Vm {
                 Err(e)
             }
             (Err(e), Err(_)) | (Ok(_), Err(e)) => Err(e),
+        }
+    }
+}
+
+/// Blocks until the source connects (`file:` needs no wait) or a QMP
+/// `quit` asks to give up.
+fn wait_for_source(listener: &Listener, abort: &Abort) -> Result<(), VmmError> {
+    let Some(fd) = listener.as_raw_fd() else {
+        return Ok(());
+    };
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: abort.evt.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a live array of two pollfds whose descriptors
+        // (the listener's and the eventfd) outlive the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n >= 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(VmmError::Io {
+                what: "wait for the incoming migration",
+                source: e,
+            });
         }
     }
 }

@@ -9,6 +9,7 @@
 //! with an acknowledgement once everything is loaded (see [`ack`]).
 
 pub mod ack;
+pub mod arriving;
 pub mod dest;
 pub mod job;
 mod pagemap;

@@ -485,6 +485,13 @@ impl<H: QmpHandler> MutEventSubscriber for QmpServer<H> {
         if let Err(e) = ops.add(Events::new(self.emitter.wake_fd(), EventSet::IN)) {
             log::error!("qmp: cannot watch the event queue: {e:?}");
         }
+        // Clients already connected when the server moves to another event
+        // loop (from an incoming VM's arrival to its run).
+        for (&fd, client) in self.clients.iter_mut() {
+            if let Err(e) = ops.add(Events::new_raw(fd, client.registered)) {
+                client.dead = Some(format!("cannot watch it: {e:?}"));
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
