@@ -23,7 +23,7 @@ use ferry_tests::announce::{
 };
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_kvm, require_root, require_tool};
-use ferry_tests::hosts::{migrate, status, wait_migration};
+use ferry_tests::hosts::{migrate, status, wait_migration, wait_status};
 use ferry_tests::netns::{Capture, Netns};
 use ferry_tests::probe::checks::{network_cmdline, GUEST_MAC, SECOND_MAC, VLAN, VLAN_MAC};
 use ferry_tests::probe::READY;
@@ -313,7 +313,7 @@ fn snapshot_restore_announces_and_with_s_only_at_cont() {
     let host = Host::new("annrest");
     let start = SystemTime::now();
     let vm = restored("annrest", &host, &file_s, false);
-    assert_eq!(status(&vm), "running");
+    wait_status(&vm, "running", T);
     std::thread::sleep(SCHEDULE);
     drop(vm);
     let (net0, net1) = host.frames();
@@ -324,7 +324,7 @@ fn snapshot_restore_announces_and_with_s_only_at_cont() {
     // Restored with -S: nothing until `cont`; a later stop/cont is quiet.
     let host = Host::new("annrests");
     let vm = restored("annrest-S", &host, &file_s, true);
-    assert_eq!(status(&vm), "prelaunch-migrate");
+    wait_status(&vm, "prelaunch-migrate", T);
     std::thread::sleep(Duration::from_millis(500));
     let cont = SystemTime::now();
     vm.execute("cont", json!({})).expect("cont");
