@@ -10,6 +10,7 @@ pub mod hosts;
 pub mod linux;
 pub mod netns;
 pub mod probe;
+pub mod stream;
 pub mod switch;
 pub mod tiny;
 pub mod virtio_driver;

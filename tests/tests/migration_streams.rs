@@ -11,6 +11,7 @@ use ferry_tests::ferry::{command, run_with_timeout, FerryVm, VmSpec};
 use ferry_tests::host::require_kvm;
 use ferry_tests::hosts::wait_migration;
 use ferry_tests::probe::{Cmdline, READY};
+use ferry_tests::stream::{crc32, sections};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
@@ -35,24 +36,6 @@ fn snapshot() -> &'static [u8] {
         let _ = std::fs::remove_file(&file);
         bytes
     })
-}
-
-/// (kind, name, section start, payload start, payload length) of each
-/// section, walking the documented format (docs/migration-stream.md).
-fn sections(stream: &[u8]) -> Vec<(u8, String, usize, usize, usize)> {
-    let mut out = Vec::new();
-    let mut at = 16;
-    while at < stream.len() {
-        let kind = stream[at];
-        let name_len = stream[at + 1] as usize;
-        let name = String::from_utf8_lossy(&stream[at + 2..at + 2 + name_len]).into_owned();
-        let len_at = at + 2 + name_len + 4;
-        let len = u64::from_le_bytes(stream[len_at..len_at + 8].try_into().unwrap()) as usize;
-        let payload = len_at + 8;
-        out.push((kind, name, at, payload, len));
-        at = payload + len + 4;
-    }
-    out
 }
 
 fn restore(test: &str, stream: &[u8]) -> (Option<i32>, String) {
@@ -118,29 +101,25 @@ fn flipped_byte_in_ram_and_in_a_device_section() {
     }
     let s = snapshot();
     let secs = sections(s);
-    let (_, _, _, ram_payload, ram_len) = *secs
+    let ram = secs
         .iter()
-        .find(|x| x.0 == 2 && x.4 > 20_000)
+        .find(|x| x.kind == 2 && x.len > 20_000)
         .expect("a RAM section with data");
     let mut bad = s.to_vec();
-    bad[ram_payload + ram_len / 2] ^= 0x10;
+    bad[ram.payload + ram.len / 2] ^= 0x10;
     assert_refused(
         "flip-ram",
         &bad,
         &["checksum mismatch", "section ram", "byte"],
     );
 
-    let (_, name, _, dev_payload, dev_len) = secs
-        .iter()
-        .find(|x| x.0 == 5)
-        .cloned()
-        .expect("a device section");
+    let dev = secs.iter().find(|x| x.kind == 5).expect("a device section");
     let mut bad = s.to_vec();
-    bad[dev_payload + dev_len / 2] ^= 0x01;
+    bad[dev.payload + dev.len / 2] ^= 0x01;
     assert_refused(
         "flip-device",
         &bad,
-        &["checksum mismatch", &format!("section {name}")],
+        &["checksum mismatch", &format!("section {}", dev.name)],
     );
 }
 
@@ -161,7 +140,7 @@ fn wrong_magic_future_version_unknown_section() {
     // A section of a kind this build does not know, with a valid CRC, right
     // after the config: refused by kind, not by checksum.
     let secs = sections(s);
-    let after_config = secs[1].2;
+    let after_config = secs[1].start;
     let mut unknown = vec![0x42u8, 5];
     unknown.extend(b"bogus");
     unknown.extend(1u32.to_le_bytes());
@@ -173,20 +152,4 @@ fn wrong_magic_future_version_unknown_section() {
     bad.extend(&unknown);
     bad.extend(&s[after_config..]);
     assert_refused("unknown", &bad, &["unknown", "bogus"]);
-}
-
-/// CRC-32 (IEEE), bit by bit: the test's own, independent of the crate.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
