@@ -47,6 +47,53 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { size, source })
 }
 
+/// Lets the host back anonymous guest RAM with transparent huge pages, as
+/// QEMU does: KVM then maps the guest 2 MiB at a time, and a guest that
+/// walks its memory runs ~1.7× faster on kvm_pvm (measured with the
+/// probe's dirtier over 768 MiB). Needs the host's THP `enabled` to be
+/// `madvise` or `always`; huge guest mappings also need each region to
+/// start 2 MiB-aligned (Linux ≥ 6.7 aligns large anonymous mappings).
+///
+/// An incoming migration calls this only once the VM has arrived: a huge
+/// page first touched while the stream is loading is a 2 MiB clear, and
+/// under the default THP `defrag` a compaction, on the stopped guest's
+/// critical path (idle 1 GiB downtime went from ~2 ms to ~10 ms).
+pub fn advise_huge_pages(memory: &GuestMemoryMmap) {
+    const HUGE: usize = 2 << 20;
+    for region in memory.iter() {
+        // The first 2 MiB of guest memory hold what boot writes and the
+        // guest touches first (boot tables, stacks, a kernel at 1 MiB): a
+        // huge page there would be cleared whole before the first guest
+        // instruction, for nothing.
+        let skip = if region.start_addr().0 == 0 {
+            HUGE.min(region.len() as usize)
+        } else {
+            0
+        };
+        // SAFETY: `skip` is within the region, so `addr` points into it.
+        let addr = unsafe { region.as_ptr().add(skip) };
+        let len = region.len() as usize - skip;
+        if len == 0 {
+            continue;
+        }
+        // SAFETY: madvise only changes how the kernel backs this live
+        // mapping of `len` bytes; its contents stay as they are.
+        let rc = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            log::info!(
+                "guest RAM at {:#x}: no transparent huge pages ({})",
+                region.start_addr().0,
+                std::io::Error::last_os_error()
+            );
+        } else if !(addr as usize).is_multiple_of(HUGE) {
+            log::info!(
+                "guest RAM at {:#x} is mapped at {addr:p}, not 2 MiB-aligned: KVM cannot map it with huge pages",
+                region.start_addr().0
+            );
+        }
+    }
+}
+
 /// Where guest RAM lives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MemoryBackend {

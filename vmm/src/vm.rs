@@ -61,6 +61,9 @@ impl Vm {
             ..Default::default()
         };
         let machine = builder::build(&config.machine, &nets, &config.serial, kind, host)?;
+        if config.memory_backend == crate::memory::MemoryBackend::Anonymous {
+            crate::memory::advise_huge_pages(&machine.parts.memory);
+        }
         builder::boot(&machine, &config.boot)?;
         Ok(Self {
             parts: Arc::new(machine.parts),

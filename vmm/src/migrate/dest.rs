@@ -211,6 +211,9 @@ impl Vm {
                     send_ack(r.inner_mut())
                         .map_err(|e| err(format!("cannot acknowledge the migration: {e}")))?;
                 }
+                if vm.parts.memfd.is_none() {
+                    crate::memory::advise_huge_pages(&vm.parts.memory);
+                }
                 Ok(vm)
             }
             (Err(_), _) if abort.requested() => Err(quit(arriving)),
