@@ -277,7 +277,28 @@ impl Drop for Netns {
             // SAFETY: plain kill(2) of a pid that lives in our namespace.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        let _ = run_ip(&["netns", "del", &self.name]);
+        // `ip netns del` can fail while other tests add or delete
+        // namespaces at the same moment (the shared /run/netns mount is
+        // busy): try again rather than leave one behind.
+        let mut last = None;
+        for _ in 0..20 {
+            match run_ip(&["netns", "del", &self.name]) {
+                Ok(()) => return,
+                Err(e) => last = Some(e),
+            }
+            if !std::path::Path::new("/run/netns").join(&self.name).exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        if let Some(e) = last {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "WARNING: network namespace {} left behind: {e}",
+                self.name
+            );
+        }
     }
 }
 
