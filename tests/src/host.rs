@@ -106,3 +106,32 @@ pub fn workspace_root() -> PathBuf {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(".."))
 }
+
+/// A file or directory under the temporary directory that is removed
+/// when dropped, so a failing test cleans up as well as a passing one.
+pub struct TempPath(PathBuf);
+
+impl TempPath {
+    /// `$TMPDIR/ferry-<name>-<pid>` (nothing is created).
+    pub fn new(name: &str) -> TempPath {
+        TempPath(std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id())))
+    }
+}
+
+impl std::ops::Deref for TempPath {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        if self.0.is_dir() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}

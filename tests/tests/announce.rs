@@ -38,7 +38,7 @@ use ferry_tests::announce::{
     announce_frames, round_content, round_offsets_ms, rounds, schedule_matches, AnnounceFrame, Kind,
 };
 use ferry_tests::ferry::{FerryVm, VmSpec};
-use ferry_tests::host::{require_hw_virt, require_kvm, require_root, require_tool, skip};
+use ferry_tests::host::{require_hw_virt, require_kvm, require_root, require_tool, skip, TempPath};
 use ferry_tests::hosts::{migrate, status, wait_migration, A_TAP, B_ADDR, B_TAP};
 use ferry_tests::probe::checks::{network_cmdline, GUEST_MAC};
 use ferry_tests::probe::{fields, READY};
@@ -134,9 +134,7 @@ fn migrate_with_pings(
         );
     }
     let monitor = FdbMonitor::start(sw);
-    let dir = std::env::temp_dir().join(format!("ferry-announce-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(format!("{}.pcap", sw.sw.name()));
+    let file = TempPath::new(&format!("{}.pcap", sw.sw.name()));
     let capture = sw.sw.capture(PORT_B, &file).expect("capture");
     let t0 = SystemTime::now();
     migrate(src, uri);
@@ -166,7 +164,6 @@ fn migrate_with_pings(
     );
     let macs: Vec<&str> = ids.iter().map(|i| i.mac).collect();
     let frames = announce_frames(&pcap, &macs).expect("tshark");
-    let _ = std::fs::remove_file(&file);
     let downtime_ms = info["downtime"].as_u64().expect("downtime");
     let aged = monitor
         .events()

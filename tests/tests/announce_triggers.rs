@@ -15,14 +15,13 @@
 //!   restoring it (`ferry run --incoming file:`) does, at once; with `-S`
 //!   only at `cont` (and a later stop/cont does not again).
 
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_tests::announce::{
     announce_frames, round_content, round_offsets_ms, rounds, schedule_matches, AnnounceFrame, Kind,
 };
 use ferry_tests::ferry::{FerryVm, VmSpec};
-use ferry_tests::host::{require_kvm, require_root, require_tool};
+use ferry_tests::host::{require_kvm, require_root, require_tool, TempPath};
 use ferry_tests::hosts::{migrate, status, wait_migration, wait_status};
 use ferry_tests::netns::{Capture, Netns};
 use ferry_tests::probe::checks::{network_cmdline, GUEST_MAC, SECOND_MAC, VLAN, VLAN_MAC};
@@ -59,7 +58,8 @@ fn secs(t: SystemTime) -> f64 {
 struct Host {
     ns: Netns,
     captures: Vec<Capture>,
-    files: Vec<PathBuf>,
+    /// Removed when the host goes, whatever the test's outcome.
+    _files: Vec<TempPath>,
 }
 
 impl Host {
@@ -71,14 +71,14 @@ impl Host {
         let mut files = Vec::new();
         for tap in ["tap0", "tap1"] {
             ns.add_tap(tap).expect("tap");
-            let file = std::env::temp_dir().join(format!("ferry-{}-{tap}.pcap", ns.name()));
+            let file = TempPath::new(&format!("{}-{tap}.pcap", ns.name()));
             captures.push(ns.capture(tap, &file).expect("tcpdump"));
             files.push(file);
         }
         Host {
             ns,
             captures,
-            files,
+            _files: files,
         }
     }
 
@@ -86,10 +86,10 @@ impl Host {
     fn frames(self) -> (Vec<AnnounceFrame>, Vec<AnnounceFrame>) {
         let mut out = Vec::new();
         let macs = [vec![GUEST_MAC, SECOND_MAC, VLAN_MAC], vec![NET1_MAC]];
-        for ((capture, file), macs) in self.captures.into_iter().zip(&self.files).zip(&macs) {
+        // The capture files go with `self._files` at the end.
+        for (capture, macs) in self.captures.into_iter().zip(&macs) {
             let pcap = capture.stop().expect("tcpdump");
             out.push(announce_frames(&pcap, macs).expect("tshark"));
-            let _ = std::fs::remove_file(file);
         }
         let net1 = out.pop().unwrap();
         (out.pop().unwrap(), net1)
@@ -293,7 +293,7 @@ fn snapshot_restore_announces_and_with_s_only_at_cont() {
         return;
     }
     let _serial = serial();
-    let file = std::env::temp_dir().join(format!("ferry-announce-{}.fm", std::process::id()));
+    let file = TempPath::new("announce.fm");
     let file_s = file.display().to_string();
     let source = Host::new("annsnap");
     let vm = boot("annsnap-src", &source);
@@ -334,7 +334,6 @@ fn snapshot_restore_announces_and_with_s_only_at_cont() {
     std::thread::sleep(SCHEDULE);
     let counters = vm.console.send_command("counters 0", T);
     drop(vm);
-    let _ = std::fs::remove_file(&file);
     let (net0, net1) = host.frames();
     assert_schedule("restore -S, cont", &net0, true, &ROUNDS_MS);
     assert_schedule("restore -S, cont", &net1, false, &ROUNDS_MS);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_tests::ferry::{FerryVm, VmSpec};
-use ferry_tests::host::{require_kvm, require_root};
+use ferry_tests::host::{require_kvm, require_root, TempPath};
 use ferry_tests::hosts::{
     migrate, status, wait_migration, wait_status, TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
 };
@@ -175,7 +175,7 @@ fn snapshot_then_restore_twice_into_new_processes() {
     let hosts = TwoHosts::new("snap");
     let src = source("snap-src", &hosts.a, "256M");
     wait_heartbeats(&src.console, 3, T);
-    let file = std::env::temp_dir().join(format!("ferry-snapshot-{}.fm", std::process::id()));
+    let file = TempPath::new("snapshot.fm");
     migrate(&src, &format!("file:{}", file.display()));
     let info = wait_migration(&src, T);
     assert_eq!(info["status"], "completed", "{info}");
@@ -202,5 +202,4 @@ fn snapshot_then_restore_twice_into_new_processes() {
             ns,
         );
     }
-    let _ = std::fs::remove_file(&file);
 }
