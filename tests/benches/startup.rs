@@ -206,5 +206,4 @@ fn main() {
     } else {
         println!("\n(qemu-system-x86_64 not installed: no comparison)");
     }
-    let _ = std::fs::remove_file(guest);
 }

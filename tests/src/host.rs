@@ -116,6 +116,16 @@ impl TempPath {
     pub fn new(name: &str) -> TempPath {
         TempPath(std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id())))
     }
+
+    /// Takes charge of `path` (anywhere).
+    pub fn at(path: PathBuf) -> TempPath {
+        TempPath(path)
+    }
+
+    /// The path as a command-line argument.
+    pub fn arg(&self) -> &str {
+        self.0.to_str().expect("temporary paths are UTF-8")
+    }
 }
 
 impl std::ops::Deref for TempPath {
@@ -133,5 +143,11 @@ impl Drop for TempPath {
         } else {
             let _ = std::fs::remove_file(&self.0);
         }
+    }
+}
+
+impl AsRef<Path> for TempPath {
+    fn as_ref(&self) -> &Path {
+        &self.0
     }
 }

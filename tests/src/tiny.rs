@@ -99,8 +99,8 @@ pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
 }
 
 /// Writes a tiny guest to a fresh file under the target directory and
-/// returns its path.
-pub fn write_guest(name: &str, message: &[u8], ending: Ending) -> std::path::PathBuf {
+/// returns its path; the file goes when that is dropped.
+pub fn write_guest(name: &str, message: &[u8], ending: Ending) -> crate::host::TempPath {
     let dir = crate::host::workspace_root()
         .join("target")
         .join("tiny-guests");
@@ -111,5 +111,5 @@ pub fn write_guest(name: &str, message: &[u8], ending: Ending) -> std::path::Pat
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = dir.join(format!("{name}-{}-{n}.elf", std::process::id()));
     std::fs::write(&path, pvh_elf(&code(message, ending))).expect("write tiny guest");
-    path
+    crate::host::TempPath::at(path)
 }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use ferry_tests::ferry::{command, run_with_timeout, Finished};
+use ferry_tests::host::TempPath;
 use ferry_tests::tiny::{write_guest, Ending};
 
 fn ferry(args: &[&str]) -> Finished {
@@ -41,10 +42,8 @@ fn assert_one_line_error(out: &Finished, expect: &[&str]) {
     );
 }
 
-fn guest() -> String {
+fn guest() -> TempPath {
     write_guest("errors", b"X", Ending::AcpiPowerOff)
-        .display()
-        .to_string()
 }
 
 #[test]
@@ -67,7 +66,7 @@ fn missing_initrd() {
     let out = ferry(&[
         "run",
         "--kernel",
-        &guest(),
+        guest().arg(),
         "--initrd",
         "/nonexistent/initrd.img",
     ]);
@@ -76,43 +75,43 @@ fn missing_initrd() {
 
 #[test]
 fn zero_memory() {
-    let out = ferry(&["run", "--kernel", &guest(), "--memory", "0"]);
+    let out = ferry(&["run", "--kernel", guest().arg(), "--memory", "0"]);
     assert_one_line_error(&out, &["--memory"]);
 }
 
 #[test]
 fn memory_larger_than_the_host() {
-    let out = ferry(&["run", "--kernel", &guest(), "--memory", "900T"]);
+    let out = ferry(&["run", "--kernel", guest().arg(), "--memory", "900T"]);
     assert_one_line_error(&out, &["--memory", "more than this host"]);
 }
 
 #[test]
 fn malformed_memory() {
-    let out = ferry(&["run", "--kernel", &guest(), "--memory", "lots"]);
+    let out = ferry(&["run", "--kernel", guest().arg(), "--memory", "lots"]);
     assert_one_line_error(&out, &["--memory", "lots"]);
 }
 
 #[test]
 fn zero_cpus() {
-    let out = ferry(&["run", "--kernel", &guest(), "--cpus", "0"]);
+    let out = ferry(&["run", "--kernel", guest().arg(), "--cpus", "0"]);
     assert_one_line_error(&out, &["--cpus"]);
 }
 
 #[test]
 fn unknown_flag() {
-    let out = ferry(&["run", "--kernel", &guest(), "--frobnicate"]);
+    let out = ferry(&["run", "--kernel", guest().arg(), "--frobnicate"]);
     assert_one_line_error(&out, &["--frobnicate"]);
 }
 
 #[test]
 fn bad_serial() {
-    let out = ferry(&["run", "--kernel", &guest(), "--serial", "tcp:1234"]);
+    let out = ferry(&["run", "--kernel", guest().arg(), "--serial", "tcp:1234"]);
     assert_one_line_error(&out, &["--serial"]);
 }
 
 #[test]
 fn command_line_too_long() {
     let long = "x".repeat(70_000);
-    let out = ferry(&["run", "--kernel", &guest(), "--cmdline", &long]);
+    let out = ferry(&["run", "--kernel", guest().arg(), "--cmdline", &long]);
     assert_one_line_error(&out, &["command line", "bytes"]);
 }
