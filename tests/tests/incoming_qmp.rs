@@ -7,6 +7,7 @@ use std::time::Duration;
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::require_kvm;
 use ferry_tests::hosts::{migrate, wait_migration};
+use ferry_tests::probe::heartbeat::{last_heartbeat, wait_heartbeat_beyond};
 use ferry_tests::probe::{Cmdline, READY};
 use serde_json::json;
 
@@ -79,4 +80,54 @@ fn quit_while_arriving_ends_the_destination_cleanly() {
     assert_eq!(dst.wait(T).code(), Some(0), "{}", dst.stderr());
     assert!(!path.exists(), "the migration socket was left behind");
     assert!(!dst.qmp_path().exists(), "the QMP socket was left behind");
+}
+
+#[test]
+fn quit_mid_stream_gives_up_and_the_source_runs_on() {
+    let test = "quit_mid_stream_gives_up_and_the_source_runs_on";
+    if require_kvm(test).is_none() {
+        return;
+    }
+    let path = socket_path("quitmid");
+    let uri = format!("unix:{}", path.display());
+    let mut dst = FerryVm::spawn("quitmid-dst", &VmSpec::incoming(&uri), None);
+    let mut spec = VmSpec::probe(&Cmdline::new().heartbeat_ms(50).pattern(3, "32M").build());
+    spec.memory = "128M".into();
+    let src = FerryVm::spawn("quitmid-src", &spec, None);
+    src.console.expect("probe: pattern written", T);
+    // 4 MB/s: the 32 MiB pattern alone keeps the stream going for seconds.
+    src.execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 4 << 20 }),
+    )
+    .expect("parameters");
+    migrate(&src, &uri);
+    let mut c = src.qmp();
+    loop {
+        let info = c.execute("query-migrate", None).expect("query-migrate");
+        if info["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20 {
+            break;
+        }
+        assert!(
+            info["status"] == "setup" || info["status"] == "active",
+            "{info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        dst.execute("query-status", json!({}))
+            .expect("query-status")["status"],
+        "inmigrate"
+    );
+    dst.execute("quit", json!({})).expect("quit");
+    assert_eq!(dst.wait(T).code(), Some(0), "{}", dst.stderr());
+    let info = wait_migration(&src, T);
+    assert_eq!(info["status"], "failed", "{info}");
+    let status = src
+        .execute("query-status", json!({}))
+        .expect("query-status");
+    assert_eq!(status["status"], "running", "{status}");
+    let n = last_heartbeat(&src.console);
+    wait_heartbeat_beyond(&src.console, n + 3, T);
+    assert!(!path.exists(), "the migration socket was left behind");
 }
