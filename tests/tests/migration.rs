@@ -203,3 +203,49 @@ fn snapshot_then_restore_twice_into_new_processes() {
         );
     }
 }
+
+#[test]
+fn a_running_guest_is_snapshotted_live() {
+    let test = "a_running_guest_is_snapshotted_live";
+    if require_kvm(test).is_none() {
+        return;
+    }
+    let mut spec = VmSpec::probe(&Cmdline::new().heartbeat_ms(20).pattern(8, "32M").build());
+    spec.memory = "128M".into();
+    let vm = FerryVm::spawn("snaplive", &spec, None);
+    vm.console.expect("probe: pattern written", T);
+    // 16 MB/s: the save takes about two seconds, which the guest runs
+    // through.
+    vm.execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 16 << 20 }),
+    )
+    .expect("parameters");
+    let file = TempPath::new("snaplive.fm");
+    migrate(&vm, &format!("file:{}", file.display()));
+    let during = heartbeats(&vm.console).len();
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut c = vm.qmp();
+    let info = c.execute("query-migrate", None).expect("query-migrate");
+    assert_eq!(info["status"], "active", "{info}");
+    assert_eq!(status(&vm), "running");
+    assert!(
+        heartbeats(&vm.console).len() >= during + 10,
+        "the guest did not run during the save"
+    );
+    let info = wait_migration(&vm, T);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(
+        info["downtime"].as_u64().is_some_and(|d| d < 500),
+        "stopped for the whole save: {info}"
+    );
+    assert_eq!(status(&vm), "running");
+
+    let restored = FerryVm::spawn(
+        "snaplive-restore",
+        &VmSpec::incoming(&format!("file:{}", file.display())),
+        None,
+    );
+    wait_status(&restored, "running", T);
+    restored.console.assert_pattern_intact(T);
+}

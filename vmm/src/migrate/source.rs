@@ -10,9 +10,9 @@
 //! its passes shrink; after `x-max-passes` passes without converging the
 //! migration fails with the rates that prevented it, and the guest runs
 //! on at full speed.
-//! To `file:` (a snapshot) the guest is stopped for one pass instead and
-//! returns to its state afterwards. Any failure, anywhere, returns the
-//! guest to the state it had.
+//! To `file:` (a snapshot) a running guest is saved the same way, live,
+//! and runs on afterwards; a paused one is saved in one pass. Any
+//! failure, anywhere, returns the guest to the state it had.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,15 +116,16 @@ fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: 
         stopped_at: None,
         acked_at: None,
         phases: Phases::default(),
+        logging: false,
     };
     let result = outcome.migrate(&uri, before);
-    let to_socket = !matches!(uri, MigrationUri::File(_));
+    let logging = outcome.logging;
     let dirty_logging_off = || {
         if let Err(e) = ram::set_dirty_logging(&control.parts, false) {
             log::warn!("migration: {e}");
         }
     };
-    if result.is_err() && to_socket {
+    if result.is_err() && logging {
         dirty_logging_off();
     }
     let stopped_at = outcome.stopped_at;
@@ -187,7 +188,7 @@ fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: 
     };
     job.forget_channel();
     emit(&control, status);
-    if status == MigrationStatus::Completed && to_socket {
+    if status == MigrationStatus::Completed && logging {
         // The guest runs on the destination: not part of the migration's
         // times any more (re-registering big memory slots takes a while).
         dirty_logging_off();
@@ -206,6 +207,9 @@ struct Outgoing<'a> {
     acked_at: Option<Instant>,
     /// The steps of the stop-and-copy phase, for the log.
     phases: Phases,
+    /// Dirty logging was turned on (a live migration or snapshot): it
+    /// goes off again however the migration ends.
+    logging: bool,
 }
 
 /// How long each step of the stop-and-copy phase took.
@@ -328,8 +332,10 @@ impl Outgoing<'_> {
             // The destination maps the same pages: nothing to copy. Stop
             // the guest and send only its state.
             self.stop_guest()?;
-        } else if to_file || !before.is_running() {
+        } else if !before.is_running() {
             // Nothing changes memory while stopped: one pass is the image.
+            // (A running guest is saved live, to a file too, like QEMU's
+            // migration to a file: it is stopped only for the last pass.)
             self.stop_guest()?;
             let mut ram = w.ram();
             let sent = ram::send_pages(
@@ -343,6 +349,7 @@ impl Outgoing<'_> {
             self.account(&w, sent, 0, 1);
             self.phases.mark("ram");
         } else {
+            self.logging = true;
             ram::set_dirty_logging(&parts, true)?;
             // Start from a clean log: what was dirtied before is sent now.
             ram::take_dirty(&parts)?;
