@@ -2,6 +2,7 @@
 //! them (16550 serial, i8042 reset line, the ACPI sleep/reset registers,
 //! the virtio-mmio transport and virtio-net).
 
+pub mod acpi_ged;
 pub mod acpi_pm;
 pub mod bus;
 pub mod legacy;

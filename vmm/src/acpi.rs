@@ -17,11 +17,12 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
+use devices::acpi_ged::{EVENT_POWER_BUTTON, GED_LEN};
 use devices::acpi_pm;
 use devices::legacy::serial::{COM1_BASE, COM1_IRQ};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout::{APIC_START, IOAPIC_START, MPTABLE_START, RSDP_START};
+use crate::layout::{APIC_START, GED_IRQ, GED_START, IOAPIC_START, MPTABLE_START, RSDP_START};
 use crate::memory::GuestMemoryMmap;
 
 const OEM_ID: [u8; 6] = *b"FERRY ";
@@ -61,6 +62,9 @@ pub enum AcpiError {
     Write(#[source] vm_memory::GuestMemoryError),
 }
 
+/// The Notify value of a power button press (ACPI 4.8.3.1.1).
+const POWER_BUTTON_PRESSED: u8 = 0x80;
+
 fn aml_bytes(item: &dyn Aml) -> Vec<u8> {
     let mut v = Vec::new();
     item.to_aml_bytes(&mut v);
@@ -90,6 +94,58 @@ pub fn dsdt(virtio: &[VirtioMmioDevice]) -> Vec<u8> {
                     &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
                 ]),
             ),
+        ],
+    )));
+
+    // The power button: a GED whose _EVT reads the event register (which
+    // clears it) and notifies PWRB when bit 0 was set (devices::acpi_ged).
+    body.extend(aml_bytes(&aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true, true, false, false, GED_IRQ,
+                )]),
+            ),
+            &aml::OpRegion::new(
+                "GDST".into(),
+                aml::OpRegionSpace::SystemMemory,
+                &(GED_START as u32),
+                &(GED_LEN as u32),
+            ),
+            &aml::Field::new(
+                "GDST".into(),
+                aml::FieldAccessType::Byte,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::WriteAsZeroes,
+                vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    &aml::Store::new(&aml::Local(0), &aml::Path::new("GDAT")),
+                    &aml::And::new(&aml::Local(1), &aml::Local(0), &EVENT_POWER_BUTTON),
+                    &aml::If::new(
+                        &aml::Equal::new(&aml::Local(1), &EVENT_POWER_BUTTON),
+                        vec![&aml::Notify::new(
+                            &aml::Path::new("\\_SB_.PWRB"),
+                            &POWER_BUTTON_PRESSED,
+                        )],
+                    ),
+                ],
+            ),
+        ],
+    )));
+    body.extend(aml_bytes(&aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
         ],
     )));
 

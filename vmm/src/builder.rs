@@ -7,6 +7,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::{Arc, Mutex};
 
+use devices::acpi_ged::{AcpiGed, GED_LEN};
 use devices::acpi_pm::{AcpiPm, ACPI_PM_BASE, ACPI_PM_LEN};
 use devices::legacy::i8042::{I8042_BASE, I8042_LEN};
 use devices::legacy::serial::{InputDrained, COM1_BASE, COM1_IRQ, COM1_LEN};
@@ -45,6 +46,8 @@ pub struct VmParts {
     pub virtio: Vec<VirtioMmioDevice>,
     pub vcpus: Vec<Arc<VcpuControl>>,
     pub exit: Arc<ExitState>,
+    /// The power button.
+    pub ged: Arc<Mutex<AcpiGed>>,
     /// Guest RAM's memfd, when RAM is memfd-backed (handed over in a local
     /// migration).
     pub memfd: Option<File>,
@@ -166,7 +169,13 @@ pub fn build(
     pio.insert(acpi_pm, ACPI_PM_BASE, ACPI_PM_LEN)?;
     let pio: Arc<Bus> = Arc::new(pio.build());
 
+    let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+    vm_fd
+        .register_irqfd(&ged_irq, GED_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (GED)"))?;
+    let ged = Arc::new(Mutex::new(AcpiGed::new(ged_irq)));
     let mut mmio = BusBuilder::new();
+    mmio.insert(ged.clone(), GED_START, GED_LEN)?;
     let mut virtio = Vec::new();
     let mut transports = Vec::new();
     for (i, nic) in nets.iter().enumerate() {
@@ -175,7 +184,7 @@ pub fn build(
             size: VIRTIO_MMIO_SIZE,
             irq: VIRTIO_IRQ_BASE + i as u32,
         };
-        if dev.irq > IRQ_MAX {
+        if dev.irq >= GED_IRQ {
             return Err(VmmError::TooManyDevices(i + 1));
         }
         let tap = match host.taps.get_mut(i).and_then(Option::take) {
@@ -257,6 +266,7 @@ pub fn build(
             virtio,
             vcpus: controls,
             exit,
+            ged,
             memfd,
         },
         vcpus,

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use devices::acpi_ged::EVENT_POWER_BUTTON;
 use devices::bus::lock;
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::net::Net;
@@ -412,7 +413,9 @@ impl QmpHandler for VmControl {
         match command {
             "query-status" => {
                 let state = self.state();
-                Ok(json!({ "status": state.name(), "running": state.is_running(), "singlestep": false }))
+                Ok(
+                    json!({ "status": state.name(), "running": state.is_running(), "singlestep": false }),
+                )
             }
             "stop" => self.qmp_stop(),
             "cont" => self.qmp_cont(),
@@ -421,18 +424,30 @@ impl QmpHandler for VmControl {
                 Ok(json!({}))
             }
             "system_reset" => {
-                self.emitter.emit("RESET", Some(json!({ "guest": false, "reason": "host-qmp-system-reset" })));
+                self.emitter.emit(
+                    "RESET",
+                    Some(json!({ "guest": false, "reason": "host-qmp-system-reset" })),
+                );
                 self.parts.exit.record(VmExit::QmpReset);
                 Ok(json!({}))
             }
-            "system_powerdown" => Err(QmpError::generic(
-                "Ferry's hardware-reduced ACPI machine has no power button; use quit, or power off from the guest",
-            )),
+            "system_powerdown" => {
+                lock(&self.parts.ged)
+                    .trigger(EVENT_POWER_BUTTON)
+                    .map_err(|e| {
+                        QmpError::generic(format!("cannot press the power button: {e}"))
+                    })?;
+                self.emitter.emit("POWERDOWN", None);
+                Ok(json!({}))
+            }
             "query-cpus-fast" => Ok(self.query_cpus_fast()),
             "query-rx-filter" => self.query_rx_filter(args.get("name").and_then(Value::as_str)),
             "migrate" => self.qmp_migrate(args),
             "migrate_cancel" => Ok(self.qmp_migrate_cancel()),
-            "query-migrate" => Ok(lock(&self.migration).job.as_ref().map_or(json!({}), |j| j.to_qmp())),
+            "query-migrate" => Ok(lock(&self.migration)
+                .job
+                .as_ref()
+                .map_or(json!({}), |j| j.to_qmp())),
             "migrate-set-parameters" => {
                 lock(&self.migration).params.apply(args)?;
                 Ok(json!({}))

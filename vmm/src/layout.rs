@@ -42,6 +42,11 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Last usable IOAPIC pin of KVM's 24-pin IOAPIC.
 pub const IRQ_MAX: u32 = 23;
+/// The ACPI Generic Event Device (the power button): its event register,
+/// just below the virtio windows, and the last IOAPIC pin (virtio devices
+/// take the pins below it).
+pub const GED_START: u64 = VIRTIO_MMIO_START - 0x1000;
+pub const GED_IRQ: u32 = IRQ_MAX;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// KVM's real-mode TSS and identity-map pages (VT-x needs them).
