@@ -124,6 +124,24 @@ fn iasl_reads_every_table_and_finds_the_virtio_devices() {
         dsdt.contains("Name (_HID, EisaId (\"PNP0501\") )"),
         "{dsdt}"
     );
+    // The power button: a GED whose _EVT notifies PWRB.
+    let ged = &dsdt[dsdt
+        .find("Device (_SB.GED)")
+        .unwrap_or_else(|| panic!("no GED in:\n{dsdt}"))..];
+    for part in [
+        "Name (_HID, \"ACPI0013\"",
+        "{ 0x00000017, }",
+        "OperationRegion (GDST, SystemMemory, 0xCFFFF000, One)",
+        "GDAT, 8",
+        "Method (_EVT, 1, Serialized) { Local0 = GDAT Local1 = (Local0 & One) If ((Local1 == One))",
+        "Notify (\\_SB.PWRB, 0x80)",
+    ] {
+        assert!(ged.contains(part), "{part} missing in:\n{ged}");
+    }
+    assert!(
+        dsdt.contains("Device (_SB.PWRB) { Name (_HID, EisaId (\"PNP0C0C\") )"),
+        "{dsdt}"
+    );
 
     let fadt = squash(&disassemble(&dir, "facp", &tables.fadt));
     assert!(fadt.contains("Hardware Reduced (V5) : 1"), "{fadt}");

@@ -47,6 +47,9 @@ pub struct Config {
     /// (seed, size)
     pub pattern: Option<(u64, u64)>,
     pub idle: IdleMode,
+    /// (event register address, GSI) of an ACPI Generic Event Device whose
+    /// bit 0 is the power button (`probe.ged=ADDR,GSI`).
+    pub ged: Option<(u64, u32)>,
     pub errors: [Option<(&'static str, &'static str)>; MAX_CONFIG_ERRORS],
 }
 
@@ -150,6 +153,7 @@ impl Config {
             dirty: None,
             pattern: None,
             idle: IdleMode::Auto,
+            ged: None,
             errors: [None; MAX_CONFIG_ERRORS],
         };
         for token in cmdline.split_ascii_whitespace() {
@@ -200,6 +204,13 @@ impl Config {
                     };
                     matches!(value, "auto" | "spin" | "halt")
                 }
+                "probe.ged" => value
+                    .split_once(',')
+                    .and_then(|(a, g)| {
+                        Some((parse_number(a)?, u32::try_from(parse_number(g)?).ok()?))
+                    })
+                    .map(|g| config.ged = Some(g))
+                    .is_some(),
                 k if k.starts_with("probe.") => false,
                 _ => true,
             };

@@ -16,6 +16,8 @@ pub const VECTOR_SERIAL_KICK: u8 = 0x22;
 /// NIC n interrupts on VECTOR_NIC_BASE + n.
 pub const VECTOR_NIC_BASE: u8 = 0x30;
 pub const MAX_NICS: usize = 4;
+/// The ACPI GED (power button), when configured.
+pub const VECTOR_GED: u8 = 0x28;
 pub const VECTOR_SPURIOUS: u8 = 0xFF;
 
 /// Registers saved by the entry stub, then what the CPU pushed.
@@ -64,6 +66,12 @@ pub const SERVICE_ENABLE_INTERRUPTS: u8 = 0xC2;
 /// RAX = the `IRQ_GENERATION` ring 3 last saw: `sti; hlt` unless an
 /// interrupt came since (for hardware KVM; on kvm_pvm the probe spins).
 pub const SERVICE_IDLE: u8 = 0xC3;
+/// ACPI S5 through the sleep control register the FADT names (Ferry's
+/// hardware-reduced PM block at port 0x600): the VM ends.
+pub const SERVICE_POWER_OFF: u8 = 0xC4;
+const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
+/// SLP_TYP 5 (the DSDT's `_S5_`) with SLP_EN.
+const ACPI_SLEEP_S5: u8 = (5 << 2) | (1 << 5);
 const UD2: [u8; 2] = [0x0F, 0x0B];
 
 /// Calls ring-0 service `code` (one of the SERVICE_* constants).
@@ -90,6 +98,8 @@ pub static IRQ_GENERATION: AtomicU64 = AtomicU64::new(0);
 pub static TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
 pub static SERIAL_IRQS: AtomicU64 = AtomicU64::new(0);
 pub static OTHER_IRQS: AtomicU64 = AtomicU64::new(0);
+/// GED interrupts taken: ring 3 reads the event register when it moves.
+pub static GED_IRQS: AtomicU64 = AtomicU64::new(0);
 
 #[link_section = ".text.ring0.handlers"]
 pub extern "C" fn ring0_interrupt(frame: &mut InterruptFrame) {
@@ -128,6 +138,9 @@ pub extern "C" fn ring0_interrupt(frame: &mut InterruptFrame) {
             apic::ring0_mask(NIC_PIN[nic].load(Ordering::Relaxed));
             NIC_STORM_MASKED[nic].store(1, Ordering::Release);
         }
+    } else if vector == VECTOR_GED {
+        // Edge-triggered: nothing to acknowledge at the device.
+        GED_IRQS.fetch_add(1, Ordering::Release);
     } else {
         OTHER_IRQS.fetch_add(1, Ordering::Relaxed);
     }
@@ -161,6 +174,14 @@ fn ring0_service_call(frame: &mut InterruptFrame) -> bool {
                 // SAFETY: waits for the next interrupt, then IF=0 again.
                 unsafe { core::arch::asm!("sti", "hlt", "cli") };
             }
+        }
+        SERVICE_POWER_OFF => {
+            serial::ring0_flush();
+            // SAFETY: ring 0; the port is the ACPI sleep control register.
+            unsafe {
+                core::arch::asm!("out dx, al", in("dx") ACPI_SLEEP_CONTROL_PORT,
+                    in("al") ACPI_SLEEP_S5, options(nomem, nostack))
+            };
         }
         _ => return false,
     }

@@ -143,6 +143,11 @@ pub extern "C" fn probe_main() -> ! {
         arena.size() >> 20,
         if halt_when_idle { "halt" } else { "spin" }
     );
+    if let Some((_, gsi)) = probe.config.ged {
+        if let Err(e) = apic::route(gsi, interrupts::VECTOR_GED, apic::Trigger::Edge) {
+            println!("probe: error ged irq: {}", e);
+        }
+    }
     let up = probe.bring_up_nics();
     probe.start_configured_workloads();
     println!(
@@ -280,6 +285,22 @@ impl Probe {
         }
     }
 
+    /// Reads the GED's event register (which clears it); on the power
+    /// button, says so and powers off through ACPI S5.
+    fn serve_ged(&mut self) {
+        let Some((addr, _)) = self.config.ged else {
+            return;
+        };
+        // SAFETY: the GED's one-byte event register, identity-mapped MMIO
+        // that ring 3 may read.
+        let events = unsafe { (addr as *const u8).read_volatile() };
+        if events & 1 != 0 {
+            println!("probe: power button");
+            ring0_service!(interrupts::SERVICE_POWER_OFF);
+            println!("probe: error power off: still running");
+        }
+    }
+
     pub fn start_dirtier(&mut self, rate: u64, size: u64) -> Result<u64, &'static str> {
         let base = self.arena.dirty_region(size)?;
         if let Some(p) = &self.pattern {
@@ -294,6 +315,7 @@ impl Probe {
     fn run(&mut self) -> ! {
         let mut line = commands::LineReader::new();
         let mut last_busy_ns = 0u64;
+        let mut ged_seen = 0u64;
         loop {
             let generation = IRQ_GENERATION.load(Ordering::Acquire);
             let now = platform::now_ns();
@@ -308,6 +330,11 @@ impl Probe {
                 if let Some(nic) = self.nics[index].as_mut() {
                     busy |= nic.service(index, now);
                 }
+            }
+            let ged_irqs = interrupts::GED_IRQS.load(Ordering::Acquire);
+            if ged_irqs != ged_seen {
+                ged_seen = ged_irqs;
+                self.serve_ged();
             }
             if let Some(count) = self.heartbeat.due(now / 1_000_000) {
                 println!(
