@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use ferry_tests::host::require_tool;
+use ferry_tests::host::{require_tool, TempPath};
 use vmm::acpi::{build, VirtioMmioDevice};
 
 fn disassemble(dir: &Path, name: &str, bytes: &[u8]) -> String {
@@ -61,7 +61,7 @@ fn iasl_reads_every_table_and_finds_the_virtio_devices() {
     ) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("ferry-iasl-{}", std::process::id()));
+    let dir = TempPath::new("iasl");
     std::fs::create_dir_all(&dir).unwrap();
     let virtio = [
         VirtioMmioDevice {
@@ -150,5 +150,4 @@ fn iasl_reads_every_table_and_finds_the_virtio_devices() {
     assert_eq!(madt.matches("Processor Local APIC").count(), 2, "{madt}");
     assert!(madt.contains("Address : FEC00000"), "{madt}");
     disassemble(&dir, "xsdt", &tables.xsdt);
-    let _ = std::fs::remove_dir_all(&dir);
 }
