@@ -116,6 +116,34 @@ impl SectionKind {
         }
     }
 
+    /// Checks a payload length against this kind's exact length or limit,
+    /// for the reader and the writer alike; `section` names it in the
+    /// error, `offset` is where the section starts.
+    pub fn check_len(
+        self,
+        len: u64,
+        section: impl FnOnce() -> String,
+        offset: u64,
+    ) -> Result<(), StreamError> {
+        match self.exact_len() {
+            Some(expected) if len != expected => Err(StreamError::BadLength {
+                section: section(),
+                kind: self,
+                len,
+                expected,
+                offset,
+            }),
+            None if len > self.max_payload() => Err(StreamError::TooLarge {
+                section: section(),
+                kind: self,
+                len,
+                max: self.max_payload(),
+                offset,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Lower-case name used in documentation and messages.
     pub fn as_str(self) -> &'static str {
         match self {

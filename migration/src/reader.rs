@@ -179,25 +179,7 @@ impl<R: Read> StreamReader<R> {
                 offset,
             });
         };
-        if let Some(expected) = kind.exact_len() {
-            if len != expected {
-                return Err(StreamError::BadLength {
-                    section: display_name(name_bytes),
-                    kind,
-                    len,
-                    expected,
-                    offset,
-                });
-            }
-        } else if len > kind.max_payload() {
-            return Err(StreamError::TooLarge {
-                section: display_name(name_bytes),
-                kind,
-                len,
-                max: kind.max_payload(),
-                offset,
-            });
-        }
+        kind.check_len(len, || display_name(name_bytes), offset)?;
 
         let mut crc = crc32fast::Hasher::new();
         crc.update(header);

@@ -204,25 +204,7 @@ impl<W: Write> StreamWriter<W> {
             Ok(n) => n,
         };
         let len = payload.len() as u64;
-        if let Some(expected) = kind.exact_len() {
-            if len != expected {
-                return Err(StreamError::BadLength {
-                    section: name.to_owned(),
-                    kind,
-                    len,
-                    expected,
-                    offset,
-                });
-            }
-        } else if len > kind.max_payload() {
-            return Err(StreamError::TooLarge {
-                section: name.to_owned(),
-                kind,
-                len,
-                max: kind.max_payload(),
-                offset,
-            });
-        }
+        kind.check_len(len, || name.to_owned(), offset)?;
         let mut header = [0u8; MAX_SECTION_HEADER];
         let n = name.len();
         header[0] = kind as u8;

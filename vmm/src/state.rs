@@ -63,20 +63,24 @@ pub fn saveable_msrs(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError
     // KVM_GET_MSRS stops at the first MSR it cannot read: keep what was
     // read, drop the failing one, go on from there.
     while !indices.is_empty() {
-        let entries: Vec<kvm_msr_entry> = indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs =
-            Msrs::from_entries(&entries).map_err(|e| StateError::List(format!("{e:?}")))?;
+        let mut msrs = empty_msrs(&indices)?;
         let read = vcpu.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
         good.extend_from_slice(&indices[..read]);
         indices.drain(..(read + 1).min(indices.len()));
     }
     Ok(good)
+}
+
+/// A KVM_GET_MSRS request for `indices`, values to be filled in.
+fn empty_msrs(indices: &[u32]) -> Result<Msrs, StateError> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).map_err(|e| StateError::List(format!("{e:?}")))
 }
 
 /// Whether KVM_GET/SET_XSAVE's 4 KiB area holds this host's whole xsave
@@ -95,15 +99,7 @@ impl VcpuState {
         let cpuid = vcpu
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_CPUID2"))?;
-        let entries: Vec<kvm_msr_entry> = msr_indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs =
-            Msrs::from_entries(&entries).map_err(|e| StateError::List(format!("{e:?}")))?;
+        let mut msrs = empty_msrs(msr_indices)?;
         let read = vcpu.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
         Ok(Self {
             id,
