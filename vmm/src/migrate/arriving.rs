@@ -101,8 +101,9 @@ pub enum QmpEndpoint {
 }
 
 impl QmpEndpoint {
-    /// The server for `control` (taking it over from the arriving phase
-    /// when it was served then), and the emitter its events go through.
+    /// The server, answered from now on by the VM's control that
+    /// `control_for` makes with the server's event emitter (a server
+    /// already serving keeps its clients), and that control.
     pub fn into_server(
         self,
         control_for: impl FnOnce(&EventEmitter) -> VmControl,
