@@ -249,3 +249,36 @@ fn a_running_guest_is_snapshotted_live() {
     wait_status(&restored, "running", T);
     restored.console.assert_pattern_intact(T);
 }
+
+#[test]
+fn a_power_button_press_travels_with_a_snapshot() {
+    let test = "a_power_button_press_travels_with_a_snapshot";
+    if require_kvm(test).is_none() {
+        return;
+    }
+    let cmdline = format!(
+        "probe.heartbeat=50 probe.ged={:#x},{}",
+        vmm::layout::GED_START,
+        vmm::layout::GED_IRQ
+    );
+    let mut spec = VmSpec::probe(&cmdline);
+    spec.memory = "64M".into();
+    let vm = FerryVm::spawn("ged-src", &spec, None);
+    vm.console.expect(READY, T);
+    // Pressed while paused: the guest has not taken it when it is saved.
+    vm.execute("stop", json!({})).expect("stop");
+    vm.execute("system_powerdown", json!({}))
+        .expect("system_powerdown");
+    let file = TempPath::new("ged.fm");
+    migrate(&vm, &format!("file:{}", file.display()));
+    assert_eq!(wait_migration(&vm, T)["status"], "completed");
+    drop(vm);
+
+    let mut restored = FerryVm::spawn(
+        "ged-restore",
+        &VmSpec::incoming(&format!("file:{}", file.display())),
+        None,
+    );
+    restored.console.expect("probe: power button", T);
+    assert_eq!(restored.wait(T).code(), Some(0), "{}", restored.stderr());
+}

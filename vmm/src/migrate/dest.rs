@@ -136,6 +136,7 @@ struct Loaded {
     vm: Option<VmState>,
     vcpus: BTreeMap<u8, VcpuState>,
     serial: Option<SerialSnapshot>,
+    ged: Option<devices::acpi_ged::GedState>,
     nets: BTreeMap<String, NetSnapshot>,
 }
 
@@ -363,6 +364,14 @@ fn load(
                     )));
                 }
             }
+            SectionKind::Device if section.name == GED_SECTION => {
+                section.check_version(GED_VERSION).map_err(stream_err)?;
+                unique(
+                    &mut loaded.ged,
+                    section.json().map_err(stream_err)?,
+                    &section,
+                )?;
+            }
             SectionKind::Device if section.name == SERIAL_SECTION => {
                 section.check_version(SERIAL_VERSION).map_err(stream_err)?;
                 unique(
@@ -422,6 +431,9 @@ fn load(
     devices::bus::lock(&parts.serial)
         .restore(&serial)
         .map_err(|e| err(format!("serial: {e}")))?;
+    if let Some(ged) = &loaded.ged {
+        devices::bus::lock(&parts.ged).restore(ged);
+    }
     for (net, desc) in parts.nets.iter().zip(&nets) {
         let snapshot = loaded
             .nets

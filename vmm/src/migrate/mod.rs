@@ -58,6 +58,10 @@ pub const VM_VERSION: u32 = 1;
 pub const VCPU_VERSION: u32 = 1;
 pub const SERIAL_SECTION: &str = "serial/com1";
 pub const SERIAL_VERSION: u32 = 1;
+/// The power button's pending press; optional on load (streams written
+/// before the GED existed have none).
+pub const GED_SECTION: &str = "acpi-ged";
+pub const GED_VERSION: u32 = 1;
 
 pub fn vcpu_section(id: u8) -> String {
     format!("vcpu/{id}")

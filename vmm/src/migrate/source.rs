@@ -468,6 +468,8 @@ impl Outgoing<'_> {
         self.phases.mark("vcpus");
         let serial = devices::bus::lock(&parts.serial).snapshot();
         w.write_json(SectionKind::Device, SERIAL_SECTION, SERIAL_VERSION, &serial)?;
+        let ged = devices::bus::lock(&parts.ged).save();
+        w.write_json(SectionKind::Device, GED_SECTION, GED_VERSION, &ged)?;
         for (net, desc) in parts.nets.iter().zip(&parts.nets_desc) {
             let snapshot = devices::bus::lock(net).save_net();
             let version = devices::virtio::net::persist::SECTION_VERSION;
