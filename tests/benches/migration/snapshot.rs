@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use ferry_tests::bench_net::GUEST_MAC;
 use ferry_tests::ferry::ferry_bin;
 use ferry_tests::hosts::B_TAP;
-use ferry_tests::probe::probe_elf;
-use ferry_tests::vmms::Vmm;
+use ferry_tests::vmms::{qemu_config, GuestNet, Vmm};
 use serde_json::json;
 use vmm::qmp::client::QmpClient;
 
@@ -101,32 +100,16 @@ fn ferry_restore(env: &Env, file: &Path, qmp: &Path) -> Command {
 /// QEMU on host B with the machine of `Qemu::spawn` (QEMU needs it
 /// described again), `-incoming exec:cat FILE`.
 fn qemu_restore(env: &Env, mib: u32, file: &Path, qmp: &Path) -> Command {
-    let mut c = env.hosts.b.command("qemu-system-x86_64");
-    c.args(["-M", "microvm,acpi=off,ioapic2=off", "-enable-kvm", "-m"])
-        .arg(mib.to_string())
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-global",
-            "virtio-mmio.force-legacy=false",
-            "-kernel",
-        ])
-        .arg(probe_elf())
-        .arg("-append")
-        .arg(cmdline(SNAPSHOT_HEARTBEAT_MS, None))
-        .arg("-netdev")
-        .arg(format!("tap,id=n0,ifname={B_TAP},script=no,downscript=no"))
-        .arg("-device")
-        .arg(format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}"))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-incoming")
-        .arg(format!("exec:cat {}", file.display()));
-    c
+    let net = GuestNet {
+        ns: &env.hosts.b,
+        tap: B_TAP,
+        mac: GUEST_MAC,
+    };
+    let extra = [
+        "-incoming".to_string(),
+        format!("exec:cat {}", file.display()),
+    ];
+    qemu_config(&net, mib, &cmdline(SNAPSHOT_HEARTBEAT_MS, None), &extra).command(qmp)
 }
 
 /// Runs `cmd` (already set up) and times QMP `running` and the first

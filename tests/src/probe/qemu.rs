@@ -46,6 +46,55 @@ impl QemuConfig {
             extra: Vec::new(),
         }
     }
+
+    /// QEMU's command line for this configuration, QMP (when asked for)
+    /// at `qmp`; stdio is the caller's.
+    pub fn command(&self, qmp: &Path) -> Command {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
+        // acpi=off keeps the virtio-mmio IRQs on the one IOAPIC at
+        // 0xFEC00000 (ioapic2 would put them at GSI 24+ on a second one)
+        // and makes microvm list the devices on the command line.
+        cmd.args(["-M", "microvm,acpi=off,ioapic2=off", "-enable-kvm", "-m"])
+            .arg(self.memory_mib.to_string())
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+            ])
+            .args(["-global"])
+            .arg(format!("virtio-mmio.force-legacy={}", self.force_legacy))
+            .arg("-kernel")
+            .arg(probe_elf())
+            .arg("-append")
+            .arg(&self.cmdline);
+        for (i, nic) in self.nics.iter().enumerate() {
+            cmd.arg("-netdev").arg(format!(
+                "tap,id=n{i},ifname={},script=no,downscript=no",
+                nic.tap
+            ));
+            let mut dev = format!("virtio-net-device,netdev=n{i}");
+            if let Some(mac) = &nic.mac {
+                dev.push_str(&format!(",mac={mac}"));
+            }
+            cmd.arg("-device").arg(dev);
+        }
+        if self.qmp {
+            cmd.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        }
+        cmd.args(&self.extra);
+        cmd
+    }
 }
 
 /// A probe guest running under QEMU. Killed on drop.
@@ -60,57 +109,14 @@ static QEMU_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Qemu {
     pub fn spawn(config: &QemuConfig) -> io::Result<Qemu> {
-        let elf = probe_elf();
         let dir = std::env::temp_dir().join(format!(
             "ferry-probe-qemu-{}-{}",
             std::process::id(),
             QEMU_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir)?;
-        let mut cmd = match &config.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
-                c
-            }
-            None => Command::new("qemu-system-x86_64"),
-        };
-        // acpi=off keeps the virtio-mmio IRQs on the one IOAPIC at
-        // 0xFEC00000 (ioapic2 would put them at GSI 24+ on a second one)
-        // and makes microvm list the devices on the command line.
-        cmd.args(["-M", "microvm,acpi=off,ioapic2=off", "-enable-kvm", "-m"])
-            .arg(config.memory_mib.to_string())
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-            ])
-            .args(["-global"])
-            .arg(format!("virtio-mmio.force-legacy={}", config.force_legacy))
-            .arg("-kernel")
-            .arg(&elf)
-            .arg("-append")
-            .arg(&config.cmdline);
-        for (i, nic) in config.nics.iter().enumerate() {
-            cmd.arg("-netdev").arg(format!(
-                "tap,id=n{i},ifname={},script=no,downscript=no",
-                nic.tap
-            ));
-            let mut dev = format!("virtio-net-device,netdev=n{i}");
-            if let Some(mac) = &nic.mac {
-                dev.push_str(&format!(",mac={mac}"));
-            }
-            cmd.arg("-device").arg(dev);
-        }
         let qmp_path = dir.join("qmp.sock");
-        if config.qmp {
-            cmd.arg("-qmp")
-                .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
-        }
-        cmd.args(&config.extra);
+        let mut cmd = config.command(&qmp_path);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
