@@ -6,6 +6,14 @@ use std::io;
 
 use crate::netns::Pcap;
 
+/// Announce tests measure timing (rounds, lost pings): they run one at a
+/// time, so that another test's migration or tshark run is not what they
+/// measure. Hold the guard for the test's length.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// A gratuitous ARP (request, sender IP = target IP) for `ip`.

@@ -35,7 +35,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_tests::announce::{
-    announce_frames, round_content, round_offsets_ms, rounds, schedule_matches, AnnounceFrame, Kind,
+    announce_frames, one_at_a_time, round_content, round_offsets_ms, rounds, schedule_matches,
+    AnnounceFrame, Kind,
 };
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_hw_virt, require_kvm, require_root, require_tool, skip, TempPath};
@@ -58,14 +59,6 @@ enum Mode {
     DeviceOff,
     /// `probe.announce=off`: the guest does not negotiate it; RARPs.
     GuestDeclines,
-}
-
-/// The tests measure timing (rounds, lost pings): one at a time, so
-/// that another test's migration or tshark run is not what they measure.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn can_run(test: &str) -> bool {
@@ -319,7 +312,7 @@ fn probe_migration(test: &str, mode: Mode) {
     if !can_run(test) {
         return;
     }
-    let _serial = serial();
+    let _serial = one_at_a_time();
     let sw = Switch::new(test);
     assert!(
         sw.ageing_time() >= Duration::from_secs(60),
@@ -395,7 +388,7 @@ fn linux_guest_eth0_vlan_and_macvlan_recover_after_live_migration() {
     if !require_hw_virt(test) || !can_run(test) {
         return;
     }
-    let _serial = serial();
+    let _serial = one_at_a_time();
     let guest = match ferry_tests::linux::linux_guest() {
         Ok(g) => g,
         Err(e) if ferry_tests::host::is_ci() => panic!("{test}: no Linux guest: {e}"),

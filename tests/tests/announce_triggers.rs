@@ -18,7 +18,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_tests::announce::{
-    announce_frames, round_content, round_offsets_ms, rounds, schedule_matches, AnnounceFrame, Kind,
+    announce_frames, one_at_a_time, round_content, round_offsets_ms, rounds, schedule_matches,
+    AnnounceFrame, Kind,
 };
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_kvm, require_root, require_tool, TempPath};
@@ -33,14 +34,6 @@ const NET1_MAC: &str = "52:54:00:12:34:57";
 const ROUNDS_MS: [u64; 5] = [0, 50, 200, 450, 800];
 /// Long enough for a whole default schedule to have gone out.
 const SCHEDULE: Duration = Duration::from_millis(1300);
-
-/// The tests measure timing (rounds, lost pings): one at a time, so
-/// that another test's migration or tshark run is not what they measure.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn can_run(test: &str) -> bool {
     require_kvm(test).is_some()
@@ -168,7 +161,7 @@ fn no_announce_at_boot_at_cont_after_stop_or_at_quit() {
     if !can_run(test) {
         return;
     }
-    let _serial = serial();
+    let _serial = one_at_a_time();
     let host = Host::new("annquiet");
     let mut vm = boot("annquiet", &host);
     std::thread::sleep(SCHEDULE);
@@ -210,7 +203,7 @@ fn announce_self_sends_one_schedule_restarts_by_id_and_selects_interfaces() {
     if !can_run(test) {
         return;
     }
-    let _serial = serial();
+    let _serial = one_at_a_time();
     let host = Host::new("annself");
     let vm = boot("annself", &host);
     let mut qmp = vm.qmp();
@@ -292,7 +285,7 @@ fn snapshot_restore_announces_and_with_s_only_at_cont() {
     if !can_run(test) {
         return;
     }
-    let _serial = serial();
+    let _serial = one_at_a_time();
     let file = TempPath::new("announce.fm");
     let file_s = file.display().to_string();
     let source = Host::new("annsnap");
