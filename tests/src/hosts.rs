@@ -69,6 +69,18 @@ pub fn migrate(vm: &FerryVm, uri: &str) {
         .expect("migrate");
 }
 
+/// A migration's final `query-migrate` says completed; if not, the
+/// failure shows both ends' stderr.
+pub fn assert_completed(info: &Value, src: &FerryVm, dst: &FerryVm) {
+    assert_eq!(
+        info["status"],
+        "completed",
+        "{info}\nsource stderr: {}\ndestination stderr: {}",
+        src.stderr(),
+        dst.stderr()
+    );
+}
+
 /// Waits until `vm`'s runstate is `want` (a restore from a file answers
 /// QMP while it loads, in `inmigrate`).
 pub fn wait_status(vm: &FerryVm, want: &str, timeout: Duration) {

@@ -40,7 +40,7 @@ use ferry_tests::announce::{
 };
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_hw_virt, require_kvm, require_root, require_tool, skip, TempPath};
-use ferry_tests::hosts::{migrate, status, wait_migration, A_TAP, B_ADDR, B_TAP};
+use ferry_tests::hosts::{assert_completed, migrate, status, wait_migration, A_TAP, B_ADDR, B_TAP};
 use ferry_tests::probe::checks::{network_cmdline, GUEST_MAC};
 use ferry_tests::probe::{fields, READY};
 use ferry_tests::switch::{probe_identities, FdbMonitor, Identity, Pinger, Switch, PORT_A, PORT_B};
@@ -132,13 +132,7 @@ fn migrate_with_pings(
     let t0 = SystemTime::now();
     migrate(src, uri);
     let info = wait_migration(src, T);
-    assert_eq!(
-        info["status"],
-        "completed",
-        "{info}\nsource: {}\ndestination: {}",
-        src.stderr(),
-        dst.stderr()
-    );
+    assert_completed(&info, src, dst);
     let done = SystemTime::now();
     let recovered = pinger.wait_all_answer(done, Duration::from_secs(5));
     // Every round of the schedule (800 ms) is on the wire.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_kvm, require_root};
-use ferry_tests::hosts::{migrate, status, wait_migration};
+use ferry_tests::hosts::{assert_completed, migrate, status, wait_migration};
 use ferry_tests::netns::Netns;
 use ferry_tests::probe::{Cmdline, READY};
 use serde_json::{json, Value};
@@ -108,13 +108,7 @@ fn local_move(test: &str, memory: &str, memfd: bool) -> Value {
     .expect("parameters");
     migrate(&src, &uri);
     let info = wait_migration(&src, T);
-    assert_eq!(
-        info["status"],
-        "completed",
-        "{info}\n{}\n{}",
-        src.stderr(),
-        dst.stderr()
-    );
+    assert_completed(&info, &src, &dst);
     assert_eq!(status(&dst), "running");
     assert_eq!(links(&ns), before, "same TAP (ifindex), no new link");
     let (sent, received) = ping.join().unwrap();

@@ -9,7 +9,8 @@ use std::time::Duration;
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_kvm, require_root, TempPath};
 use ferry_tests::hosts::{
-    migrate, status, wait_migration, wait_status, TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
+    assert_completed, migrate, status, wait_migration, wait_status, TwoHosts, A_TAP, B_ADDR, B_TAP,
+    GUEST_ADDR,
 };
 use ferry_tests::netns::Netns;
 use ferry_tests::probe::heartbeat::{heartbeats, wait_heartbeats};
@@ -119,13 +120,7 @@ fn live_migration_between_two_hosts_with_traffic_flowing() {
     let info = wait_migration(&src, T);
     stop.store(true, Ordering::Relaxed);
     let sent = sender.join().unwrap().unwrap();
-    assert_eq!(
-        info["status"],
-        "completed",
-        "{info}\nsource stderr: {}\ndestination stderr: {}",
-        src.stderr(),
-        dst.stderr()
-    );
+    assert_completed(&info, &src, &dst);
     assert!(
         sent > 100,
         "traffic flowed during the migration ({sent} datagrams)"

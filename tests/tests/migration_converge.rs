@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_kvm, require_root};
 use ferry_tests::hosts::{
-    migrate, status, wait_migration, TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
+    assert_completed, migrate, status, wait_migration, TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
 };
 use ferry_tests::probe::heartbeat::{heartbeats, last_heartbeat, wait_heartbeats};
 use ferry_tests::probe::{Cmdline, READY};
@@ -96,13 +96,7 @@ fn an_unconverging_guest_fails_unthrottled_and_moves_throttled() {
     let dst = destination("conv-dst2", &hosts, 4445);
     migrate(&src, &format!("tcp:{B_ADDR}:4445"));
     let info = wait_migration(&src, T);
-    assert_eq!(
-        info["status"],
-        "completed",
-        "{info}\nsource stderr: {}\ndestination stderr: {}",
-        src.stderr(),
-        dst.stderr()
-    );
+    assert_completed(&info, &src, &dst);
     let throttle = info["cpu-throttle-percentage"].as_u64().unwrap_or(0);
     assert!((1..=99).contains(&throttle), "throttled: {info}");
     assert_eq!(status(&dst), "running");
