@@ -9,6 +9,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 
+pub mod persist;
+
 /// Bytes of the event register window (one byte is used).
 pub const GED_LEN: u64 = 1;
 /// The power button, bit 0 of the event register.
@@ -35,24 +37,6 @@ impl AcpiGed {
     pub fn pending(&self) -> u8 {
         self.pending
     }
-
-    pub fn save(&self) -> GedState {
-        GedState {
-            pending: self.pending,
-        }
-    }
-
-    /// Takes over a saved state. The interrupt that went with a pending
-    /// event travels in the irqchip's state, so none is raised here.
-    pub fn restore(&mut self, state: &GedState) {
-        self.pending = state.pending;
-    }
-}
-
-/// What migrates of the GED: a press the guest has not read yet.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct GedState {
-    pub pending: u8,
 }
 
 impl BusDevice for AcpiGed {
@@ -87,18 +71,5 @@ mod tests {
         assert_eq!(b, [0; 4], "no other register");
         ged.write(0, &[0xff]);
         assert_eq!(ged.pending(), 0, "writes change nothing");
-    }
-
-    #[test]
-    fn a_pending_press_survives_save_and_restore() {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut ged = AcpiGed::new(irq.try_clone().unwrap());
-        ged.trigger(EVENT_POWER_BUTTON).unwrap();
-        let state = ged.save();
-        let mut other = AcpiGed::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        other.restore(&state);
-        let mut b = [0u8];
-        other.read(0, &mut b);
-        assert_eq!(b[0], EVENT_POWER_BUTTON);
     }
 }

@@ -2,7 +2,7 @@
 //! says what and where (the byte offset in the stream, and the section),
 //! and displays as one line.
 
-use crate::SectionKind;
+use crate::{RunDefect, SavedStateError, SectionKind};
 use std::io;
 
 /// An error of the migration stream. Offsets are bytes from the start of
@@ -79,31 +79,48 @@ pub enum StreamError {
     },
 
     /// A malformed RAM run. `offset` is the offset of the run.
-    #[error("migration stream: bad RAM run in section {section} at byte {offset}: {why}")]
+    #[error("migration stream: bad RAM run in section {section} at byte {offset}: {defect}")]
     BadRam {
         section: String,
         offset: u64,
-        why: String,
+        #[source]
+        defect: RunDefect,
     },
 
     /// The end section's counts disagree with what was read.
-    #[error("migration stream: bad end section at byte {offset}: {why}")]
-    BadEnd { offset: u64, why: String },
+    #[error("migration stream: bad end section at byte {offset}: it counts {claims} {what} before it, the stream had {had}")]
+    BadEnd {
+        offset: u64,
+        what: &'static str,
+        claims: u64,
+        had: u64,
+    },
 
     /// A JSON section that does not decode.
-    #[error("migration stream: section {section} at byte {offset} does not decode: {why}")]
+    #[error("migration stream: section {section} at byte {offset} does not decode: {source}")]
     BadJson {
         section: String,
         offset: u64,
-        why: String,
+        #[source]
+        source: serde_json::Error,
     },
 
-    /// A device refused the state a section carried.
-    #[error("migration stream: section {section} at byte {offset} was refused: {why}")]
-    Refused {
+    /// A device could not save its state, or refused the state a section
+    /// carried.
+    #[error("migration stream: section {section} at byte {offset}: {source}")]
+    DeviceState {
         section: String,
         offset: u64,
-        why: String,
+        #[source]
+        source: SavedStateError,
+    },
+
+    /// A section given to a device that is not its own.
+    #[error("migration stream: section {section} at byte {offset} is not {expected}")]
+    WrongSection {
+        section: String,
+        offset: u64,
+        expected: String,
     },
 
     /// [`crate::StreamReader::next_section`] called after the end section.
@@ -119,11 +136,12 @@ pub enum StreamError {
     },
 
     /// A value that does not serialize to JSON.
-    #[error("migration stream: cannot encode section {section} at byte {offset}: {why}")]
+    #[error("migration stream: cannot encode section {section} at byte {offset}: {source}")]
     Encode {
         section: String,
         offset: u64,
-        why: String,
+        #[source]
+        source: serde_json::Error,
     },
 
     /// The callback filling RAM pages failed.

@@ -12,10 +12,10 @@
 //! - [`MigrationUri`], [`connect`], [`Listener`], [`Channel`]: the
 //!   `tcp:`, `unix:` and `file:` transports, buffered, with file
 //!   descriptor passing on `unix:` ([`Channel::send_fds`]).
-//! - [`Migratable`]: what a device implements to travel in the stream.
+//! - [`SavedState`]: what a device implements to travel in the stream.
 
 mod error;
-mod migratable;
+pub mod persist;
 mod ram;
 mod reader;
 pub mod scm;
@@ -28,8 +28,8 @@ mod writer;
 mod tests;
 
 pub use error::StreamError;
-pub use migratable::{Migratable, MigratableError};
-pub use ram::{RamRun, RamRuns, RamSink};
+pub use persist::{SavedState, SavedStateError};
+pub use ram::{OutsideMemory, RamRun, RamRuns, RamSink, RunDefect};
 pub use reader::{Section, StreamReader};
 pub use transport::{
     connect, connect_with_timeout, Channel, Listener, TransportError, IO_BUFFER_SIZE,

@@ -4,7 +4,7 @@
 //! runs by `count * 4096` bytes of page contents.
 
 use crate::error::StreamError;
-use crate::PAGE_SIZE;
+use crate::{SectionKind, PAGE_SIZE};
 
 /// Length of a run header.
 pub(crate) const RUN_HEADER_LEN: usize = 13;
@@ -50,14 +50,44 @@ impl RamRun<'_> {
 }
 
 /// Where [`crate::StreamReader::next_section_with_ram`] puts guest pages
-/// as it reads them. Errors are the reason, e.g. "gpa 0x... is outside
-/// guest memory"; they stop the stream.
+/// as it reads them. A refusal stops the stream.
 pub trait RamSink {
     /// `pages` pages from `gpa` are zero. (Fresh anonymous memory already
     /// is: a restore into it can do nothing.)
-    fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), String>;
+    fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), OutsideMemory>;
     /// Where the `len` bytes of pages from `gpa` go: exactly `len` bytes.
-    fn data_pages(&mut self, gpa: u64, len: usize) -> Result<&mut [u8], String>;
+    fn data_pages(&mut self, gpa: u64, len: usize) -> Result<&mut [u8], OutsideMemory>;
+}
+
+/// A sink's refusal: the run is not inside guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("RAM run at {gpa:#x} ({pages} pages) lies outside guest memory")]
+pub struct OutsideMemory {
+    pub gpa: u64,
+    pub pages: u64,
+}
+
+/// What is wrong with a RAM run.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RunDefect {
+    #[error("a {0} section has no RAM runs")]
+    NotRam(SectionKind),
+    #[error("run header cut short ({left} of {RUN_HEADER_LEN} bytes left in the section)")]
+    HeaderCut { left: u64 },
+    #[error("gpa {gpa:#x} is not page-aligned")]
+    Unaligned { gpa: u64 },
+    #[error("run at gpa {gpa:#x} has a page count of 0")]
+    NoPages { gpa: u64 },
+    #[error("run at gpa {gpa:#x} of {pages} pages goes past 2^64")]
+    PastTheTop { gpa: u64, pages: u32 },
+    #[error("unknown run type {kind} at gpa {gpa:#x}")]
+    UnknownType { kind: u8, gpa: u64 },
+    #[error("data run at gpa {gpa:#x} claims {pages} pages ({} bytes) but the section has {left} bytes left", u64::from(*.pages) * PAGE_SIZE as u64)]
+    DataShort { gpa: u64, pages: u32, left: u64 },
+    #[error(transparent)]
+    Outside(#[from] OutsideMemory),
+    #[error("the RAM sink gave {got} bytes for {wanted}")]
+    SinkShort { got: usize, wanted: usize },
 }
 
 /// The runs of a RAM section, validated one by one: each item is a run or
@@ -83,12 +113,12 @@ impl<'a> RamRuns<'a> {
         }
     }
 
-    fn bad(&mut self, at: usize, why: String) -> Option<Result<RamRun<'a>, StreamError>> {
+    fn bad(&mut self, at: usize, defect: RunDefect) -> Option<Result<RamRun<'a>, StreamError>> {
         self.failed = true;
         Some(Err(StreamError::BadRam {
             section: self.section.to_owned(),
             offset: self.base + at as u64,
-            why,
+            defect,
         }))
     }
 }
@@ -103,15 +133,12 @@ impl<'a> Iterator for RamRuns<'a> {
         let at = self.pos;
         let rest = &self.payload[at..];
         let Some(hdr) = rest.get(..RUN_HEADER_LEN) else {
-            let why = format!(
-                "run header cut short ({} of {RUN_HEADER_LEN} bytes left in the section)",
-                rest.len()
-            );
-            return self.bad(at, why);
+            let left = rest.len() as u64;
+            return self.bad(at, RunDefect::HeaderCut { left });
         };
         let (gpa, pages, kind) = match parse_run_header(hdr) {
             Ok(run) => run,
-            Err(why) => return self.bad(at, why),
+            Err(defect) => return self.bad(at, defect),
         };
         let len = u64::from(pages) * PAGE_SIZE as u64;
         let body = &rest[RUN_HEADER_LEN..];
@@ -120,7 +147,8 @@ impl<'a> Iterator for RamRuns<'a> {
             return Some(Ok(RamRun::Zero { gpa, pages }));
         }
         let Some(data) = usize::try_from(len).ok().and_then(|l| body.get(..l)) else {
-            return self.bad(at, data_short(gpa, pages, body.len() as u64));
+            let left = body.len() as u64;
+            return self.bad(at, RunDefect::DataShort { gpa, pages, left });
         };
         self.pos = at + RUN_HEADER_LEN + data.len();
         let run = RamRun::Data { gpa, data };
@@ -128,36 +156,26 @@ impl<'a> Iterator for RamRuns<'a> {
     }
 }
 
-/// Why a data run is refused when the section has `left` bytes after it.
-pub(crate) fn data_short(gpa: u64, pages: u32, left: u64) -> String {
-    let len = u64::from(pages) * PAGE_SIZE as u64;
-    format!("data run at gpa {gpa:#x} claims {pages} pages ({len} bytes) but the section has {left} bytes left")
-}
-
-/// Checks a run header: gpa page-aligned, at least one page, not past
-/// 2^64, a known type. Returns (gpa, pages, type).
-pub(crate) fn parse_run_header(hdr: &[u8]) -> Result<(u64, u32, u8), String> {
+pub(crate) fn parse_run_header(hdr: &[u8]) -> Result<(u64, u32, u8), RunDefect> {
     let mut gpa = [0u8; 8];
     gpa.copy_from_slice(&hdr[..8]);
     let gpa = u64::from_le_bytes(gpa);
     let pages = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
     let kind = hdr[12];
     if !gpa.is_multiple_of(PAGE_SIZE as u64) {
-        return Err(format!("gpa {gpa:#x} is not page-aligned"));
+        return Err(RunDefect::Unaligned { gpa });
     }
     if pages == 0 {
-        return Err(format!("run at gpa {gpa:#x} has a page count of 0"));
+        return Err(RunDefect::NoPages { gpa });
     }
     if gpa
         .checked_add(u64::from(pages) * PAGE_SIZE as u64)
         .is_none()
     {
-        return Err(format!(
-            "run at gpa {gpa:#x} of {pages} pages goes past 2^64"
-        ));
+        return Err(RunDefect::PastTheTop { gpa, pages });
     }
     if kind != RUN_ZERO && kind != RUN_DATA {
-        return Err(format!("unknown run type {kind} at gpa {gpa:#x}"));
+        return Err(RunDefect::UnknownType { kind, gpa });
     }
     Ok((gpa, pages, kind))
 }

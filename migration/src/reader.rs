@@ -2,7 +2,7 @@
 //! and the end section's counts.
 
 use crate::error::{display_name, StreamError};
-use crate::ram::{data_short, parse_run_header, RamRuns, RamSink, RUN_HEADER_LEN, RUN_ZERO};
+use crate::ram::{parse_run_header, RamRuns, RamSink, RunDefect, RUN_HEADER_LEN, RUN_ZERO};
 use crate::{SectionKind, HEADER_LEN, MAGIC, PAGE_SIZE, STREAM_VERSION};
 use serde::de::DeserializeOwned;
 use std::io::{self, Read};
@@ -21,10 +21,10 @@ pub struct Section {
 impl Section {
     /// Decodes the payload as JSON.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, StreamError> {
-        serde_json::from_slice(&self.payload).map_err(|e| StreamError::BadJson {
+        serde_json::from_slice(&self.payload).map_err(|source| StreamError::BadJson {
             section: self.name.clone(),
             offset: self.offset,
-            why: e.to_string(),
+            source,
         })
     }
 
@@ -34,7 +34,7 @@ impl Section {
             return Err(StreamError::BadRam {
                 section: self.name.clone(),
                 offset: self.offset,
-                why: format!("a {} section has no RAM runs", self.kind),
+                defect: RunDefect::NotRam(self.kind),
             });
         }
         Ok(RamRuns::new(
@@ -261,17 +261,15 @@ impl<R: Read> StreamReader<R> {
         let mut error = None;
         while left > 0 && error.is_none() {
             let at = self.pos;
-            let mut bad = |why: String| {
+            let mut bad = |defect: RunDefect| {
                 error = Some(StreamError::BadRam {
                     section: name.to_owned(),
                     offset: at,
-                    why,
+                    defect,
                 })
             };
             if left < RUN_HEADER_LEN as u64 {
-                bad(format!(
-                    "run header cut short ({left} of {RUN_HEADER_LEN} bytes left in the section)"
-                ));
+                bad(RunDefect::HeaderCut { left });
                 break;
             }
             let mut hdr = [0u8; RUN_HEADER_LEN];
@@ -280,25 +278,20 @@ impl<R: Read> StreamReader<R> {
             left -= RUN_HEADER_LEN as u64;
             let (gpa, pages, kind) = match parse_run_header(&hdr) {
                 Ok(run) => run,
-                Err(why) => {
-                    bad(why);
+                Err(defect) => {
+                    bad(defect);
                     break;
                 }
             };
-            let refused = |why: String| StreamError::Refused {
-                section: name.to_owned(),
-                offset: at,
-                why,
-            };
             if kind == RUN_ZERO {
-                if let Err(why) = sink.zero_pages(gpa, pages) {
-                    error = Some(refused(why));
+                if let Err(outside) = sink.zero_pages(gpa, pages) {
+                    bad(outside.into());
                 }
                 continue;
             }
             let bytes = u64::from(pages) * PAGE_SIZE as u64;
             if bytes > left {
-                bad(data_short(gpa, pages, left));
+                bad(RunDefect::DataShort { gpa, pages, left });
                 break;
             }
             // bytes <= left <= 64 MiB
@@ -309,11 +302,11 @@ impl<R: Read> StreamReader<R> {
                     crc.update(dst);
                     left -= bytes as u64;
                 }
-                Ok(dst) => {
-                    let why = format!("RAM sink gave {} bytes for {bytes}", dst.len());
-                    error = Some(refused(why));
-                }
-                Err(why) => error = Some(refused(why)),
+                Ok(dst) => bad(RunDefect::SinkShort {
+                    got: dst.len(),
+                    wanted: bytes,
+                }),
+                Err(outside) => bad(outside.into()),
             }
         }
         // Drain what is left of the section after an error.
@@ -369,17 +362,19 @@ impl<R: Read> StreamReader<R> {
         let mut bytes = [0u8; 8];
         bytes.copy_from_slice(&payload[8..16]);
         let bytes = u64::from_le_bytes(bytes);
-        let why = if sections != self.sections {
-            format!(
-                "it counts {sections} sections before it, the stream had {}",
-                self.sections
-            )
+        let (what, claims, had) = if sections != self.sections {
+            ("sections", sections, self.sections)
         } else if bytes != offset {
-            format!("it counts {bytes} bytes before it, the stream had {offset}")
+            ("bytes", bytes, offset)
         } else {
             return Ok(());
         };
-        Err(StreamError::BadEnd { offset, why })
+        Err(StreamError::BadEnd {
+            offset,
+            what,
+            claims,
+            had,
+        })
     }
 
     /// Fills `buf` completely; a short stream is `Truncated` at the exact

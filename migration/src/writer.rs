@@ -104,10 +104,10 @@ impl<W: Write> StreamWriter<W> {
         version: u32,
         value: &T,
     ) -> Result<(), StreamError> {
-        let payload = serde_json::to_vec(value).map_err(|e| StreamError::Encode {
+        let payload = serde_json::to_vec(value).map_err(|source| StreamError::Encode {
             section: name.to_owned(),
             offset: self.bytes,
-            why: e.to_string(),
+            source,
         })?;
         self.write_section(kind, name, version, &payload)
     }

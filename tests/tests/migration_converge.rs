@@ -66,8 +66,16 @@ fn an_unconverging_guest_fails_unthrottled_and_moves_throttled() {
     )
     .expect("parameters");
 
-    // Auto-converge off: the guest outruns every pass.
+    // Auto-converge off: the guest outruns every pass. The link is
+    // capped well below the guest's dirtying rate (~200 MB/s here): an
+    // uncapped link on a fast host carries 16 MiB a pass quicker than the
+    // guest rewrites it, and then it would converge after all.
     set_auto_converge(&src, false);
+    src.execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 32 << 20 }),
+    )
+    .expect("parameters");
     let _first = destination("conv-dst1", &hosts, 4444);
     migrate(&src, &format!("tcp:{B_ADDR}:4444"));
     let info = wait_migration(&src, T);
@@ -90,7 +98,7 @@ fn an_unconverging_guest_fails_unthrottled_and_moves_throttled() {
     set_auto_converge(&src, true);
     src.execute(
         "migrate-set-parameters",
-        json!({ "x-max-passes": 40, "cpu-throttle-increment": 20 }),
+        json!({ "x-max-passes": 40, "cpu-throttle-increment": 20, "max-bandwidth": 0 }),
     )
     .expect("parameters");
     let dst = destination("conv-dst2", &hosts, 4445);

@@ -18,6 +18,7 @@ use devices::virtio::VirtioInterrupt;
 use devices::{Bus, BusBuilder};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use migration::SavedState;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::VirtioMmioDevice;
@@ -31,6 +32,10 @@ use crate::memory::{self, GuestMemoryMmap, MemoryBackend};
 use crate::vcpu::{Vcpu, VcpuCommand, VcpuControl};
 use crate::VmmError;
 
+/// A virtio-net device behind its MMIO transport, shared by the bus, the
+/// event loop, QMP and migration.
+pub type NetTransport = Arc<Mutex<MmioTransport<Net>>>;
+
 /// The parts of a built VM that outlive its construction and are shared
 /// by the event loop, QMP and migration.
 pub struct VmParts {
@@ -42,7 +47,10 @@ pub struct VmParts {
     pub nets_desc: Vec<NetDescriptor>,
     pub serial: Arc<Mutex<Serial>>,
     pub drained: Arc<InputDrained>,
-    pub nets: Vec<Arc<Mutex<MmioTransport<Net>>>>,
+    pub nets: Vec<NetTransport>,
+    /// Every device with saved state, in stream order: the migration
+    /// source and destination loop over this list and name no device.
+    pub devices: Vec<Arc<Mutex<dyn SavedState>>>,
     pub virtio: Vec<VirtioMmioDevice>,
     pub vcpus: Vec<Arc<VcpuControl>>,
     pub exit: Arc<ExitState>,
@@ -110,15 +118,76 @@ pub fn build(
     kind: KvmKind,
     mut host: HostBackends,
 ) -> Result<Machine, VmmError> {
-    let vcpu_count = machine.vcpus;
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let max = kvm.get_max_vcpus();
-    if usize::from(vcpu_count) > max {
+    if usize::from(machine.vcpus) > max {
         return Err(VmmError::TooManyVcpus {
-            asked: vcpu_count,
+            asked: machine.vcpus,
             max,
         });
     }
+    let vm_fd = create_vm(&kvm)?;
+    let memfd = match (host.memfd.take(), host.memory) {
+        (Some(file), _) => Some(file),
+        (None, MemoryBackend::Memfd) => Some(memory::create_memfd(machine.memory_bytes)?),
+        (None, MemoryBackend::Anonymous) => None,
+    };
+    let memory = match &memfd {
+        Some(file) => memory::map_memfd(file, machine.memory_bytes)?,
+        None => memory::create_guest_memory(machine.memory_bytes)?,
+    };
+    memory::register_with_kvm(&vm_fd, &memory, 0)?;
+
+    let exit = Arc::new(ExitState::new().map_err(io_err("eventfd"))?);
+    let legacy = legacy_devices(&vm_fd, &exit, serial)?;
+    let ged_irq = irqfd(&vm_fd, GED_IRQ, "KVM_IRQFD (GED)")?;
+    let ged = Arc::new(Mutex::new(AcpiGed::new(ged_irq)));
+    let mut mmio = BusBuilder::new();
+    mmio.insert(ged.clone(), GED_START, GED_LEN)?;
+    let mut virtio = Vec::new();
+    let mut transports = Vec::new();
+    for (i, nic) in nets.iter().enumerate() {
+        let tap = host.taps.get_mut(i).and_then(Option::take);
+        let (dev, transport) = virtio_net(&vm_fd, &memory, i, nic, tap)?;
+        mmio.insert(transport.clone(), dev.base, dev.size)?;
+        virtio.push(dev);
+        transports.push(transport);
+    }
+    let mmio: Arc<Bus> = Arc::new(mmio.build());
+    let (vcpus, controls) =
+        create_vcpus(&kvm, &vm_fd, machine.vcpus, kind, &legacy.pio, &mmio, &exit)?;
+
+    // Every device with state, in the order the stream carries them.
+    let mut devices: Vec<Arc<Mutex<dyn SavedState>>> = vec![legacy.serial.clone(), ged.clone()];
+    devices.extend(
+        transports
+            .iter()
+            .map(|t| t.clone() as Arc<Mutex<dyn SavedState>>),
+    );
+    Ok(Machine {
+        parts: VmParts {
+            kvm,
+            vm_fd,
+            memory,
+            kind,
+            machine: machine.clone(),
+            nets_desc: nets.to_vec(),
+            serial: legacy.serial,
+            drained: legacy.drained,
+            nets: transports,
+            devices,
+            virtio,
+            vcpus: controls,
+            exit,
+            ged,
+            memfd,
+        },
+        vcpus,
+    })
+}
+
+/// The KVM VM with its TSS, identity map, in-kernel irqchip and PIT.
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
     let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm_fd
         .set_tss_address(KVM_TSS_ADDRESS as usize)
@@ -134,23 +203,29 @@ pub fn build(
         ..Default::default()
     };
     vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(vm_fd)
+}
 
-    let memfd = match (host.memfd.take(), host.memory) {
-        (Some(file), _) => Some(file),
-        (None, MemoryBackend::Memfd) => Some(memory::create_memfd(machine.memory_bytes)?),
-        (None, MemoryBackend::Anonymous) => None,
-    };
-    let memory = match &memfd {
-        Some(file) => memory::map_memfd(file, machine.memory_bytes)?,
-        None => memory::create_guest_memory(machine.memory_bytes)?,
-    };
-    memory::register_with_kvm(&vm_fd, &memory, 0)?;
+/// An eventfd registered as the irqfd of `gsi`.
+fn irqfd(vm_fd: &VmFd, gsi: u32, what: &'static str) -> Result<EventFd, VmmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+    vm_fd.register_irqfd(&evt, gsi).map_err(kvm_err(what))?;
+    Ok(evt)
+}
 
-    let exit = Arc::new(ExitState::new().map_err(io_err("eventfd"))?);
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-    vm_fd
-        .register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+/// The port-I/O devices: COM1, the i8042 reset line, ACPI PM.
+struct Legacy {
+    serial: Arc<Mutex<Serial>>,
+    drained: Arc<InputDrained>,
+    pio: Arc<Bus>,
+}
+
+fn legacy_devices(
+    vm_fd: &VmFd,
+    exit: &Arc<ExitState>,
+    serial: &SerialConfig,
+) -> Result<Legacy, VmmError> {
+    let serial_irq = irqfd(vm_fd, COM1_IRQ, "KVM_IRQFD (serial)")?;
     let drained = Arc::new(InputDrained(
         EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?,
     ));
@@ -167,73 +242,81 @@ pub fn build(
     pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
     pio.insert(i8042, I8042_BASE, I8042_LEN)?;
     pio.insert(acpi_pm, ACPI_PM_BASE, ACPI_PM_LEN)?;
-    let pio: Arc<Bus> = Arc::new(pio.build());
+    Ok(Legacy {
+        serial,
+        drained,
+        pio: Arc::new(pio.build()),
+    })
+}
 
-    let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-    vm_fd
-        .register_irqfd(&ged_irq, GED_IRQ)
-        .map_err(kvm_err("KVM_IRQFD (GED)"))?;
-    let ged = Arc::new(Mutex::new(AcpiGed::new(ged_irq)));
-    let mut mmio = BusBuilder::new();
-    mmio.insert(ged.clone(), GED_START, GED_LEN)?;
-    let mut virtio = Vec::new();
-    let mut transports = Vec::new();
-    for (i, nic) in nets.iter().enumerate() {
-        let dev = VirtioMmioDevice {
-            base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE,
-            size: VIRTIO_MMIO_SIZE,
-            irq: VIRTIO_IRQ_BASE + i as u32,
-        };
-        if dev.irq >= GED_IRQ {
-            return Err(VmmError::TooManyDevices(i + 1));
-        }
-        let tap = match host.taps.get_mut(i).and_then(Option::take) {
-            Some(tap) => tap,
-            None => net::Tap::open(&nic.tap)?,
-        };
-        let device = Net::new(NetOptions {
-            id: nic.id.clone(),
-            tap,
-            mac: nic.mac,
-            guest_announce: nic.guest_announce,
-        })
-        .map_err(io_err("eventfd"))?;
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-        vm_fd
-            .register_irqfd(&irqfd, dev.irq)
-            .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
-        let queue_evts = device.queue_evts().to_vec();
-        for (q, evt) in queue_evts.iter().enumerate() {
-            let addr = IoEventAddress::Mmio(dev.base + QUEUE_NOTIFY_OFFSET);
-            vm_fd
-                .register_ioevent(evt.as_ref(), &addr, q as u32)
-                .map_err(kvm_err("KVM_IOEVENTFD"))?;
-        }
-        let transport = MmioTransport::new(
-            device,
-            memory.clone(),
-            VirtioInterrupt::new(irqfd),
-            queue_evts,
-        )
-        .map_err(|e| VmmError::Virtio(format!("{e:?}")))?;
-        let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(transport.clone(), dev.base, dev.size)?;
-        virtio.push(dev);
-        transports.push(transport);
+/// NIC `i`: its window and GSI, its TAP (`tap`, received, or opened by
+/// name), its irqfd and one ioeventfd per queue.
+fn virtio_net(
+    vm_fd: &VmFd,
+    memory: &GuestMemoryMmap,
+    i: usize,
+    nic: &NetDescriptor,
+    tap: Option<net::Tap>,
+) -> Result<(VirtioMmioDevice, NetTransport), VmmError> {
+    let dev = VirtioMmioDevice {
+        base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE,
+        size: VIRTIO_MMIO_SIZE,
+        irq: VIRTIO_IRQ_BASE + i as u32,
+    };
+    if dev.irq >= GED_IRQ {
+        return Err(VmmError::TooManyDevices(i + 1));
     }
-    let mmio: Arc<Bus> = Arc::new(mmio.build());
+    let tap = match tap {
+        Some(tap) => tap,
+        None => net::Tap::open(&nic.tap)?,
+    };
+    let device = Net::new(NetOptions {
+        id: nic.id.clone(),
+        tap,
+        mac: nic.mac,
+        guest_announce: nic.guest_announce,
+    })
+    .map_err(io_err("eventfd"))?;
+    let irqfd = irqfd(vm_fd, dev.irq, "KVM_IRQFD (virtio)")?;
+    let queue_evts = device.queue_evts().to_vec();
+    for (q, evt) in queue_evts.iter().enumerate() {
+        let addr = IoEventAddress::Mmio(dev.base + QUEUE_NOTIFY_OFFSET);
+        vm_fd
+            .register_ioevent(evt.as_ref(), &addr, q as u32)
+            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+    }
+    let transport = MmioTransport::new(
+        device,
+        memory.clone(),
+        VirtioInterrupt::new(irqfd),
+        queue_evts,
+    )
+    .map_err(VmmError::Virtio)?;
+    Ok((dev, Arc::new(Mutex::new(transport))))
+}
 
+/// The vCPUs with this host's CPUID (patched for the topology), boot
+/// MSRs, FPU and LAPIC, each parked until the VM starts.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    count: u8,
+    kind: KvmKind,
+    pio: &Arc<Bus>,
+    mmio: &Arc<Bus>,
+    exit: &Arc<ExitState>,
+) -> Result<(Vec<Vcpu>, Vec<Arc<VcpuControl>>), VmmError> {
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(cpu::CpuError::SupportedCpuid)?;
-    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
-    let mut controls = Vec::with_capacity(usize::from(vcpu_count));
-    for id in 0..vcpu_count {
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    let mut controls = Vec::with_capacity(usize::from(count));
+    for id in 0..count {
         let fd = vm_fd
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let mut cpuid = supported.clone();
-        cpuid::patch(&mut cpuid, id, vcpu_count, kind);
+        cpuid::patch(&mut cpuid, id, count, kind);
         fd.set_cpuid2(&cpuid).map_err(cpu::CpuError::SetCpuid)?;
         msr::setup(&fd)?;
         regs::setup_fpu(&fd)?;
@@ -251,26 +334,7 @@ pub fn build(
             control,
         ));
     }
-
-    Ok(Machine {
-        parts: VmParts {
-            kvm,
-            vm_fd,
-            memory,
-            kind,
-            machine: machine.clone(),
-            nets_desc: nets.to_vec(),
-            serial,
-            drained,
-            nets: transports,
-            virtio,
-            vcpus: controls,
-            exit,
-            ged,
-            memfd,
-        },
-        vcpus,
-    })
+    Ok((vcpus, controls))
 }
 
 /// The kernel command line: the user's, then what Ferry adds for its

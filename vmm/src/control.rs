@@ -14,7 +14,6 @@ use serde_json::{json, Map, Value};
 use crate::announce::Announcer;
 use crate::builder::VmParts;
 use crate::exit::VmExit;
-use crate::migrate::job::{MigrationJob, MigrationParameters};
 use crate::qmp::{ArgSpec, ArgType, CommandSpec, EventEmitter, QmpError, QmpHandler};
 use crate::runstate::{IllegalTransition, RunState, RunStateMachine};
 use crate::vcpu::{VcpuCommand, VcpuControl};
@@ -44,15 +43,11 @@ pub struct VmControl {
     pub(crate) parts: Arc<VmParts>,
     pub(crate) runstate: Arc<Mutex<RunStateMachine>>,
     pub(crate) emitter: EventEmitter,
-    migration: Arc<Mutex<MigrationControl>>,
-    announcer: Arc<Mutex<Announcer>>,
-}
-
-/// The migration parameters and the last (or current) migration.
-#[derive(Default)]
-struct MigrationControl {
-    params: MigrationParameters,
-    job: Option<Arc<MigrationJob>>,
+    pub(crate) announcer: Arc<Mutex<Announcer>>,
+    /// The announce schedule: of the announce after an incoming
+    /// migration, and announce-self's defaults (the migration parameters
+    /// `announce-*` set it).
+    announce: Arc<Mutex<net::AnnounceParams>>,
 }
 
 impl VmControl {
@@ -66,14 +61,18 @@ impl VmControl {
             parts,
             runstate,
             emitter,
-            migration: Arc::default(),
             announcer,
+            announce: Arc::default(),
         }
     }
 
     /// The announce schedule to use after an incoming migration.
     pub fn set_announce_params(&self, params: net::AnnounceParams) {
-        lock(&self.migration).params.set_announce(params);
+        *lock(&self.announce) = params;
+    }
+
+    pub fn announce_params(&self) -> net::AnnounceParams {
+        *lock(&self.announce)
     }
 
     /// Moves to `to` without touching vCPUs or devices (they are already
@@ -162,7 +161,7 @@ impl VmControl {
             // announces before vm_start): a vCPU thread just woken on a
             // busy host must not get between its frames. For a guest
             // announce the config interrupt waits for the vCPU.
-            let params = lock(&self.migration).params.announce();
+            let params = *lock(&self.announce);
             let mut a = lock(&self.announcer);
             let nics = a.nic_indexes(&[]).unwrap_or_default();
             a.start(crate::announce::MIGRATION_SCHEDULE, &nics, params);
@@ -174,7 +173,7 @@ impl VmControl {
     }
 
     fn qmp_announce_self(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        let mut params = lock(&self.migration).params.announce();
+        let mut params = *lock(&self.announce);
         let int = |k: &str| args.get(k).and_then(Value::as_u64);
         if let Some(v) = int("initial") {
             params.initial_ms = v;
@@ -243,46 +242,6 @@ impl VmControl {
         }
     }
 
-    fn qmp_migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        let uri: migration::MigrationUri = args
-            .get("uri")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .parse()
-            .map_err(|e: migration::UriError| QmpError::generic(e.to_string()))?;
-        let state = self.state();
-        if !matches!(state, RunState::Running | RunState::Paused) {
-            return Err(QmpError::generic(format!(
-                "cannot migrate a VM in state {state}"
-            )));
-        }
-        let mut m = lock(&self.migration);
-        if m.params.backend_transfer && !uri.can_pass_fds() {
-            return Err(QmpError::generic(format!(
-                "backend-transfer hands over file descriptors, which only a unix: migration can carry (not {}:)",
-                uri.scheme()
-            )));
-        }
-        if m.job.as_ref().is_some_and(|j| !j.status().is_finished()) {
-            return Err(QmpError::generic("There's a migration process in progress"));
-        }
-        let job = Arc::new(MigrationJob::new());
-        m.job = Some(job.clone());
-        // A new migration cancels an announce still in flight.
-        lock(&self.announcer).cancel_all();
-        crate::migrate::source::spawn(self.clone(), uri, m.params.clone(), job);
-        Ok(json!({}))
-    }
-
-    fn qmp_migrate_cancel(&self) -> Value {
-        if let Some(job) = lock(&self.migration).job.as_ref() {
-            if !job.status().is_finished() {
-                job.cancel();
-            }
-        }
-        json!({})
-    }
-
     fn query_cpus_fast(&self) -> Value {
         let cpus: Vec<Value> = self
             .vcpus()
@@ -346,8 +305,8 @@ impl VmControl {
     }
 }
 
-/// The VM commands Ferry answers (the server adds qmp_capabilities,
-/// query-commands and query-version).
+/// The run-state commands (migrate/qmp.rs has the migration ones; the
+/// server adds qmp_capabilities, query-commands and query-version).
 pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec::no_args("query-status"),
     CommandSpec::no_args("stop"),
@@ -360,41 +319,6 @@ pub const COMMANDS: &[CommandSpec] = &[
         "query-rx-filter",
         &[ArgSpec::optional("name", ArgType::String)],
     ),
-    CommandSpec::new(
-        "migrate",
-        &[
-            ArgSpec::required("uri", ArgType::String),
-            ArgSpec::optional("detach", ArgType::Bool),
-            ArgSpec::optional("blk", ArgType::Bool),
-            ArgSpec::optional("inc", ArgType::Bool),
-            ArgSpec::optional("resume", ArgType::Bool),
-        ],
-    ),
-    CommandSpec::no_args("migrate_cancel"),
-    CommandSpec::no_args("query-migrate"),
-    CommandSpec::new(
-        "migrate-set-parameters",
-        &[
-            ArgSpec::optional("downtime-limit", ArgType::Int),
-            ArgSpec::optional("max-bandwidth", ArgType::Int),
-            ArgSpec::optional("announce-initial", ArgType::Int),
-            ArgSpec::optional("announce-max", ArgType::Int),
-            ArgSpec::optional("announce-rounds", ArgType::Int),
-            ArgSpec::optional("announce-step", ArgType::Int),
-            ArgSpec::optional("x-max-passes", ArgType::Int),
-            ArgSpec::optional("backend-transfer", ArgType::Bool),
-            ArgSpec::optional("throttle-trigger-threshold", ArgType::Int),
-            ArgSpec::optional("cpu-throttle-initial", ArgType::Int),
-            ArgSpec::optional("cpu-throttle-increment", ArgType::Int),
-            ArgSpec::optional("max-cpu-throttle", ArgType::Int),
-        ],
-    ),
-    CommandSpec::no_args("query-migrate-parameters"),
-    CommandSpec::new(
-        "migrate-set-capabilities",
-        &[ArgSpec::required("capabilities", ArgType::Array)],
-    ),
-    CommandSpec::no_args("query-migrate-capabilities"),
     CommandSpec::new(
         "announce-self",
         &[
@@ -442,25 +366,6 @@ impl QmpHandler for VmControl {
             }
             "query-cpus-fast" => Ok(self.query_cpus_fast()),
             "query-rx-filter" => self.query_rx_filter(args.get("name").and_then(Value::as_str)),
-            "migrate" => self.qmp_migrate(args),
-            "migrate_cancel" => Ok(self.qmp_migrate_cancel()),
-            "query-migrate" => Ok(lock(&self.migration)
-                .job
-                .as_ref()
-                .map_or(json!({}), |j| j.to_qmp())),
-            "migrate-set-parameters" => {
-                lock(&self.migration).params.apply(args)?;
-                Ok(json!({}))
-            }
-            "query-migrate-parameters" => Ok(lock(&self.migration).params.to_qmp()),
-            "migrate-set-capabilities" => {
-                let list = args.get("capabilities").and_then(Value::as_array);
-                lock(&self.migration)
-                    .params
-                    .apply_capabilities(list.map_or(&[], |l| l.as_slice()))?;
-                Ok(json!({}))
-            }
-            "query-migrate-capabilities" => Ok(lock(&self.migration).params.capabilities_to_qmp()),
             "announce-self" => self.qmp_announce_self(args),
             other => Err(QmpError::command_not_found(other)),
         }

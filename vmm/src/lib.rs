@@ -6,6 +6,7 @@ pub mod announce;
 pub mod boot;
 pub mod builder;
 pub mod check;
+pub mod commands;
 pub mod config;
 pub mod console;
 pub mod control;
@@ -69,7 +70,7 @@ pub enum VmmError {
     #[error("this host's KVM is kvm_pvm: a Linux guest cannot reach userspace here (run `ferry check`); boot the probe guest instead, or pass --allow-no-userspace to watch its early boot")]
     LinuxNeedsHardwareVirt,
     #[error("event loop: {0}")]
-    EventLoop(String),
+    EventLoop(#[source] event_manager::Error),
     /// Not a failure: QMP `quit` while an incoming VM was arriving.
     #[error("quit (QMP) before the incoming VM had arrived")]
     QuitWhileArriving,
@@ -77,10 +78,12 @@ pub enum VmmError {
     Tap(#[from] net::TapError),
     #[error("{0} virtio devices do not fit the interrupt lines of the IOAPIC")]
     TooManyDevices(usize),
-    #[error("virtio: {0}")]
-    Virtio(String),
+    #[error("virtio queues: {0:?}")]
+    Virtio(#[source] virtio_queue::Error),
     #[error("--qmp: {0}")]
-    Qmp(String),
-    #[error("{0}")]
-    Migration(String),
+    Qmp(#[from] qmp::QmpSetupError),
+    #[error(transparent)]
+    Incoming(#[from] migrate::IncomingError),
+    #[error("starting the guest: {0}")]
+    Start(#[from] control::ControlError),
 }

@@ -29,7 +29,7 @@ pub enum StateError {
         index: u32,
     },
     #[error("building a KVM list: {0}")]
-    List(String),
+    List(#[source] vmm_sys_util::fam::Error),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
@@ -80,7 +80,7 @@ fn empty_msrs(indices: &[u32]) -> Result<Msrs, StateError> {
             ..Default::default()
         })
         .collect();
-    Msrs::from_entries(&entries).map_err(|e| StateError::List(format!("{e:?}")))
+    Msrs::from_entries(&entries).map_err(StateError::List)
 }
 
 /// Whether KVM_GET/SET_XSAVE's 4 KiB area holds this host's whole xsave
@@ -124,8 +124,7 @@ impl VcpuState {
     /// before anything that depends on features, MSRs after sregs (EFER),
     /// events last.
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), StateError> {
-        let cpuid =
-            CpuId::from_entries(&self.cpuid).map_err(|e| StateError::List(format!("{e:?}")))?;
+        let cpuid = CpuId::from_entries(&self.cpuid).map_err(StateError::List)?;
         vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         vcpu.set_mp_state(self.mp_state)
             .map_err(ioctl("KVM_SET_MP_STATE"))?;
@@ -141,8 +140,7 @@ impl VcpuState {
             .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
         vcpu.set_lapic(&self.lapic)
             .map_err(ioctl("KVM_SET_LAPIC"))?;
-        let msrs =
-            Msrs::from_entries(&self.msrs).map_err(|e| StateError::List(format!("{e:?}")))?;
+        let msrs = Msrs::from_entries(&self.msrs).map_err(StateError::List)?;
         let set = vcpu.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
         if set != self.msrs.len() {
             return Err(StateError::MsrsPartial {

@@ -39,8 +39,7 @@ pub struct Vm {
 
 /// Binds the control socket: a bad --qmp fails before anything is built.
 pub(crate) fn bind_qmp_spec(spec: Option<&QmpSocketSpec>) -> Result<Option<QmpListener>, VmmError> {
-    spec.map(|spec| QmpListener::bind(spec).map_err(|e| VmmError::Qmp(e.to_string())))
-        .transpose()
+    Ok(spec.map(QmpListener::bind).transpose()?)
 }
 
 impl Vm {
@@ -103,7 +102,7 @@ impl Vm {
 
         let parts = self.parts.clone();
         let mut event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-            EventManager::new().map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
+            EventManager::new().map_err(VmmError::EventLoop)?;
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
             exit: parts.exit.clone(),
             signals,
@@ -145,8 +144,14 @@ impl Vm {
         event_manager.add_subscriber(Arc::new(Mutex::new(AnnouncerHandler::new(
             announcer.clone(),
         ))));
+        let announce = self.announce;
         let make_control = |emitter: &EventEmitter| {
-            VmControl::new(parts.clone(), runstate.clone(), emitter.clone(), announcer)
+            let control =
+                VmControl::new(parts.clone(), runstate.clone(), emitter.clone(), announcer);
+            if let Some(params) = announce {
+                control.set_announce_params(params);
+            }
+            control
         };
         // The control socket: bound now, or served since the VM began to
         // arrive (its clients stay connected).
@@ -158,15 +163,12 @@ impl Vm {
                 (control, Some(server), emitter)
             }
             None => {
-                let emitter = EventEmitter::new().map_err(|e| VmmError::Qmp(e.to_string()))?;
+                let emitter = EventEmitter::new()?;
                 (make_control(&emitter), None, emitter)
             }
         };
-        if let Some(params) = self.announce {
-            control.set_announce_params(params);
-        }
         if !self.start_paused {
-            control.start().map_err(|e| VmmError::Qmp(e.to_string()))?;
+            control.start()?;
         }
 
         let reason = loop {

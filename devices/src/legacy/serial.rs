@@ -12,6 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::EventFdTrigger;
 use crate::bus::BusDevice;
 
+pub mod persist;
+
 pub const COM1_BASE: u64 = 0x3f8;
 pub const COM1_LEN: u64 = 8;
 pub const COM1_IRQ: u32 = 4;
@@ -52,22 +54,6 @@ impl SerialEvents for InputDrained {
     }
 }
 
-/// The UART's registers and receive FIFO, as the migration stream
-/// carries them (vm-superio's SerialState, made serde).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SerialSnapshot {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
-}
-
 /// The UART plus the input bytes still waiting for room in its FIFO.
 pub struct Serial {
     uart: vm_superio::Serial<EventFdTrigger, Arc<InputDrained>, SerialOutput>,
@@ -102,56 +88,6 @@ impl Serial {
             }
         }
         self.pending_input.len()
-    }
-
-    pub fn snapshot(&self) -> SerialSnapshot {
-        let s = self.uart.state();
-        SerialSnapshot {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-
-    /// Replaces the UART's registers with `snapshot`, keeping its
-    /// interrupt line, events and output.
-    pub fn restore(&mut self, snapshot: &SerialSnapshot) -> Result<(), String> {
-        let state = vm_superio::serial::SerialState {
-            baud_divisor_low: snapshot.baud_divisor_low,
-            baud_divisor_high: snapshot.baud_divisor_high,
-            interrupt_enable: snapshot.interrupt_enable,
-            interrupt_identification: snapshot.interrupt_identification,
-            line_control: snapshot.line_control,
-            line_status: snapshot.line_status,
-            modem_control: snapshot.modem_control,
-            modem_status: snapshot.modem_status,
-            scratch: snapshot.scratch,
-            in_buffer: snapshot.in_buffer.clone(),
-        };
-        let placeholder = vm_superio::Serial::with_events(
-            EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?),
-            self.uart.events().clone(),
-            SerialOutput::Sink,
-        );
-        let old = std::mem::replace(&mut self.uart, placeholder);
-        let events = old.events().clone();
-        let trigger = EventFdTrigger(
-            old.interrupt_evt()
-                .0
-                .try_clone()
-                .map_err(|e| e.to_string())?,
-        );
-        let out = old.into_writer();
-        self.uart = vm_superio::Serial::from_state(&state, trigger, events, out)
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(())
     }
 
     /// The raw fd the output goes to, if any (for terminal handling).

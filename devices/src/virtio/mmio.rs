@@ -74,10 +74,14 @@ pub struct MmioTransportSnapshot {
 pub enum RestoreError {
     #[error("saved transport has {saved} queues, the device has {have}")]
     QueueCount { saved: usize, have: usize },
-    #[error("saved queue {index} is invalid: {why}")]
-    BadQueue { index: usize, why: String },
+    #[error("saved queue {index} is invalid: {source:?}")]
+    BadQueue {
+        index: usize,
+        #[source]
+        source: virtio_queue::Error,
+    },
     #[error("restarting the device: {0}")]
-    Activate(String),
+    Activate(#[from] super::ActivateError),
 }
 
 pub struct MmioTransport<D: VirtioDevice> {
@@ -346,10 +350,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 .iter()
                 .enumerate()
                 .map(|(index, q)| {
-                    q.to_queue().map_err(|e| RestoreError::BadQueue {
-                        index,
-                        why: format!("{e:?}"),
-                    })
+                    q.to_queue()
+                        .map_err(|source| RestoreError::BadQueue { index, source })
                 })
                 .collect()
         };
@@ -359,8 +361,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.interrupt.clear();
         if self.driver_ok() && self.state.status & status::DEVICE_NEEDS_RESET == 0 {
             self.device
-                .activate_restored(self.mem.clone(), self.interrupt.clone(), queues)
-                .map_err(|e| RestoreError::Activate(e.to_string()))?;
+                .activate_restored(self.mem.clone(), self.interrupt.clone(), queues)?;
         }
         // An interrupt the guest had not yet acknowledged: raise it again
         // (a spurious one is harmless, a lost one hangs the driver).

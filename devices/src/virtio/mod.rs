@@ -85,8 +85,8 @@ impl VirtioInterrupt {
 pub enum ActivateError {
     #[error("queue {0} is not ready or its rings are outside guest memory")]
     BadQueue(usize),
-    #[error("{0}")]
-    Backend(String),
+    #[error("the backend refuses the offloads: {0}")]
+    Offloads(#[source] std::io::Error),
 }
 
 /// A device model behind the MMIO transport.

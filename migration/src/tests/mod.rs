@@ -6,7 +6,10 @@ mod bad;
 mod roundtrip;
 mod transport;
 
-use crate::{RamSink, Section, SectionKind, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
+use crate::{
+    OutsideMemory, RamSink, Section, SectionKind, StreamError, StreamReader, StreamWriter,
+    PAGE_SIZE,
+};
 use std::io::Read;
 
 /// A section encoded by hand from docs/migration-stream.md.
@@ -137,20 +140,23 @@ pub(crate) fn read_all(mut r: impl Read) -> Result<Vec<Section>, StreamError> {
 pub(crate) struct MemSink(pub Vec<u8>);
 
 impl MemSink {
-    fn range(&mut self, gpa: u64, len: usize) -> Result<&mut [u8], String> {
+    fn range(&mut self, gpa: u64, len: usize) -> Result<&mut [u8], OutsideMemory> {
         usize::try_from(gpa)
             .ok()
             .and_then(|at| self.0.get_mut(at..at.checked_add(len)?))
-            .ok_or_else(|| format!("gpa {gpa:#x}+{len:#x} is outside guest memory"))
+            .ok_or(OutsideMemory {
+                gpa,
+                pages: (len / PAGE_SIZE) as u64,
+            })
     }
 }
 
 impl RamSink for MemSink {
-    fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), String> {
+    fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), OutsideMemory> {
         self.range(gpa, pages as usize * PAGE_SIZE)?.fill(0);
         Ok(())
     }
-    fn data_pages(&mut self, gpa: u64, len: usize) -> Result<&mut [u8], String> {
+    fn data_pages(&mut self, gpa: u64, len: usize) -> Result<&mut [u8], OutsideMemory> {
         self.range(gpa, len)
     }
 }

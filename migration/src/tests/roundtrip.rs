@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::writer::RAM_BUF_CAP;
-use crate::{Migratable, MigratableError, RamRun, RamStats, HEADER_LEN};
+use crate::{persist, RamRun, RamStats, SavedState, SavedStateError, HEADER_LEN};
 
 #[test]
 fn every_kind_round_trips() {
@@ -341,19 +341,28 @@ struct UartState {
     lcr: u8,
 }
 
-impl Migratable for Uart {
-    const SECTION: &'static str = "serial";
-    const VERSION: u32 = 2;
-    type State = UartState;
-    fn instance(&self) -> Option<String> {
-        Some(self.id.to_owned())
+#[derive(Debug, thiserror::Error)]
+#[error("lcr {lcr:#x} (v{version})")]
+struct BadLcr {
+    lcr: u8,
+    version: u32,
+}
+
+impl SavedState for Uart {
+    fn section_name(&self) -> String {
+        format!("serial/{}", self.id)
     }
-    fn save(&self) -> Result<UartState, MigratableError> {
-        Ok(UartState { lcr: self.lcr })
+    fn section_version(&self) -> u32 {
+        2
     }
-    fn restore(&mut self, state: UartState, version: u32) -> Result<(), MigratableError> {
+    fn save_state(&self) -> Result<Vec<u8>, SavedStateError> {
+        persist::encode(&UartState { lcr: self.lcr })
+    }
+    fn restore_state(&mut self, version: u32, payload: &[u8]) -> Result<(), SavedStateError> {
+        let state: UartState = persist::decode(payload)?;
         if state.lcr == 0xff {
-            return Err(MigratableError::new(format!("lcr 0xff (v{version})")));
+            let lcr = state.lcr;
+            return Err(SavedStateError::refused(BadLcr { lcr, version }));
         }
         self.lcr = state.lcr;
         Ok(())
@@ -361,10 +370,10 @@ impl Migratable for Uart {
 }
 
 #[test]
-fn migratable_devices_round_trip() {
+fn saved_states_round_trip() {
     let mut w = StreamWriter::new(Vec::new()).expect("header");
-    w.write_device(&Uart { lcr: 3, id: "com1" }).expect("save");
-    w.write_device(&Uart {
+    w.write_state(&Uart { lcr: 3, id: "com1" }).expect("save");
+    w.write_state(&Uart {
         lcr: 0xff,
         id: "com2",
     })
@@ -379,11 +388,11 @@ fn migratable_devices_round_trip() {
     };
     sections[0].restore_into(&mut com1).expect("restore");
     assert_eq!(com1.lcr, 3);
-    // Wrong instance, refused state, newer version.
+    // Wrong instance, refused state, undecodable state, newer version.
     let err = sections[1].restore_into(&mut com1).expect_err("name");
     assert!(
-        err.to_string()
-            .contains("expected device section serial/com1"),
+        err.to_string().contains("serial/com2 at byte")
+            && err.to_string().contains("is not serial/com1"),
         "{err}"
     );
     let mut com2 = Uart {
@@ -391,7 +400,20 @@ fn migratable_devices_round_trip() {
         ..Default::default()
     };
     let err = sections[1].restore_into(&mut com2).expect_err("refused");
-    assert!(err.to_string().contains("lcr 0xff (v2)"), "{err}");
+    assert!(err.to_string().contains("refused: lcr 0xff (v2)"), "{err}");
+    let mut garbled = sections[0].clone();
+    garbled.payload = b"{\"lcr\": \"x\"}".to_vec();
+    let err = garbled.restore_into(&mut com1).expect_err("decode");
+    assert!(
+        matches!(
+            &err,
+            StreamError::DeviceState {
+                source: SavedStateError::Decode(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
     let mut newer = sections[0].clone();
     newer.version = 3;
     let err = newer.restore_into(&mut com1).expect_err("version");

@@ -26,5 +26,5 @@ pub enum CpuError {
     #[error("cannot write boot page tables or GDT: {0}")]
     Memory(#[source] vm_memory::GuestMemoryError),
     #[error("building the MSR list: {0}")]
-    MsrList(String),
+    MsrList(#[source] vmm_sys_util::fam::Error),
 }

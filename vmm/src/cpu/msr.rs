@@ -40,7 +40,7 @@ pub fn boot_msrs() -> Result<Msrs, CpuError> {
         entry(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         entry(MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_MEM_TYPE_WB),
     ])
-    .map_err(|e| CpuError::MsrList(format!("{e:?}")))
+    .map_err(CpuError::MsrList)
 }
 
 pub fn setup(vcpu: &kvm_ioctls::VcpuFd) -> Result<(), CpuError> {

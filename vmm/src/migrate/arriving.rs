@@ -4,7 +4,7 @@
 //!
 //! The server runs on its own thread and event loop for as long as the
 //! load takes; then it moves, with its connected clients, to the VM's
-//! event loop and its handler becomes the VM's [`VmControl`]. One socket,
+//! event loop and its handler becomes the VM's [`VmCommands`]. One socket,
 //! one set of connections, from `inmigrate` to the end.
 
 use std::os::fd::AsRawFd;
@@ -18,20 +18,21 @@ use serde_json::{json, Map, Value};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::{VmControl, COMMANDS};
+use crate::commands::{self, VmCommands};
+use crate::control::VmControl;
 use crate::qmp::{EventEmitter, QmpError, QmpHandler, QmpListener, QmpServer};
 use crate::VmmError;
 
 /// Who answers QMP: the socket alone while the VM arrives, then the VM.
 pub enum QmpTarget {
     Arriving(Arc<Abort>),
-    Vm(VmControl),
+    Vm(VmCommands),
 }
 
 impl QmpHandler for QmpTarget {
     fn execute(&mut self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
         match self {
-            QmpTarget::Vm(control) => control.execute(command, args),
+            QmpTarget::Vm(commands) => commands.execute(command, args),
             QmpTarget::Arriving(abort) => arriving(abort, command),
         }
     }
@@ -110,18 +111,17 @@ impl QmpEndpoint {
     ) -> Result<(SharedServer, VmControl), VmmError> {
         match self {
             QmpEndpoint::Bound(listener) => {
-                let emitter = EventEmitter::new().map_err(|e| VmmError::Qmp(e.to_string()))?;
+                let emitter = EventEmitter::new()?;
                 let control = control_for(&emitter);
-                let server =
-                    QmpServer::new(listener, COMMANDS, QmpTarget::Vm(control.clone()), emitter)
-                        .map_err(|e| VmmError::Qmp(e.to_string()))?;
+                let target = QmpTarget::Vm(VmCommands::new(control.clone()));
+                let server = QmpServer::new(listener, &commands::all(), target, emitter)?;
                 Ok((Arc::new(Mutex::new(server)), control))
             }
             QmpEndpoint::Serving(server) => {
                 let control = {
                     let mut s = devices::bus::lock(&server);
                     let control = control_for(s.emitter());
-                    *s.handler_mut() = QmpTarget::Vm(control.clone());
+                    *s.handler_mut() = QmpTarget::Vm(VmCommands::new(control.clone()));
                     control
                 };
                 Ok((server, control))
@@ -139,10 +139,9 @@ pub struct ArrivingQmp {
 
 impl ArrivingQmp {
     pub fn start(listener: QmpListener, abort: Arc<Abort>) -> Result<Self, VmmError> {
-        let qmp_err = |e: String| VmmError::Qmp(e);
-        let emitter = EventEmitter::new().map_err(|e| qmp_err(e.to_string()))?;
-        let server = QmpServer::new(listener, COMMANDS, QmpTarget::Arriving(abort), emitter)
-            .map_err(|e| qmp_err(e.to_string()))?;
+        let emitter = EventEmitter::new()?;
+        let target = QmpTarget::Arriving(abort);
+        let server = QmpServer::new(listener, &commands::all(), target, emitter)?;
         let server: SharedServer = Arc::new(Mutex::new(server));
         let stop = Arc::new(
             EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Io {
@@ -151,7 +150,7 @@ impl ArrivingQmp {
             })?,
         );
         let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-            EventManager::new().map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
+            EventManager::new().map_err(VmmError::EventLoop)?;
         em.add_subscriber(server.clone());
         let stopped = Arc::new(Mutex::new(StopWatch {
             evt: stop.clone(),

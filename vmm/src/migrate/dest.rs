@@ -4,38 +4,32 @@
 //! acknowledges. The VM then enters `prelaunch-migrate`, and runs (or
 //! waits for `cont` with -S).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use devices::legacy::serial::SerialSnapshot;
-use devices::virtio::net::NetSnapshot;
-use migration::{Channel, Listener, MigrationUri, Section, SectionKind, StreamError, StreamReader};
+use migration::{Channel, Listener, MigrationUri, Section, SectionKind, StreamReader};
 
 use super::ack::{send_ack, send_go, send_nak};
+use super::error::IncomingError;
 use super::ram::GuestRamSink;
 use super::*;
 use crate::builder;
 use crate::check::kvm_kind;
-use crate::config::{
-    check_nets, format_size, IncomingConfig, NetConfig, NetDescriptor, SerialConfig,
-};
+use crate::config::{check_nets, IncomingConfig, NetConfig, NetDescriptor, SerialConfig};
 use crate::runstate::{RunState, RunStateMachine};
 use crate::state::{check_xsave_size, VcpuState, VmState};
 use crate::vm::{bind_qmp_spec, Vm};
 use crate::VmmError;
 use arriving::{Abort, ArrivingQmp};
-use std::os::fd::AsRawFd;
-
-fn err(message: impl Into<String>) -> VmmError {
-    VmmError::Migration(message.into())
-}
 
 /// The NICs to build: the stream's, with this host's `--net` applied —
 /// by id when given, else by position. A `--net` may change only the TAP.
 fn apply_overrides(
     stream: &[NetDescriptor],
     overrides: &[NetConfig],
-) -> Result<Vec<NetDescriptor>, VmmError> {
+) -> Result<Vec<NetDescriptor>, IncomingError> {
     let mut nets = stream.to_vec();
     for (i, o) in overrides.iter().enumerate() {
         let target = match &o.id {
@@ -43,29 +37,21 @@ fn apply_overrides(
             None => nets.get_mut(i),
         };
         let Some(n) = target else {
-            return Err(err(format!(
-                "--net {} matches no NIC of the incoming VM (it has {})",
+            let net =
                 o.id.as_deref()
-                    .map_or_else(|| format!("#{i}"), |id| format!("id={id}")),
-                stream
-                    .iter()
-                    .map(|n| n.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+                    .map_or_else(|| format!("#{i}"), |id| format!("id={id}"));
+            let has: Vec<&str> = stream.iter().map(|n| n.id.as_str()).collect();
+            let has = has.join(", ");
+            return Err(IncomingError::NoSuchNic { net, has });
         };
         if o.mac.is_some_and(|m| m != n.mac) {
-            return Err(err(format!(
-                "--net mac= would change NIC {}'s MAC {}: refused",
-                n.id, n.mac
-            )));
+            let (id, mac) = (n.id.clone(), n.mac);
+            return Err(IncomingError::MacChange { id, mac });
         }
         // Not given: the stream's.
         if o.guest_announce.is_some_and(|g| g != n.guest_announce) {
-            return Err(err(format!(
-                "--net guest-announce= would change NIC {}'s features: refused",
-                n.id
-            )));
+            let id = n.id.clone();
+            return Err(IncomingError::FeaturesChange { id });
         }
         n.tap = o.tap.clone();
     }
@@ -80,37 +66,30 @@ fn receive_backends(
     handover: Option<BackendHandover>,
     nics: usize,
     answerable: bool,
-) -> Result<builder::HostBackends, VmmError> {
+) -> Result<builder::HostBackends, IncomingError> {
     let Some(h) = handover else {
         return Ok(builder::HostBackends::default());
     };
     if !answerable || !reader.inner_mut().can_pass_fds() {
-        return Err(err(
-            "the stream hands over TAPs and memory, which only a unix: migration can carry",
-        ));
+        return Err(IncomingError::HandoverNeedsUnix);
     }
     if h.taps != nics {
-        return Err(err(format!(
-            "the source hands over {} TAPs for {nics} NICs",
-            h.taps
-        )));
+        let taps = h.taps;
+        return Err(IncomingError::HandoverTaps { taps, nics });
     }
     let (fds, _) = reader
         .inner_mut()
         .recv_fds(h.fd_count())
-        .map_err(|e| err(format!("receiving the source's TAPs and memory: {e}")))?;
+        .map_err(IncomingError::HandoverReceive)?;
     if fds.len() != h.fd_count() {
-        return Err(err(format!(
-            "expected {} descriptors from the source, got {}",
-            h.fd_count(),
-            fds.len()
-        )));
+        let (expected, got) = (h.fd_count(), fds.len());
+        return Err(IncomingError::HandoverCount { expected, got });
     }
     let mut fds = fds.into_iter();
     let mut taps = Vec::with_capacity(h.taps);
     for fd in fds.by_ref().take(h.taps) {
         taps.push(Some(
-            net::Tap::from_fd(fd).map_err(|e| err(format!("received TAP: {e}")))?,
+            net::Tap::from_fd(fd).map_err(IncomingError::HandoverTap)?,
         ));
     }
     let memfd = fds.next().map(std::fs::File::from);
@@ -130,37 +109,15 @@ fn receive_backends(
     })
 }
 
-/// Everything the stream says about the VM besides its RAM.
-#[derive(Default)]
-struct Loaded {
-    vm: Option<VmState>,
-    vcpus: BTreeMap<u8, VcpuState>,
-    serial: Option<SerialSnapshot>,
-    ged: Option<devices::acpi_ged::GedState>,
-    nets: BTreeMap<String, NetSnapshot>,
-}
-
-fn unique<T>(slot: &mut Option<T>, value: T, section: &Section) -> Result<(), VmmError> {
-    if slot.replace(value).is_some() {
-        return Err(err(format!(
-            "section {} appears twice (second at byte {})",
-            section.name, section.offset
-        )));
-    }
-    Ok(())
-}
-
 impl Vm {
     /// Waits for an incoming migration on `config.uri` and returns the VM
     /// it carries, loaded and ready to run.
     pub fn incoming(config: &IncomingConfig) -> Result<Vm, VmmError> {
         // Listen first: once the QMP socket exists, so does the listener
         // (supervisors and tests wait for the QMP socket).
-        let listener = Listener::bind(&config.uri).map_err(|e| {
-            err(format!(
-                "cannot wait for a migration on {}: {e}",
-                config.uri
-            ))
+        let listener = Listener::bind(&config.uri).map_err(|source| IncomingError::Listen {
+            uri: config.uri.to_string(),
+            source,
         })?;
         // QMP answers from now on (runstate inmigrate), on its own thread
         // until the VM has arrived.
@@ -182,56 +139,57 @@ impl Vm {
         if abort.requested() {
             return Err(quit(arriving));
         }
-        let channel = listener
-            .accept()
-            .map_err(|e| err(format!("incoming migration on {}: {e}", config.uri)))?;
+        let channel = listener.accept().map_err(|source| IncomingError::Accept {
+            uri: config.uri.to_string(),
+            source,
+        })?;
         abort.watch(&*channel);
         let answerable = !matches!(config.uri, MigrationUri::File(_));
-        let mut reader = StreamReader::new(channel).map_err(|e| err(e.to_string()));
-        let result = match reader.as_mut() {
-            Ok(r) if !abort.requested() => load(r, config, answerable),
-            Ok(_) => Err(VmmError::QuitWhileArriving),
-            Err(e) => Err(err(e.to_string())),
+        let mut reader = match StreamReader::new(channel) {
+            Ok(r) => r,
+            Err(_) if abort.requested() => return Err(quit(arriving)),
+            Err(e) => return Err(IncomingError::from(e).into()),
         };
-        match (result, reader) {
-            (Ok(mut vm), Ok(mut r)) => {
-                // QMP moves to the VM before the acknowledgement: once the
-                // source says completed, nobody is told `inmigrate`.
-                if let Some(a) = arriving {
-                    vm.qmp = Some(a.hand_over());
-                }
-                if abort.requested() {
-                    // `quit` came in as the load ended: honoured, and the
-                    // source, never acknowledged, keeps its guest.
-                    if answerable {
-                        let _ = send_nak(r.inner_mut(), "quit on the destination");
-                    }
-                    return Err(VmmError::QuitWhileArriving);
-                }
+        let result = match abort.requested() {
+            false => load(&mut reader, config, answerable),
+            true => return Err(quit(arriving)),
+        };
+        let mut vm = match result {
+            Ok(vm) => vm,
+            Err(_) if abort.requested() => return Err(quit(arriving)),
+            Err(e) => {
                 if answerable {
-                    send_ack(r.inner_mut())
-                        .map_err(|e| err(format!("cannot acknowledge the migration: {e}")))?;
+                    let _ = send_nak(reader.inner_mut(), &e.to_string());
                 }
-                if vm.parts.memfd.is_none() {
-                    crate::memory::advise_huge_pages(&vm.parts.memory);
-                }
-                Ok(vm)
+                return Err(e.into());
             }
-            (Err(_), _) if abort.requested() => Err(quit(arriving)),
-            (Err(e), Ok(mut r)) => {
-                if answerable {
-                    let _ = send_nak(r.inner_mut(), &e.to_string());
-                }
-                Err(e)
-            }
-            (Err(e), Err(_)) | (Ok(_), Err(e)) => Err(e),
+        };
+        // QMP moves to the VM before the acknowledgement: once the source
+        // says completed, nobody is told `inmigrate`.
+        if let Some(a) = arriving {
+            vm.qmp = Some(a.hand_over());
         }
+        if abort.requested() {
+            // `quit` came in as the load ended: honoured, and the source,
+            // never acknowledged, keeps its guest.
+            if answerable {
+                let _ = send_nak(reader.inner_mut(), "quit on the destination");
+            }
+            return Err(VmmError::QuitWhileArriving);
+        }
+        if answerable {
+            send_ack(reader.inner_mut()).map_err(IncomingError::Ack)?;
+        }
+        if vm.parts.memfd.is_none() {
+            crate::memory::advise_huge_pages(&vm.parts.memory);
+        }
+        Ok(vm)
     }
 }
 
 /// Blocks until the source connects (`file:` needs no wait) or a QMP
 /// `quit` asks to give up.
-fn wait_for_source(listener: &Listener, abort: &Abort) -> Result<(), VmmError> {
+fn wait_for_source(listener: &Listener, abort: &Abort) -> Result<(), IncomingError> {
     let Some(fd) = listener.as_raw_fd() else {
         return Ok(());
     };
@@ -256,203 +214,41 @@ fn wait_for_source(listener: &Listener, abort: &Abort) -> Result<(), VmmError> {
         }
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(VmmError::Io {
-                what: "wait for the incoming migration",
-                source: e,
-            });
+            return Err(IncomingError::Wait(e));
         }
     }
 }
 
+/// The handshake, then [`read_sections`] and [`Loaded::apply`]: the VM
+/// the stream carries, in prelaunch-migrate.
 fn load(
     reader: &mut StreamReader<Box<dyn Channel>>,
     config: &IncomingConfig,
     answerable: bool,
-) -> Result<Vm, VmmError> {
-    let stream_err = |e: migration::StreamError| err(e.to_string());
-    let first = reader.next_section().map_err(stream_err)?;
-    if first.kind != SectionKind::Config || first.name != CONFIG_SECTION {
-        return Err(err(format!(
-            "migration stream: expected the config section first, found {} section {} at byte {}",
-            first.kind, first.name, first.offset
-        )));
-    }
-    first.check_version(CONFIG_VERSION).map_err(stream_err)?;
-    let incoming: MigrationConfig = first.json().map_err(stream_err)?;
+) -> Result<Vm, IncomingError> {
+    let incoming = read_config(reader, config)?;
     let machine = &incoming.machine;
-    if let Some(m) = config.memory {
-        if m != machine.memory_bytes {
-            return Err(err(format!(
-                "--memory {} disagrees with the incoming VM's {}",
-                format_size(m),
-                format_size(machine.memory_bytes)
-            )));
-        }
-    }
-    if let Some(c) = config.cpus {
-        if c != machine.vcpus {
-            return Err(err(format!(
-                "--cpus {c} disagrees with the incoming VM's {}",
-                machine.vcpus
-            )));
-        }
-    }
-    machine.validate()?;
     let nets = apply_overrides(&incoming.nets, &config.nets)?;
     let runstate = Arc::new(Mutex::new(RunStateMachine::new(RunState::Inmigrate)));
     let host = receive_backends(reader, incoming.backend, nets.len(), answerable)?;
     let built = builder::build(machine, &nets, &config.serial, kvm_kind(), host)?;
-    check_xsave_size(&built.parts.kvm).map_err(|e| err(e.to_string()))?;
+    check_xsave_size(&built.parts.kvm)?;
     if answerable {
-        send_go(reader.inner_mut()).map_err(|e| err(format!("cannot answer the source: {e}")))?;
+        send_go(reader.inner_mut()).map_err(IncomingError::Answer)?;
     }
-
-    let mut loaded = Loaded::default();
-    // SAFETY: the machine was just built: no vCPU has run, no device is
-    // active, nothing but the sink touches guest memory until the loop
-    // below is done with it.
-    let mut sink = unsafe { GuestRamSink::new(&built.parts.memory) };
-    // When the first section after the RAM came: the source's guest has
-    // been stopped since about then.
-    let mut state_from = None;
-    loop {
-        let at = reader.bytes_read();
-        let section = reader.next_section_with_ram(&mut sink).map_err(|e| {
-            if let StreamError::Refused { section, .. } = &e {
-                // A run outside guest memory: the sink's message, with
-                // the offset of its section's payload.
-                if let Some(refusal) = sink.refusal(at + 14 + section.len() as u64) {
-                    return err(format!("migration stream: {refusal}"));
-                }
-            }
-            stream_err(e)
-        })?;
-        if !matches!(section.kind, SectionKind::Ram | SectionKind::Pass) && state_from.is_none() {
-            state_from = Some(std::time::Instant::now());
-        }
-        match section.kind {
-            // Already in guest memory.
-            SectionKind::Ram => {}
-            SectionKind::Pass => {}
-            SectionKind::End => break,
-            SectionKind::VmState if section.name == VM_SECTION => {
-                section.check_version(VM_VERSION).map_err(stream_err)?;
-                unique(
-                    &mut loaded.vm,
-                    section.json().map_err(stream_err)?,
-                    &section,
-                )?;
-            }
-            SectionKind::Vcpu => {
-                section.check_version(VCPU_VERSION).map_err(stream_err)?;
-                let id = section
-                    .name
-                    .strip_prefix("vcpu/")
-                    .and_then(|n| n.parse::<u8>().ok())
-                    .filter(|&n| n < machine.vcpus)
-                    .ok_or_else(|| {
-                        err(format!(
-                            "migration stream: no vCPU for section {} at byte {}",
-                            section.name, section.offset
-                        ))
-                    })?;
-                let state: VcpuState = section.json().map_err(stream_err)?;
-                if loaded.vcpus.insert(id, state).is_some() {
-                    return Err(err(format!(
-                        "section {} appears twice (second at byte {})",
-                        section.name, section.offset
-                    )));
-                }
-            }
-            SectionKind::Device if section.name == GED_SECTION => {
-                section.check_version(GED_VERSION).map_err(stream_err)?;
-                unique(
-                    &mut loaded.ged,
-                    section.json().map_err(stream_err)?,
-                    &section,
-                )?;
-            }
-            SectionKind::Device if section.name == SERIAL_SECTION => {
-                section.check_version(SERIAL_VERSION).map_err(stream_err)?;
-                unique(
-                    &mut loaded.serial,
-                    section.json().map_err(stream_err)?,
-                    &section,
-                )?;
-            }
-            SectionKind::Device if section.name.starts_with("virtio-net/") => {
-                section
-                    .check_version(devices::virtio::net::persist::SECTION_VERSION)
-                    .map_err(stream_err)?;
-                let id = &section.name["virtio-net/".len()..];
-                if !nets.iter().any(|n| n.id == id) {
-                    return Err(err(format!(
-                        "migration stream: section {} names a NIC the config does not have",
-                        section.name
-                    )));
-                }
-                let snapshot: NetSnapshot = section.json().map_err(stream_err)?;
-                if loaded.nets.insert(id.to_string(), snapshot).is_some() {
-                    return Err(err(format!(
-                        "section {} appears twice (second at byte {})",
-                        section.name, section.offset
-                    )));
-                }
-            }
-            _ => {
-                return Err(err(format!(
-                    "migration stream: unknown {} section {} at byte {}",
-                    section.kind, section.name, section.offset
-                )))
-            }
-        }
-        reader.recycle(section);
-    }
-
+    let loaded = read_sections(reader, &built)?;
     // Everything arrived and checked out: now change the VM.
-    let restore_from = std::time::Instant::now();
-    let missing = |what: &str| err(format!("migration stream ended without its {what} section"));
-    let parts = &built.parts;
-    loaded
-        .vm
-        .ok_or_else(|| missing(VM_SECTION))?
-        .restore(&parts.vm_fd)
-        .map_err(|e| err(e.to_string()))?;
-    for (i, vcpu) in built.vcpus.iter().enumerate() {
-        let state = loaded
-            .vcpus
-            .get(&(i as u8))
-            .ok_or_else(|| missing(&vcpu_section(i as u8)))?;
-        state
-            .restore(&vcpu.fd)
-            .map_err(|e| err(format!("vCPU {i}: {e}")))?;
-    }
-    let serial = loaded.serial.ok_or_else(|| missing(SERIAL_SECTION))?;
-    devices::bus::lock(&parts.serial)
-        .restore(&serial)
-        .map_err(|e| err(format!("serial: {e}")))?;
-    if let Some(ged) = &loaded.ged {
-        devices::bus::lock(&parts.ged).restore(ged);
-    }
-    for (net, desc) in parts.nets.iter().zip(&nets) {
-        let snapshot = loaded
-            .nets
-            .get(&desc.id)
-            .ok_or_else(|| missing(&net_section(&desc.id)))?;
-        devices::bus::lock(net)
-            .restore_net(snapshot)
-            .map_err(|e| err(format!("NIC {}: {e}", desc.id)))?;
-    }
-    devices::bus::lock(&runstate)
-        .transition(RunState::PrelaunchMigrate)
-        .map_err(|e| err(e.to_string()))?;
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let restore_from = Instant::now();
+    let read_ms = loaded
+        .state_from
+        .map_or(0.0, |t| (restore_from - t).as_secs_f64() * 1e3);
+    loaded.apply(&built)?;
+    devices::bus::lock(&runstate).transition(RunState::PrelaunchMigrate)?;
     log::info!(
-        "incoming migration loaded: {} bytes, {} sections; state sections read in {:.2} ms, restored in {:.2} ms",
+        "incoming migration loaded: {} bytes, {} sections; state sections read in {read_ms:.2} ms, restored in {:.2} ms",
         reader.bytes_read(),
         reader.sections_read(),
-        state_from.map_or(0.0, |t| ms(restore_from - t)),
-        ms(restore_from.elapsed())
+        restore_from.elapsed().as_secs_f64() * 1e3
     );
     Ok(Vm {
         parts: Arc::new(built.parts),
@@ -463,4 +259,152 @@ fn load(
         start_paused: config.start_paused,
         announce: Some(incoming.announce),
     })
+}
+
+/// The config section, first in every stream, checked against this
+/// host's command line.
+fn read_config(
+    reader: &mut StreamReader<Box<dyn Channel>>,
+    config: &IncomingConfig,
+) -> Result<MigrationConfig, IncomingError> {
+    let first = reader.next_section()?;
+    if first.kind != SectionKind::Config || first.name != CONFIG_SECTION {
+        return Err(IncomingError::ConfigNotFirst {
+            kind: first.kind,
+            name: first.name,
+            offset: first.offset,
+        });
+    }
+    first.check_version(CONFIG_VERSION)?;
+    let incoming: MigrationConfig = first.json()?;
+    let machine = &incoming.machine;
+    if let Some(asked) = config.memory.filter(|&m| m != machine.memory_bytes) {
+        let incoming = machine.memory_bytes;
+        return Err(IncomingError::MemoryMismatch { asked, incoming });
+    }
+    if let Some(asked) = config.cpus.filter(|&c| c != machine.vcpus) {
+        let incoming = machine.vcpus;
+        return Err(IncomingError::CpusMismatch { asked, incoming });
+    }
+    machine.validate()?;
+    Ok(incoming)
+}
+
+/// Everything the stream says about the VM besides its RAM (which is in
+/// guest memory already), checked, not yet applied.
+struct Loaded {
+    vm: Option<VmState>,
+    vcpus: BTreeMap<u8, VcpuState>,
+    /// Each device's section, by name.
+    devices: BTreeMap<String, Section>,
+    /// When the first section after the RAM came: the source's guest has
+    /// been stopped since about then.
+    state_from: Option<Instant>,
+}
+
+/// Reads the rest of the stream: RAM straight into guest memory, every
+/// other section checked — known, once each, a version this build reads —
+/// and kept for [`Loaded::apply`].
+fn read_sections(
+    reader: &mut StreamReader<Box<dyn Channel>>,
+    machine: &builder::Machine,
+) -> Result<Loaded, IncomingError> {
+    let parts = &machine.parts;
+    let device_names: BTreeSet<String> = parts
+        .devices
+        .iter()
+        .map(|d| devices::bus::lock(d).section_name())
+        .collect();
+    let mut loaded = Loaded {
+        vm: None,
+        vcpus: BTreeMap::new(),
+        devices: BTreeMap::new(),
+        state_from: None,
+    };
+    // SAFETY: the machine was just built: no vCPU has run, no device is
+    // active, nothing but the sink touches guest memory until the loop
+    // below is done with it.
+    let mut sink = unsafe { GuestRamSink::new(&parts.memory) };
+    loop {
+        let section = reader.next_section_with_ram(&mut sink)?;
+        if matches!(section.kind, SectionKind::Ram | SectionKind::Pass) {
+            // Already in guest memory.
+            reader.recycle(section);
+            continue;
+        }
+        loaded.state_from.get_or_insert_with(Instant::now);
+        let duplicate = || IncomingError::Duplicate {
+            name: section.name.clone(),
+            offset: section.offset,
+        };
+        match section.kind {
+            SectionKind::End => return Ok(loaded),
+            SectionKind::VmState if section.name == VM_SECTION => {
+                section.check_version(VM_VERSION)?;
+                if loaded.vm.replace(section.json()?).is_some() {
+                    return Err(duplicate());
+                }
+            }
+            SectionKind::Vcpu if vcpu_of(&section.name, parts.machine.vcpus).is_some() => {
+                section.check_version(VCPU_VERSION)?;
+                let id = vcpu_of(&section.name, parts.machine.vcpus).unwrap_or_default();
+                if loaded.vcpus.insert(id, section.json()?).is_some() {
+                    return Err(duplicate());
+                }
+            }
+            SectionKind::Device if device_names.contains(&section.name) => {
+                if loaded.devices.contains_key(&section.name) {
+                    return Err(duplicate());
+                }
+                loaded.devices.insert(section.name.clone(), section);
+            }
+            kind => {
+                return Err(IncomingError::UnknownSection {
+                    kind,
+                    name: section.name,
+                    offset: section.offset,
+                })
+            }
+        }
+    }
+}
+
+/// The vCPU a `vcpu/N` section is for, when the machine has it.
+fn vcpu_of(name: &str, vcpus: u8) -> Option<u8> {
+    name.strip_prefix("vcpu/")
+        .and_then(|n| n.parse::<u8>().ok())
+        .filter(|&n| n < vcpus && name == vcpu_section(n))
+}
+
+impl Loaded {
+    /// Puts every state into the machine: the VM's, each vCPU's, then
+    /// each device's in the machine's order. A missing section fails,
+    /// but for a device whose state is optional.
+    fn apply(mut self, machine: &builder::Machine) -> Result<(), IncomingError> {
+        let parts = &machine.parts;
+        let missing = |name: String| IncomingError::Missing(name);
+        self.vm
+            .ok_or_else(|| missing(VM_SECTION.into()))?
+            .restore(&parts.vm_fd)
+            .map_err(IncomingError::VmState)?;
+        for (i, vcpu) in machine.vcpus.iter().enumerate() {
+            let id = i as u8;
+            let state = self
+                .vcpus
+                .get(&id)
+                .ok_or_else(|| missing(vcpu_section(id)))?;
+            state
+                .restore(&vcpu.fd)
+                .map_err(|source| IncomingError::Vcpu { id, source })?;
+        }
+        for device in &parts.devices {
+            let mut device = devices::bus::lock(device);
+            match self.devices.remove(&device.section_name()) {
+                Some(section) => section.restore_into(&mut *device)?,
+                None if device.optional() => {}
+                None => return Err(missing(device.section_name())),
+            }
+        }
+        Ok(())
+    }
 }

@@ -1,18 +1,23 @@
 //! Migration as the VMM drives it: what goes into the stream (the
-//! `migration` crate frames it), the live-migration loop on the source,
-//! the load on the destination, and the job QMP reports on.
+//! `migration` crate frames it), the source's phases, the destination's
+//! read-then-apply, the job QMP reports on, and the QMP commands.
 //!
 //! Stream contents, in order: `config` (machine and NICs), RAM passes
 //! (`ram` sections ending with a `pass` marker each), then with the VM
-//! stopped: `vm` (irqchip, PIT, clock), `vcpu/N`, `serial/com1`,
-//! `virtio-net/<id>`, and `end`. Over a socket the destination answers
-//! with an acknowledgement once everything is loaded (see [`ack`]).
+//! stopped: `vm` (irqchip, PIT, clock), `vcpu/N`, one section per device
+//! of [`VmParts::devices`](crate::builder::VmParts::devices) in its order
+//! (`serial/com1`, `acpi-ged`, `virtio-net/<id>`), and `end`. Over a
+//! socket the destination answers with an acknowledgement once
+//! everything is loaded (see [`ack`]).
 
 pub mod ack;
 pub mod arriving;
+pub mod converge;
 pub mod dest;
+pub mod error;
 pub mod job;
 mod pagemap;
+pub mod qmp;
 pub mod ram;
 pub mod source;
 pub mod throttle;
@@ -56,19 +61,9 @@ pub const CONFIG_VERSION: u32 = 1;
 pub const VM_SECTION: &str = "vm";
 pub const VM_VERSION: u32 = 1;
 pub const VCPU_VERSION: u32 = 1;
-pub const SERIAL_SECTION: &str = "serial/com1";
-pub const SERIAL_VERSION: u32 = 1;
-/// The power button's pending press; optional on load (streams written
-/// before the GED existed have none).
-pub const GED_SECTION: &str = "acpi-ged";
-pub const GED_VERSION: u32 = 1;
-
 pub fn vcpu_section(id: u8) -> String {
     format!("vcpu/{id}")
 }
 
-pub fn net_section(id: &str) -> String {
-    format!("{}/{id}", devices::virtio::net::persist::SECTION)
-}
-
+pub use error::{IncomingError, MigrateError};
 pub use job::{MigrationJob, MigrationParameters, MigrationStatus};

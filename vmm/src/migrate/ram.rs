@@ -5,7 +5,7 @@
 use std::io::Write;
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
-use migration::{RamSectionWriter, StreamError, PAGE_SIZE};
+use migration::{OutsideMemory, RamSectionWriter, StreamError, PAGE_SIZE};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, MmapRegion,
 };
@@ -18,16 +18,22 @@ const PAGE: u64 = PAGE_SIZE as u64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RamError {
-    #[error("dirty logging: {0}")]
-    DirtyLog(String),
+    #[error("turning dirty logging on or off: {0}")]
+    SetDirtyLog(#[source] crate::memory::MemoryError),
+    #[error("KVM_GET_DIRTY_LOG slot {slot}: {source}")]
+    GetDirtyLog {
+        slot: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error(transparent)]
     Stream(#[from] StreamError),
-    #[error(
-        "RAM run at {gpa:#x} ({pages} pages) in section at byte {offset} lies outside guest memory"
-    )]
-    OutsideMemory { gpa: u64, pages: u64, offset: u64 },
-    #[error("reading guest memory at {gpa:#x}: {why}")]
-    Read { gpa: u64, why: String },
+    #[error("reading guest memory at {gpa:#x}: {source}")]
+    Read {
+        gpa: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("cancelled")]
     Cancelled,
 }
@@ -35,8 +41,7 @@ pub enum RamError {
 /// Turns KVM's dirty logging on or off for every memory slot.
 pub fn set_dirty_logging(parts: &VmParts, on: bool) -> Result<(), RamError> {
     let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
-    register_with_kvm(&parts.vm_fd, &parts.memory, flags)
-        .map_err(|e| RamError::DirtyLog(e.to_string()))
+    register_with_kvm(&parts.vm_fd, &parts.memory, flags).map_err(RamError::SetDirtyLog)
 }
 
 /// A set of pages per memory region: one bit per page.
@@ -63,6 +68,15 @@ impl DirtyPages {
         Self { regions }
     }
 
+    /// Adds the pages of `other` (over the same memory).
+    pub fn merge(&mut self, other: DirtyPages) {
+        for (ra, rb) in self.regions.iter_mut().zip(other.regions) {
+            for (wa, wb) in ra.iter_mut().zip(rb) {
+                *wa |= wb;
+            }
+        }
+    }
+
     pub fn count(&self) -> u64 {
         self.regions
             .iter()
@@ -81,7 +95,7 @@ pub fn take_dirty(parts: &VmParts) -> Result<DirtyPages, RamError> {
         let mut kvm_log = parts
             .vm_fd
             .get_dirty_log(slot as u32, region.len() as usize)
-            .map_err(|e| RamError::DirtyLog(format!("KVM_GET_DIRTY_LOG slot {slot}: {e}")))?;
+            .map_err(|source| RamError::GetDirtyLog { slot, source })?;
         let mmap: &MmapRegion<_> = region;
         let vmm_log = mmap.bitmap().get_and_reset();
         for (k, v) in kvm_log.iter_mut().zip(vmm_log) {
@@ -244,10 +258,7 @@ pub fn send_pages<W: Write>(
                         // page goes again in the next pass.
                         region
                             .read_slice(&mut buf.0, MemoryRegionAddress(page as u64 * PAGE))
-                            .map_err(|e| RamError::Read {
-                                gpa,
-                                why: e.to_string(),
-                            })?;
+                            .map_err(|source| RamError::Read { gpa, source })?;
                         if is_zero(&buf.0) {
                             push_zeros(ram, &mut pending, &mut sent, gpa, 1)?;
                         } else {
@@ -321,8 +332,6 @@ impl WrittenPages {
 pub struct GuestRamSink<'a> {
     memory: &'a GuestMemoryMmap,
     written: WrittenPages,
-    /// The run refused for lying outside guest memory: (gpa, pages).
-    outside: Option<(u64, u64)>,
 }
 
 impl<'a> GuestRamSink<'a> {
@@ -336,22 +345,11 @@ impl<'a> GuestRamSink<'a> {
         Self {
             memory,
             written: WrittenPages::new(memory),
-            outside: None,
         }
     }
 
-    /// The error for the run this sink refused, if it refused one;
-    /// `payload_offset` is the stream offset of its section's payload.
-    pub fn refusal(&self, payload_offset: u64) -> Option<RamError> {
-        self.outside.map(|(gpa, pages)| RamError::OutsideMemory {
-            gpa,
-            pages,
-            offset: payload_offset,
-        })
-    }
-
     /// The host address of `pages` pages from `gpa`, all in one region.
-    fn host_range(&mut self, gpa: u64, pages: u64) -> Result<*mut u8, String> {
+    fn host_range(&mut self, gpa: u64, pages: u64) -> Result<*mut u8, OutsideMemory> {
         let inside = pages
             .checked_mul(PAGE)
             .and_then(|len| gpa.checked_add(len))
@@ -365,15 +363,12 @@ impl<'a> GuestRamSink<'a> {
                     .get_host_address(vm_memory::MemoryRegionAddress(gpa - region.start_addr().0))
                     .ok()
             });
-        inside.ok_or_else(|| {
-            self.outside = Some((gpa, pages));
-            format!("RAM run at {gpa:#x} ({pages} pages) lies outside guest memory")
-        })
+        inside.ok_or(OutsideMemory { gpa, pages })
     }
 }
 
 impl migration::RamSink for GuestRamSink<'_> {
-    fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), String> {
+    fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), OutsideMemory> {
         let host = self.host_range(gpa, u64::from(pages))?;
         self.written
             .mark_range(gpa / PAGE, u64::from(pages), false, |page| {
@@ -386,7 +381,7 @@ impl migration::RamSink for GuestRamSink<'_> {
         Ok(())
     }
 
-    fn data_pages(&mut self, gpa: u64, len: usize) -> Result<&mut [u8], String> {
+    fn data_pages(&mut self, gpa: u64, len: usize) -> Result<&mut [u8], OutsideMemory> {
         let pages = (len / PAGE_SIZE) as u64;
         let host = self.host_range(gpa, pages)?;
         let mut before = 0;
@@ -534,10 +529,9 @@ mod tests {
         let mut sink = unsafe { GuestRamSink::new(&mem) };
         let mut r = migration::StreamReader::new(&bytes[..]).unwrap();
         let e = r.next_section_with_ram(&mut sink).unwrap_err();
-        assert!(matches!(e, StreamError::Refused { .. }), "{e}");
         assert_eq!(
-            sink.refusal(33).unwrap().to_string(),
-            "RAM run at 0x7ff000 (2 pages) in section at byte 33 lies outside guest memory"
+            e.to_string(),
+            "migration stream: bad RAM run in section ram at byte 33: RAM run at 0x7ff000 (2 pages) lies outside guest memory"
         );
     }
 

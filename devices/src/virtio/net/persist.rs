@@ -1,7 +1,10 @@
 //! virtio-net's saved state: everything the guest configured, as a plain
-//! serde struct. The device keeps its guest-visible state in this type, so
-//! saving it is a clone (issue #6 adds the queues and the stream section).
+//! serde struct, with its transport's registers and queues, in the
+//! `virtio-net/<id>` section. The device keeps its guest-visible state in
+//! this type, so saving it is a clone.
 
+use migration::persist::{decode, encode};
+use migration::{SavedState, SavedStateError};
 use net::MacAddr;
 use serde::{Deserialize, Serialize};
 
@@ -17,9 +20,15 @@ pub struct NetSnapshot {
     pub transport: MmioTransportSnapshot,
 }
 
-/// Section name and version of a NIC in the stream (`virtio-net/<id>`).
+/// Section name prefix and version of a NIC in the stream
+/// (`virtio-net/<id>`).
 pub const SECTION: &str = "virtio-net";
-pub const SECTION_VERSION: u32 = 1;
+pub const VERSION: u32 = 1;
+
+/// The section of the NIC called `id`.
+pub fn section_name(id: &str) -> String {
+    format!("{SECTION}/{id}")
+}
 
 impl MmioTransport<Net> {
     /// Saves the NIC; the VM must be paused.
@@ -51,6 +60,29 @@ pub struct NetState {
     /// The announce in flight, if any (issue #7).
     #[serde(default)]
     pub announce: AnnounceState,
+}
+
+/// The section is named for the NIC's id on this host (its `--net`),
+/// which is the id it had on the source: a destination's `--net` only
+/// picks the TAP.
+impl SavedState for MmioTransport<Net> {
+    fn section_name(&self) -> String {
+        section_name(&self.device().state().id)
+    }
+
+    fn section_version(&self) -> u32 {
+        VERSION
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, SavedStateError> {
+        encode(&self.save_net())
+    }
+
+    fn restore_state(&mut self, _version: u32, payload: &[u8]) -> Result<(), SavedStateError> {
+        let snapshot: NetSnapshot = decode(payload)?;
+        self.restore_net(&snapshot)
+            .map_err(SavedStateError::refused)
+    }
 }
 
 /// Where a NIC is in its announce schedule.

@@ -281,7 +281,7 @@ impl Net {
         // The TAP may be new (a destination host): tell it the offloads.
         self.tap
             .set_offload(self.tap_offloads())
-            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+            .map_err(|e| ActivateError::Offloads(std::io::Error::other(e)))?;
         if fresh {
             self.state.rx_filter =
                 RxFilter::with_vlan_filtering(self.acked(VIRTIO_NET_F_CTRL_VLAN));
