@@ -1,6 +1,7 @@
 //! What every NIC model tells the host about itself.
 
 use std::io;
+use std::os::fd::RawFd;
 
 use crate::announce::Announced;
 use crate::rarp::rarp_frame;
@@ -27,6 +28,19 @@ pub trait Nic {
     fn announce(&mut self) -> io::Result<Announced> {
         rarp_announce(self)
     }
+
+    /// Rounds of the announce in flight still to go, kept with the NIC's
+    /// migrated state; 0 once a reset of the NIC cancelled it.
+    fn announce_rounds_left(&self) -> u64;
+    fn set_announce_rounds_left(&mut self, rounds: u64);
+    /// Drops an announce in flight (a reset, a new migration).
+    fn cancel_announce(&mut self);
+    /// Readable after each time the guest acknowledged an announce it was
+    /// asked for ([`Announced::Guest`]); `None` for a model that never
+    /// asks the guest.
+    fn announce_ack_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// The host's announce: every MAC × (untagged + every VLAN).
@@ -50,6 +64,7 @@ mod tests {
         macs: Vec<MacAddr>,
         vlans: Vec<u16>,
         sent: Vec<Vec<u8>>,
+        rounds_left: u64,
     }
 
     impl Nic for Recorder {
@@ -66,6 +81,15 @@ mod tests {
             self.sent.push(frame.to_vec());
             Ok(())
         }
+        fn announce_rounds_left(&self) -> u64 {
+            self.rounds_left
+        }
+        fn set_announce_rounds_left(&mut self, rounds: u64) {
+            self.rounds_left = rounds;
+        }
+        fn cancel_announce(&mut self) {
+            self.rounds_left = 0;
+        }
     }
 
     #[test]
@@ -76,6 +100,7 @@ mod tests {
             macs: vec![a, b],
             vlans: vec![100, 200],
             sent: vec![],
+            rounds_left: 0,
         };
         assert_eq!(nic.announce().unwrap(), Announced::Rarp { frames: 6 });
         let expected: Vec<Vec<u8>> = [a, b]

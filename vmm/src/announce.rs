@@ -13,8 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::lock;
-use devices::virtio::mmio::MmioTransport;
-use devices::virtio::net::Net;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use net::{AnnounceParams, Announced, Nic};
 use vmm_sys_util::epoll::EventSet;
@@ -47,8 +45,11 @@ pub struct AnnounceLog {
     pub first_round_at: Option<Instant>,
 }
 
+/// A NIC as the announcer sees it: any model behind `net::Nic`.
+pub type SharedNic = Arc<Mutex<dyn Nic + Send>>;
+
 pub struct Announcer {
-    nets: Vec<Arc<Mutex<MmioTransport<Net>>>>,
+    nets: Vec<SharedNic>,
     schedules: Vec<Schedule>,
     timer: TimerFd,
     log: AnnounceLog,
@@ -66,7 +67,7 @@ fn set_nonblocking(fd: RawFd) {
 }
 
 impl Announcer {
-    pub fn new(nets: Vec<Arc<Mutex<MmioTransport<Net>>>>) -> std::io::Result<Self> {
+    pub fn new(nets: Vec<SharedNic>) -> std::io::Result<Self> {
         let timer = TimerFd::new().map_err(std::io::Error::from)?;
         // A timer re-armed between epoll and the read must not block the loop.
         set_nonblocking(timer.as_raw_fd());
@@ -91,7 +92,7 @@ impl Announcer {
             .map(|id| {
                 self.nets
                     .iter()
-                    .position(|n| lock(n).device().state().id == *id)
+                    .position(|n| lock(n).id() == id)
                     .ok_or_else(|| format!("no NIC called {id}"))
             })
             .collect()
@@ -125,7 +126,7 @@ impl Announcer {
     pub fn cancel_all(&mut self) {
         for s in &self.schedules {
             if let Some(n) = self.nets.get(s.nic) {
-                lock(n).device_mut().cancel_announce();
+                lock(n).cancel_announce();
             }
         }
         self.schedules.clear();
@@ -135,13 +136,12 @@ impl Announcer {
     fn round(&mut self, idx: usize) {
         let now = Instant::now();
         let s = &mut self.schedules[idx];
-        let Some(transport) = self.nets.get(s.nic) else {
+        let Some(nic) = self.nets.get(s.nic) else {
             return;
         };
-        let mut t = lock(transport);
-        let dev = t.device_mut();
+        let mut dev = lock(nic);
         // A reset of the device since the last round cancelled it.
-        if s.done > 0 && dev.state().announce.rounds_left == 0 {
+        if s.done > 0 && dev.announce_rounds_left() == 0 {
             s.next_due = None;
             s.done = s.params.rounds;
             return;
@@ -159,7 +159,7 @@ impl Announcer {
                 s.next_due = (s.done < s.params.rounds).then(|| now + s.params.pause_after(s.done));
             }
             Err(e) => {
-                log::warn!("{}: announce: {e}", dev.state().id);
+                log::warn!("{}: announce: {e}", dev.id());
                 s.next_due = (s.done < s.params.rounds).then(|| now + s.params.pause_after(s.done));
             }
         }
@@ -167,7 +167,7 @@ impl Announcer {
         self.log.first_round_at.get_or_insert(now);
         log::info!(
             "{}: announce round {} of {}",
-            dev.state().id,
+            dev.id(),
             s.done,
             s.params.rounds
         );
@@ -236,18 +236,15 @@ impl Announcer {
 pub struct AnnouncerHandler {
     announcer: Arc<Mutex<Announcer>>,
     timer_fd: RawFd,
-    ack_fds: Vec<RawFd>,
+    /// Per NIC, by index: its ack's descriptor, if the model has one.
+    ack_fds: Vec<Option<RawFd>>,
 }
 
 impl AnnouncerHandler {
     pub fn new(announcer: Arc<Mutex<Announcer>>) -> Self {
         let a = lock(&announcer);
         let timer_fd = a.timer.as_raw_fd();
-        let ack_fds = a
-            .nets
-            .iter()
-            .map(|n| lock(n).device().announce_acked_evt().as_raw_fd())
-            .collect();
+        let ack_fds = a.nets.iter().map(|n| lock(n).announce_ack_fd()).collect();
         drop(a);
         Self {
             announcer,
@@ -259,7 +256,7 @@ impl AnnouncerHandler {
 
 impl MutEventSubscriber for AnnouncerHandler {
     fn init(&mut self, ops: &mut EventOps) {
-        for &fd in std::iter::once(&self.timer_fd).chain(self.ack_fds.iter()) {
+        for &fd in std::iter::once(&self.timer_fd).chain(self.ack_fds.iter().flatten()) {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("announce: cannot watch fd {fd}: {e:?}");
             }
@@ -273,7 +270,7 @@ impl MutEventSubscriber for AnnouncerHandler {
         // non-blocking timerfd/eventfd this handler watches.
         unsafe { libc::read(fd, drain.as_mut_ptr().cast(), drain.len()) };
         let mut a = lock(&self.announcer);
-        match self.ack_fds.iter().position(|&f| f == fd) {
+        match self.ack_fds.iter().position(|&f| f == Some(fd)) {
             Some(nic) => a.acked(nic),
             None => a.run_due(),
         }

@@ -135,12 +135,19 @@ impl Vm {
         }
 
         let runstate = self.runstate.clone();
-        let announcer = Arc::new(Mutex::new(Announcer::new(parts.nets.clone()).map_err(
-            |source| VmmError::Io {
+        let announcer = Arc::new(Mutex::new(
+            Announcer::new(
+                parts
+                    .nets
+                    .iter()
+                    .map(|n| n.clone() as crate::announce::SharedNic)
+                    .collect(),
+            )
+            .map_err(|source| VmmError::Io {
                 what: "announce timer",
                 source,
-            },
-        )?));
+            })?,
+        ));
         event_manager.add_subscriber(Arc::new(Mutex::new(AnnouncerHandler::new(
             announcer.clone(),
         ))));

@@ -443,3 +443,36 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         self.write_reg(offset, u32::from_le_bytes(bytes));
     }
 }
+
+/// A NIC behind the transport is announced through it: the announcer
+/// holds the transport (the lock the bus and the event loop share), not
+/// the device model.
+impl<D: VirtioDevice + net::Nic> net::Nic for MmioTransport<D> {
+    fn id(&self) -> &str {
+        self.device.id()
+    }
+    fn macs(&self) -> Vec<net::MacAddr> {
+        self.device.macs()
+    }
+    fn vlans(&self) -> Vec<u16> {
+        self.device.vlans()
+    }
+    fn send_raw(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.device.send_raw(frame)
+    }
+    fn announce(&mut self) -> std::io::Result<net::Announced> {
+        self.device.announce()
+    }
+    fn announce_rounds_left(&self) -> u64 {
+        self.device.announce_rounds_left()
+    }
+    fn set_announce_rounds_left(&mut self, rounds: u64) {
+        self.device.set_announce_rounds_left(rounds)
+    }
+    fn cancel_announce(&mut self) {
+        self.device.cancel_announce()
+    }
+    fn announce_ack_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.announce_ack_fd()
+    }
+}

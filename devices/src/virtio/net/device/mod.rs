@@ -220,23 +220,6 @@ impl Net {
         self.paused
     }
 
-    /// Readable after each ANNOUNCE_ACK from the guest.
-    pub fn announce_acked_evt(&self) -> &Arc<EventFd> {
-        &self.announce_acked
-    }
-
-    /// Records how many rounds of the announce schedule remain (part of
-    /// the migrated state).
-    pub fn set_announce_rounds_left(&mut self, rounds: u64) {
-        self.state.announce.rounds_left = rounds;
-    }
-
-    /// Drops an announce in flight (a reset, a new migration).
-    pub fn cancel_announce(&mut self) {
-        self.state.announce = Default::default();
-        self.state.status &= !(VIRTIO_NET_S_ANNOUNCE as u16);
-    }
-
     /// The reason the device broke, once.
     pub fn take_broken(&mut self) -> Option<String> {
         self.broken.take()
@@ -437,6 +420,24 @@ impl Nic for Net {
         self.tap
             .write_vectored(&[std::io::IoSlice::new(&header), std::io::IoSlice::new(frame)])
             .map(|_| ())
+    }
+
+    fn announce_rounds_left(&self) -> u64 {
+        self.state.announce.rounds_left
+    }
+
+    fn set_announce_rounds_left(&mut self, rounds: u64) {
+        self.state.announce.rounds_left = rounds;
+    }
+
+    fn cancel_announce(&mut self) {
+        self.state.announce = Default::default();
+        self.state.status &= !(VIRTIO_NET_S_ANNOUNCE as u16);
+    }
+
+    fn announce_ack_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.announce_acked.as_raw_fd())
     }
 
     /// Asks the guest when it can announce itself — it alone knows every
