@@ -3,12 +3,14 @@
 //! addresses it answers to (and, with issue #7, announces them).
 
 pub mod announce;
+pub mod backend;
 pub mod mac;
 pub mod nic;
 pub mod rarp;
 pub mod tap;
 
 pub use announce::{AnnounceParams, Announced};
+pub use backend::{MemBackend, NetBackend};
 pub use mac::MacAddr;
 pub use nic::Nic;
 pub use tap::{Tap, TapError};

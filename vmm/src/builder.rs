@@ -272,7 +272,7 @@ fn virtio_net(
     };
     let device = Net::new(NetOptions {
         id: nic.id.clone(),
-        tap,
+        backend: tap,
         mac: nic.mac,
         guest_announce: nic.guest_announce,
     })

@@ -476,3 +476,6 @@ impl<D: VirtioDevice + net::Nic> net::Nic for MmioTransport<D> {
         self.device.announce_ack_fd()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -3,6 +3,8 @@
 
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+pub mod test_utils;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -122,7 +122,7 @@ impl Rig {
         let tap_fd = tap.as_raw_fd();
         let net = Net::new(NetOptions {
             id: "hostile".into(),
-            tap,
+            backend: tap,
             mac: MacAddr(MAC),
             guest_announce: true,
         })
@@ -210,7 +210,7 @@ impl Rig {
 
     pub fn report_broken(&mut self) {
         if let Some(why) = self.net().take_broken() {
-            self.drv.dev.set_needs_reset(&why);
+            self.drv.dev.set_needs_reset(&why.to_string());
         }
     }
 

@@ -528,7 +528,7 @@ fn hand_over(channel: &mut Box<dyn Channel>, parts: &VmParts) -> Result<(), Migr
     use std::os::fd::AsRawFd;
     let mut fds = Vec::new();
     for net in &parts.nets {
-        fds.push(devices::bus::lock(net).device().tap().as_raw_fd());
+        fds.push(devices::bus::lock(net).device().backend().as_raw_fd());
     }
     if let Some(memfd) = &parts.memfd {
         fds.push(memfd.as_raw_fd());

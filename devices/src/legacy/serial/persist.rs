@@ -113,3 +113,43 @@ impl SavedState for Serial {
             .map_err(SavedStateError::refused)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::bus::BusDevice;
+    use crate::legacy::serial::InputDrained;
+
+    fn serial() -> Serial {
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        Serial::new(evt(), Arc::new(InputDrained(evt())), SerialOutput::Sink)
+    }
+
+    #[test]
+    fn registers_and_fifo_survive_save_and_restore() {
+        let mut a = serial();
+        a.write(3, &[0x03]); // LCR: 8 bits
+        a.write(7, &[0x5a]); // scratch
+        a.push_input(b"hi");
+        let saved = a.save_state().unwrap();
+        let mut b = serial();
+        b.restore_state(VERSION, &saved).unwrap();
+        let mut r = [0u8];
+        b.read(7, &mut r);
+        assert_eq!(r[0], 0x5a);
+        b.read(0, &mut r);
+        assert_eq!(r[0], b'h');
+        let mut long = a.save();
+        long.in_buffer = vec![0; 65];
+        let e = b
+            .restore_state(VERSION, &encode(&long).unwrap())
+            .unwrap_err();
+        assert!(e.to_string().contains("65 bytes"), "{e}");
+        assert!(matches!(
+            b.restore_state(VERSION, b"[]"),
+            Err(SavedStateError::Decode(_))
+        ));
+    }
+}

@@ -5,6 +5,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use net::NetBackend;
 use vmm_sys_util::epoll::EventSet;
 
 use super::device::{Net, CTRL_QUEUE, RX_QUEUE, TX_QUEUE};
@@ -27,7 +28,7 @@ impl NetEventHandler {
             (
                 net.queue_evts().iter().map(|e| e.as_raw_fd()).collect(),
                 net.activate_evt().as_raw_fd(),
-                net.tap().as_raw_fd(),
+                net.backend().ready_fd(),
             )
         };
         Self {
@@ -93,7 +94,7 @@ impl MutEventSubscriber for NetEventHandler {
         }
         let want = net.wants_tap();
         if let Some(why) = net.take_broken() {
-            t.set_needs_reset(&why);
+            t.set_needs_reset(&why.to_string());
         }
         drop(t);
         self.update_tap_interest(want, ops);

@@ -5,7 +5,7 @@
 
 use migration::persist::{decode, encode};
 use migration::{SavedState, SavedStateError};
-use net::MacAddr;
+use net::{MacAddr, NetBackend};
 use serde::{Deserialize, Serialize};
 
 use super::filter::RxFilter;
@@ -30,7 +30,7 @@ pub fn section_name(id: &str) -> String {
     format!("{SECTION}/{id}")
 }
 
-impl MmioTransport<Net> {
+impl<B: NetBackend> MmioTransport<Net<B>> {
     /// Saves the NIC; the VM must be paused.
     pub fn save_net(&self) -> NetSnapshot {
         NetSnapshot {
@@ -65,7 +65,7 @@ pub struct NetState {
 /// The section is named for the NIC's id on this host (its `--net`),
 /// which is the id it had on the source: a destination's `--net` only
 /// picks the TAP.
-impl SavedState for MmioTransport<Net> {
+impl<B: NetBackend> SavedState for MmioTransport<Net<B>> {
     fn section_name(&self) -> String {
         section_name(&self.device().state().id)
     }

@@ -2,6 +2,7 @@
 //! announce acknowledgement — what the host learns of the guest's
 //! addresses.
 
+use net::NetBackend;
 use std::io::{Read, Write};
 
 use net::MacAddr;
@@ -9,9 +10,9 @@ use virtio_bindings::virtio_net::*;
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 
 use super::super::ctrl::{self, CtrlCommand, CtrlError, RxMode};
-use super::{chain_is_whole, Net, CTRL_QUEUE};
+use super::{chain_is_whole, ring_err, Net, CTRL_QUEUE};
 
-impl Net {
+impl<B: NetBackend> Net<B> {
     /// Executes every control command the guest queued.
     pub fn process_ctrl(&mut self) {
         if self.paused {
@@ -84,7 +85,7 @@ impl Net {
                 return;
             };
             if let Err(e) = active.queues[CTRL_QUEUE].add_used(&mem, head, written) {
-                self.set_broken(format!("ctrl used ring: {e}"));
+                self.set_broken(ring_err("ctrl", "used ring")(e));
                 return;
             }
             done = true;
@@ -93,7 +94,7 @@ impl Net {
             self.signal(CTRL_QUEUE);
         }
         if let Some(e) = ring_error {
-            self.set_broken(format!("ctrl avail ring: {e}"));
+            self.set_broken(ring_err("ctrl", "avail ring")(e));
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use net::nic::rarp_announce;
 use net::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
-use net::{Announced, MacAddr, Nic, Tap};
+use net::{Announced, MacAddr, NetBackend, Nic, Tap};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemory;
@@ -57,10 +57,35 @@ where
     chain.clone().last().is_some_and(|d| !d.has_next())
 }
 
+/// A ring the driver made unusable: the device stops and asks for a
+/// reset (DEVICE_NEEDS_RESET).
+#[derive(Debug, thiserror::Error)]
+#[error("{queue} {part}: {source}")]
+pub struct RingError {
+    pub queue: &'static str,
+    /// `ring`, `avail ring`, `used ring`, `ring unreadable`.
+    pub part: &'static str,
+    #[source]
+    pub source: virtio_queue::Error,
+}
+
+/// `|source| RingError { queue, part, source }`, for `map_err`.
+fn ring_err(
+    queue: &'static str,
+    part: &'static str,
+) -> impl FnOnce(virtio_queue::Error) -> RingError {
+    move |source| RingError {
+        queue,
+        part,
+        source,
+    }
+}
+
 /// How a virtio-net device is made.
-pub struct NetOptions {
+pub struct NetOptions<B = Tap> {
     pub id: String,
-    pub tap: Tap,
+    /// Where its frames go: a TAP (`IFF_VNET_HDR`), or memory in tests.
+    pub backend: B,
     pub mac: MacAddr,
     /// Offer VIRTIO_NET_F_GUEST_ANNOUNCE.
     pub guest_announce: bool,
@@ -87,9 +112,10 @@ struct Active {
     queues: Vec<Queue>,
 }
 
-pub struct Net {
+/// The device over any [`NetBackend`]; Ferry's is a TAP.
+pub struct Net<B: NetBackend = Tap> {
     state: NetState,
-    tap: Tap,
+    backend: B,
     queue_evts: Vec<Arc<EventFd>>,
     /// Tells the event handler that the device was activated or reset.
     activate_evt: EventFd,
@@ -102,7 +128,7 @@ pub struct Net {
     rx_blocked: bool,
     /// Why the device stopped (set once; the transport then reports
     /// DEVICE_NEEDS_RESET).
-    broken: Option<String>,
+    broken: Option<RingError>,
     /// The VM is paused: touch neither guest memory nor the TAP.
     paused: bool,
     /// Written when the guest acknowledges an announce (ANNOUNCE_ACK).
@@ -136,8 +162,8 @@ fn offered_features(guest_announce: bool) -> u64 {
     f
 }
 
-impl Net {
-    pub fn new(options: NetOptions) -> std::io::Result<Self> {
+impl<B: NetBackend> Net<B> {
+    pub fn new(options: NetOptions<B>) -> std::io::Result<Self> {
         let queue_evts = (0..QUEUE_SIZES.len())
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
             .collect::<std::io::Result<Vec<_>>>()?;
@@ -152,7 +178,7 @@ impl Net {
                 rx_filter: RxFilter::default(),
                 announce: Default::default(),
             },
-            tap: options.tap,
+            backend: options.backend,
             queue_evts,
             activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             active: None,
@@ -174,8 +200,12 @@ impl Net {
         &self.metrics
     }
 
-    pub fn tap(&self) -> &Tap {
-        &self.tap
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
     }
 
     /// Eventfds the guest's queue notifications arrive on, by queue index.
@@ -221,11 +251,11 @@ impl Net {
     }
 
     /// The reason the device broke, once.
-    pub fn take_broken(&mut self) -> Option<String> {
+    pub fn take_broken(&mut self) -> Option<RingError> {
         self.broken.take()
     }
 
-    fn set_broken(&mut self, why: String) {
+    fn set_broken(&mut self, why: RingError) {
         if self.broken.is_none() {
             log::warn!("{}: device needs reset: {why}", self.state.id);
             self.broken = Some(why);
@@ -262,9 +292,10 @@ impl Net {
             q.set_event_idx(event_idx);
         }
         // The TAP may be new (a destination host): tell it the offloads.
-        self.tap
-            .set_offload(self.tap_offloads())
-            .map_err(|e| ActivateError::Offloads(std::io::Error::other(e)))?;
+        let offloads = self.tap_offloads();
+        self.backend
+            .set_offload(offloads)
+            .map_err(ActivateError::Offloads)?;
         if fresh {
             self.state.rx_filter =
                 RxFilter::with_vlan_filtering(self.acked(VIRTIO_NET_F_CTRL_VLAN));
@@ -279,7 +310,7 @@ impl Net {
             "{}: {} on TAP {} (features {:#x}, TAP offloads {:#x})",
             self.state.id,
             if fresh { "activated" } else { "restored" },
-            self.tap.name(),
+            self.backend.name(),
             self.state.acked_features,
             self.tap_offloads()
         );
@@ -320,7 +351,7 @@ impl Net {
     }
 }
 
-impl VirtioDevice for Net {
+impl<B: NetBackend> VirtioDevice for Net<B> {
     fn device_type(&self) -> u32 {
         TYPE_NET
     }
@@ -396,7 +427,7 @@ impl VirtioDevice for Net {
     }
 }
 
-impl Nic for Net {
+impl<B: NetBackend> Nic for Net<B> {
     fn id(&self) -> &str {
         &self.state.id
     }
@@ -417,8 +448,8 @@ impl Nic for Net {
 
     fn send_raw(&mut self, frame: &[u8]) -> std::io::Result<()> {
         let header = [0u8; VNET_HDR_LEN];
-        self.tap
-            .write_vectored(&[std::io::IoSlice::new(&header), std::io::IoSlice::new(frame)])
+        self.backend
+            .write_frame(&[std::io::IoSlice::new(&header), std::io::IoSlice::new(frame)])
             .map(|_| ())
     }
 
@@ -459,3 +490,6 @@ impl Nic for Net {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

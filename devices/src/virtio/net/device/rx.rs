@@ -1,5 +1,6 @@
 //! The receive queue: frames from the TAP into the guest's buffers.
 
+use net::NetBackend;
 use std::io::Write;
 use std::sync::atomic::Ordering;
 
@@ -7,9 +8,9 @@ use net::tap::VNET_HDR_LEN;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{QueueOwnedT, QueueT, Writer};
 
-use super::{chain_is_whole, Net, NUM_BUFFERS_OFFSET, RX_QUEUE};
+use super::{chain_is_whole, ring_err, Net, RingError, NUM_BUFFERS_OFFSET, RX_QUEUE};
 
-impl Net {
+impl<B: NetBackend> Net<B> {
     /// The guest added rx buffers.
     pub fn process_rx_queue_event(&mut self) {
         if self.paused {
@@ -19,7 +20,7 @@ impl Net {
         // until we run out ([`Net::arm_rx_kick`]); QEMU does the same.
         if let Some(active) = self.active.as_mut() {
             if let Err(e) = active.queues[RX_QUEUE].disable_notification(&active.mem) {
-                self.set_broken(format!("rx ring: {e}"));
+                self.set_broken(ring_err("rx", "ring")(e));
                 return;
             }
         }
@@ -31,7 +32,7 @@ impl Net {
     /// next one (VRING_USED_F_NO_NOTIFY cleared, or with EVENT_IDX
     /// avail_event set to the current avail index). Ok(true) when buffers
     /// were added meanwhile, which the guest may not notify.
-    fn arm_rx_kick(&mut self) -> Result<bool, String> {
+    fn arm_rx_kick(&mut self) -> Result<bool, RingError> {
         let Some(active) = self.active.as_mut() else {
             return Ok(false);
         };
@@ -39,14 +40,14 @@ impl Net {
         let start = queue.next_avail();
         let avail = queue
             .avail_idx(&active.mem, Ordering::Acquire)
-            .map_err(|e| format!("rx ring: {e}"))?;
+            .map_err(ring_err("rx", "ring"))?;
         // enable_notification asks for a kick past next_avail; buffers too
         // few for the pending frame may sit between the two, so ask for
         // one past the avail index, then put next_avail back.
         queue.set_next_avail(avail.0);
         let more = queue.enable_notification(&active.mem);
         queue.set_next_avail(start);
-        more.map_err(|e| format!("rx ring: {e}"))
+        more.map_err(ring_err("rx", "ring"))
     }
 
     /// Moves frames from the TAP into guest buffers until the TAP is empty
@@ -59,7 +60,7 @@ impl Net {
         loop {
             let len = match self.rx_pending {
                 Some(len) => len,
-                None => match self.tap.read(&mut self.rx_frame) {
+                None => match self.backend.read_frame(&mut self.rx_frame) {
                     Ok(len) => len,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -112,7 +113,7 @@ impl Net {
 
     /// Writes the pending frame into one (or, with MRG_RXBUF, several)
     /// guest buffers. Ok(false): not enough buffers; nothing was consumed.
-    fn deliver_rx(&mut self, len: usize) -> Result<bool, String> {
+    fn deliver_rx(&mut self, len: usize) -> Result<bool, RingError> {
         let mergeable = self.acked(VIRTIO_NET_F_MRG_RXBUF);
         let Some(active) = self.active.as_mut() else {
             return Ok(false);
@@ -128,7 +129,7 @@ impl Net {
         while room < len {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 if let Err(e) = queue.iter(mem) {
-                    return Err(format!("rx ring unreadable: {e}"));
+                    return Err(ring_err("rx", "ring unreadable")(e));
                 }
                 queue.set_next_avail(start);
                 return Ok(false);
@@ -178,7 +179,7 @@ impl Net {
             };
             queue
                 .add_used(mem, head, used)
-                .map_err(|e| format!("rx used ring: {e}"))?;
+                .map_err(ring_err("rx", "used ring"))?;
         }
         // A frame that could not fit (no MRG_RXBUF, small buffer) is gone:
         // report it delivered so the next one is tried.

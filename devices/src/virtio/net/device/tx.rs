@@ -6,17 +6,18 @@
 //! throughput a few percent against QEMU).
 
 use net::tap::VNET_HDR_LEN;
+use net::NetBackend;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryBackend;
 
-use super::{Net, MAX_FRAME_LEN, TX_QUEUE};
+use super::{ring_err, Net, MAX_FRAME_LEN, TX_QUEUE};
 use crate::GuestMemoryMmap;
 
 /// Most pieces a frame may be in; more is refused (Linux sends at most
 /// MAX_SKB_FRAGS + 2, i.e. 19).
 const MAX_TX_PIECES: usize = libc::UIO_MAXIOV as usize;
 
-impl Net {
+impl<B: NetBackend> Net<B> {
     /// Sends every frame the guest queued.
     pub fn process_tx(&mut self) {
         if self.paused {
@@ -31,7 +32,7 @@ impl Net {
         let mut iovs: Vec<libc::iovec> = Vec::with_capacity(32);
         loop {
             if let Err(e) = queue.disable_notification(mem) {
-                self.broken = Some(format!("tx ring: {e}"));
+                self.broken = Some(ring_err("tx", "ring")(e));
                 break;
             }
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
@@ -42,7 +43,7 @@ impl Net {
                         // that `frame_pieces` checked lies inside a region
                         // of `mem`, which stays mapped while `mem` (held
                         // by this device) lives.
-                        match unsafe { self.tap.write_iovecs(&iovs) } {
+                        match unsafe { self.backend.write_iovecs(&iovs) } {
                             Ok(_) => {
                                 self.metrics.tx_frames += 1;
                                 self.metrics.tx_bytes += (len - VNET_HDR_LEN) as u64;
@@ -56,7 +57,7 @@ impl Net {
                     None => self.metrics.bad_descriptors += 1,
                 }
                 if let Err(e) = queue.add_used(mem, head, 0) {
-                    self.broken = Some(format!("tx used ring: {e}"));
+                    self.broken = Some(ring_err("tx", "used ring")(e));
                     break;
                 }
                 sent = true;
@@ -69,20 +70,19 @@ impl Net {
             // a broken ring, and enable_notification below would report
             // "more work" for it forever.
             if let Err(e) = queue.iter(mem) {
-                self.broken = Some(format!("tx avail ring: {e}"));
+                self.broken = Some(ring_err("tx", "avail ring")(e));
                 break;
             }
             match queue.enable_notification(mem) {
                 Ok(true) => continue, // more arrived meanwhile
                 Ok(false) => break,
                 Err(e) => {
-                    self.broken = Some(format!("tx ring: {e}"));
+                    self.broken = Some(ring_err("tx", "ring")(e));
                     break;
                 }
             }
         }
-        if let Some(why) = self.broken.clone() {
-            self.broken = None;
+        if let Some(why) = self.broken.take() {
             self.set_broken(why);
             return;
         }
