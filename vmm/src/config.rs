@@ -47,7 +47,7 @@ pub struct NetConfig {
 impl NetConfig {
     /// Parses `tap=NAME[,mac=MAC][,id=ID][,guest-announce=on|off]`.
     pub fn parse(spec: &str) -> Result<NetConfig, ConfigError> {
-        let bad = |why: String| ConfigError::BadNet {
+        let bad = |why: NetSpecError| ConfigError::BadNet {
             spec: spec.to_string(),
             why,
         };
@@ -61,20 +61,18 @@ impl NetConfig {
         for part in spec.split(',') {
             let (key, value) = part
                 .split_once('=')
-                .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+                .ok_or_else(|| bad(NetSpecError::NotKeyValue(part.to_string())))?;
             if seen.contains(&key) {
-                return Err(bad(format!("{key} given twice")));
+                return Err(bad(NetSpecError::Twice(key.to_string())));
             }
             seen.push(key);
             match key {
                 "tap" if !value.is_empty() && value.len() <= 15 => net.tap = value.to_string(),
-                "tap" => return Err(bad("the TAP name must be 1 to 15 bytes".into())),
+                "tap" => return Err(bad(NetSpecError::TapName)),
                 "mac" => {
-                    let mac: MacAddr = value
-                        .parse()
-                        .map_err(|e: net::mac::MacParseError| bad(e.to_string()))?;
+                    let mac: MacAddr = value.parse().map_err(|e| bad(NetSpecError::Mac(e)))?;
                     if mac.is_multicast() {
-                        return Err(bad(format!("{mac} is a multicast address")));
+                        return Err(bad(NetSpecError::MulticastMac(mac)));
                     }
                     net.mac = Some(mac);
                 }
@@ -85,23 +83,19 @@ impl NetConfig {
                 {
                     net.id = Some(value.to_string())
                 }
-                "id" => return Err(bad("the id must be letters, digits, '-', '_' or '.'".into())),
+                "id" => return Err(bad(NetSpecError::Id)),
                 "guest-announce" => {
                     net.guest_announce = match value {
                         "on" => Some(true),
                         "off" => Some(false),
-                        _ => return Err(bad("guest-announce is on or off".into())),
+                        _ => return Err(bad(NetSpecError::OnOff)),
                     }
                 }
-                _ => {
-                    return Err(bad(format!(
-                        "unknown key {key:?} (expected tap, mac, id, guest-announce)"
-                    )))
-                }
+                _ => return Err(bad(NetSpecError::UnknownKey(key.to_string()))),
             }
         }
         if net.tap.is_empty() {
-            return Err(bad("tap=NAME is required".into()));
+            return Err(bad(NetSpecError::NoTap));
         }
         Ok(net)
     }
@@ -156,9 +150,36 @@ pub enum ConfigError {
     #[error("--cpus must be between 1 and {MAX_VCPUS}, got {0}")]
     BadCpus(u64),
     #[error("--net {spec}: {why}")]
-    BadNet { spec: String, why: String },
-    #[error("--net: {0}")]
-    Nets(String),
+    BadNet { spec: String, why: NetSpecError },
+    #[error("--net: two NICs have the id {0}")]
+    DuplicateNicId(String),
+    #[error("--net: two NICs have the MAC {0}")]
+    DuplicateMac(MacAddr),
+    #[error("--net: two NICs use the TAP {0}")]
+    DuplicateTap(String),
+}
+
+/// What is wrong with one `--net` spec.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetSpecError {
+    #[error("{0:?} is not key=value")]
+    NotKeyValue(String),
+    #[error("{0} given twice")]
+    Twice(String),
+    #[error("the TAP name must be 1 to 15 bytes")]
+    TapName,
+    #[error(transparent)]
+    Mac(#[from] net::mac::MacParseError),
+    #[error("{0} is a multicast address")]
+    MulticastMac(MacAddr),
+    #[error("the id must be letters, digits, '-', '_' or '.'")]
+    Id,
+    #[error("guest-announce is on or off")]
+    OnOff,
+    #[error("unknown key {0:?} (expected tap, mac, id, guest-announce)")]
+    UnknownKey(String),
+    #[error("tap=NAME is required")]
+    NoTap,
 }
 
 /// Parses `512M`, `2G`, `1048576`, `64k` (binary units).
@@ -249,16 +270,13 @@ pub fn check_nets(nets: &[NetDescriptor]) -> Result<(), ConfigError> {
     for (i, n) in nets.iter().enumerate() {
         for other in &nets[..i] {
             if other.id == n.id {
-                return Err(ConfigError::Nets(format!("two NICs have the id {}", n.id)));
+                return Err(ConfigError::DuplicateNicId(n.id.clone()));
             }
             if other.mac == n.mac {
-                return Err(ConfigError::Nets(format!(
-                    "two NICs have the MAC {}",
-                    n.mac
-                )));
+                return Err(ConfigError::DuplicateMac(n.mac));
             }
             if other.tap == n.tap {
-                return Err(ConfigError::Nets(format!("two NICs use the TAP {}", n.tap)));
+                return Err(ConfigError::DuplicateTap(n.tap.clone()));
             }
         }
     }

@@ -12,14 +12,14 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::announce::{Announcer, AnnouncerHandler};
+use crate::announce::{Announcer, AnnouncerHandler, SharedNic};
 use crate::builder::{self, VmParts};
 use crate::check::{kvm_kind, KvmKind};
 use crate::config::{resolve_nets, SerialConfig, VmConfig};
 use crate::console::{ConsoleInput, RawTerminal};
 use crate::control::VmControl;
 use crate::exit::{ExitState, VmExit};
-use crate::migrate::arriving::QmpEndpoint;
+use crate::migrate::arriving::{QmpEndpoint, SharedServer};
 use crate::qmp::{EventEmitter, QmpListener, QmpSocketSpec};
 use crate::runstate::{RunState, RunStateMachine};
 use crate::vcpu::{self, Vcpu, VcpuCommand};
@@ -121,33 +121,15 @@ impl Vm {
             event_manager.add_subscriber(Arc::new(Mutex::new(NetEventHandler::new(net.clone()))));
         }
 
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for vcpu in self.vcpus.drain(..) {
-            let name = format!("ferry-vcpu-{}", vcpu.id);
-            let handle = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || vcpu.run_loop())
-                .map_err(|source| VmmError::Io {
-                    what: "spawn vCPU thread",
-                    source,
-                })?;
-            threads.push(handle);
-        }
+        let threads = spawn_vcpus(self.vcpus.drain(..))?;
 
         let runstate = self.runstate.clone();
-        let announcer = Arc::new(Mutex::new(
-            Announcer::new(
-                parts
-                    .nets
-                    .iter()
-                    .map(|n| n.clone() as crate::announce::SharedNic)
-                    .collect(),
-            )
-            .map_err(|source| VmmError::Io {
-                what: "announce timer",
-                source,
-            })?,
-        ));
+        let nics = parts.nets.iter().map(|n| n.clone() as SharedNic).collect();
+        let announcer = Announcer::new(nics).map_err(|source| VmmError::Io {
+            what: "announce timer",
+            source,
+        })?;
+        let announcer = Arc::new(Mutex::new(announcer));
         event_manager.add_subscriber(Arc::new(Mutex::new(AnnouncerHandler::new(
             announcer.clone(),
         ))));
@@ -197,26 +179,50 @@ impl Vm {
         for handle in threads {
             let _ = handle.join();
         }
-        let end_state = match reason {
-            VmExit::InternalError { .. }
-            | VmExit::EntryFailure { .. }
-            | VmExit::VcpuError { .. } => RunState::InternalError,
-            _ => RunState::Shutdown,
-        };
-        if let Err(e) = devices::bus::lock(&runstate).transition(end_state) {
-            log::debug!("at exit: {e}");
-        }
-        let (guest, cause) = reason.shutdown_cause();
-        emitter.emit(
-            "SHUTDOWN",
-            Some(serde_json::json!({ "guest": guest, "reason": cause })),
-        );
-        if let Some(server) = qmp {
-            // Deliver the last replies and SHUTDOWN before the socket goes.
-            let mut server = devices::bus::lock(&server);
-            server.flush_all(std::time::Duration::from_millis(500));
-        }
+        shut_down(&reason, &runstate, &emitter, qmp.as_ref());
         Ok(reason)
+    }
+}
+
+fn spawn_vcpus(vcpus: impl Iterator<Item = Vcpu>) -> Result<Vec<JoinHandle<()>>, VmmError> {
+    vcpus
+        .map(|vcpu| {
+            std::thread::Builder::new()
+                .name(format!("ferry-vcpu-{}", vcpu.id))
+                .spawn(move || vcpu.run_loop())
+                .map_err(|source| VmmError::Io {
+                    what: "spawn vCPU thread",
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// The VM has ended (`reason`), its vCPUs joined: the final run state,
+/// SHUTDOWN to every QMP client, and their last replies out before the
+/// socket goes.
+fn shut_down(
+    reason: &VmExit,
+    runstate: &Mutex<RunStateMachine>,
+    emitter: &EventEmitter,
+    qmp: Option<&SharedServer>,
+) {
+    let end_state = match reason {
+        VmExit::InternalError { .. } | VmExit::EntryFailure { .. } | VmExit::VcpuError { .. } => {
+            RunState::InternalError
+        }
+        _ => RunState::Shutdown,
+    };
+    if let Err(e) = devices::bus::lock(runstate).transition(end_state) {
+        log::debug!("at exit: {e}");
+    }
+    let (guest, cause) = reason.shutdown_cause();
+    emitter.emit(
+        "SHUTDOWN",
+        Some(serde_json::json!({ "guest": guest, "reason": cause })),
+    );
+    if let Some(server) = qmp {
+        devices::bus::lock(server).flush_all(std::time::Duration::from_millis(500));
     }
 }
 

@@ -30,8 +30,26 @@ pub enum ClientError {
     Timeout,
     #[error("the QMP server closed the connection")]
     Closed,
-    #[error("the QMP server sent something that is not QMP: {0}")]
-    Protocol(String),
+    #[error("the QMP server sent something that is not QMP: expected the greeting, got {0}")]
+    NoGreeting(Value),
+    #[error("the QMP server sent something that is not QMP: a message too long")]
+    TooLong,
+    #[error("the QMP server sent something that is not QMP: {source}: {line}")]
+    NotJson {
+        line: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the QMP server sent something that is not QMP: bad event ({source}): {message}")]
+    BadEvent {
+        message: Value,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "the QMP server sent something that is not QMP: a reply with neither return nor error: {0}"
+    )]
+    NoAnswer(Value),
     /// The server answered with an error.
     #[error(transparent)]
     Command(QmpError),
@@ -76,9 +94,7 @@ impl QmpClient {
         };
         let greeting = client.read_message()?;
         if !greeting.get("QMP").is_some_and(Value::is_object) {
-            return Err(ClientError::Protocol(format!(
-                "expected the greeting, got {greeting}"
-            )));
+            return Err(ClientError::NoGreeting(greeting));
         }
         client.greeting = greeting;
         Ok(client)
@@ -154,7 +170,7 @@ impl QmpClient {
                     return Err(ClientError::Closed);
                 }
                 if self.partial.len() as u64 >= MAX_LINE {
-                    return Err(ClientError::Protocol("a message too long".into()));
+                    return Err(ClientError::TooLong);
                 }
                 continue;
             }
@@ -162,11 +178,9 @@ impl QmpClient {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            return serde_json::from_slice(&line).map_err(|e| {
-                ClientError::Protocol(format!(
-                    "{e}: {}",
-                    String::from_utf8_lossy(&line).trim_end()
-                ))
+            return serde_json::from_slice(&line).map_err(|source| ClientError::NotJson {
+                line: String::from_utf8_lossy(&line).trim_end().to_string(),
+                source,
             });
         }
     }
@@ -229,7 +243,7 @@ fn map_timeout(e: io::Error) -> ClientError {
 
 fn parse_event(message: Value) -> Result<QmpEvent, ClientError> {
     serde_json::from_value(message.clone())
-        .map_err(|e| ClientError::Protocol(format!("bad event ({e}): {message}")))
+        .map_err(|source| ClientError::BadEvent { message, source })
 }
 
 /// `{"error": {"class", "desc"}}`. A class that is not one of QEMU's
@@ -238,9 +252,7 @@ fn parse_event(message: Value) -> Result<QmpEvent, ClientError> {
 fn parse_error(message: &Value) -> Result<QmpError, ClientError> {
     let error = &message["error"];
     let (Some(class), Some(desc)) = (error["class"].as_str(), error["desc"].as_str()) else {
-        return Err(ClientError::Protocol(format!(
-            "a reply with neither return nor error: {message}"
-        )));
+        return Err(ClientError::NoAnswer(message.clone()));
     };
     Ok(match ErrorClass::from_name(class) {
         Some(class) => QmpError::new(class, desc),
