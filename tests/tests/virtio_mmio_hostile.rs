@@ -42,10 +42,10 @@ fn transport_unaligned_wrong_size_and_write_only_registers() {
         // Read-only registers and the read-only config space keep theirs.
         r.drv.write32(reg::MAGIC, 0);
         r.drv.write32(reg::DEVICE_ID, 7);
-        r.drv.dev.write(reg::CONFIG, &[0xff; 6]);
+        r.drv.dev.write(reg::CONFIG_SPACE, &[0xff; 6]);
         assert_eq!(r.drv.read32(reg::DEVICE_ID), 1);
         let mut mac = [0u8; 6];
-        r.drv.dev.read(reg::CONFIG, &mut mac);
+        r.drv.dev.read(reg::CONFIG_SPACE, &mut mac);
         assert_eq!(mac, MAC);
         let mut beyond = [0xaa; 3];
         r.drv.dev.read(0xffd, &mut beyond);

@@ -14,41 +14,55 @@ use super::{status, QueueSnapshot, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSI
 use crate::bus::BusDevice;
 use crate::GuestMemoryMmap;
 
-const MAGIC: u32 = 0x7472_6976; // "virt"
-const VERSION: u32 = 2;
-const VENDOR_ID: u32 = 0x5952_5246; // "FRRY"
+const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+const TRANSPORT_VERSION: u32 = 2;
+const FERRY_VENDOR_ID: u32 = 0x5952_5246; // "FRRY"
 
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_VENDOR_ID: u64 = 0x00c;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const REG_SHM_SEL: u64 = 0x0ac;
-const REG_SHM_LEN_LOW: u64 = 0x0b0;
-const REG_SHM_LEN_HIGH: u64 = 0x0b4;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
-const CONFIG_SPACE: u64 = 0x100;
+/// The register offsets (virtio 1.x, 4.2.2), as virtio-bindings has them
+/// from Linux's virtio_mmio.h; the driver-side names (`QUEUE_DRIVER` for
+/// the avail ring, `QUEUE_DEVICE` for the used ring) are the spec's.
+pub mod regs {
+    use virtio_bindings::virtio_mmio::*;
+
+    pub const MAGIC: u64 = VIRTIO_MMIO_MAGIC_VALUE as u64;
+    pub const VERSION: u64 = VIRTIO_MMIO_VERSION as u64;
+    pub const DEVICE_ID: u64 = VIRTIO_MMIO_DEVICE_ID as u64;
+    pub const VENDOR_ID: u64 = VIRTIO_MMIO_VENDOR_ID as u64;
+    pub const DEVICE_FEATURES: u64 = VIRTIO_MMIO_DEVICE_FEATURES as u64;
+    pub const DEVICE_FEATURES_SEL: u64 = VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
+    pub const DRIVER_FEATURES: u64 = VIRTIO_MMIO_DRIVER_FEATURES as u64;
+    pub const DRIVER_FEATURES_SEL: u64 = VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
+    pub const QUEUE_SEL: u64 = VIRTIO_MMIO_QUEUE_SEL as u64;
+    pub const QUEUE_NUM_MAX: u64 = VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
+    pub const QUEUE_NUM: u64 = VIRTIO_MMIO_QUEUE_NUM as u64;
+    pub const QUEUE_READY: u64 = VIRTIO_MMIO_QUEUE_READY as u64;
+    pub const QUEUE_NOTIFY: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+    pub const INTERRUPT_STATUS: u64 = VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+    pub const INTERRUPT_ACK: u64 = VIRTIO_MMIO_INTERRUPT_ACK as u64;
+    pub const STATUS: u64 = VIRTIO_MMIO_STATUS as u64;
+    pub const QUEUE_DESC_LOW: u64 = VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
+    pub const QUEUE_DESC_HIGH: u64 = VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
+    pub const QUEUE_DRIVER_LOW: u64 = VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
+    pub const QUEUE_DRIVER_HIGH: u64 = VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
+    pub const QUEUE_DEVICE_LOW: u64 = VIRTIO_MMIO_QUEUE_USED_LOW as u64;
+    pub const QUEUE_DEVICE_HIGH: u64 = VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
+    pub const SHM_SEL: u64 = VIRTIO_MMIO_SHM_SEL as u64;
+    pub const SHM_LEN_LOW: u64 = VIRTIO_MMIO_SHM_LEN_LOW as u64;
+    pub const SHM_LEN_HIGH: u64 = VIRTIO_MMIO_SHM_LEN_HIGH as u64;
+    pub const CONFIG_GENERATION: u64 = VIRTIO_MMIO_CONFIG_GENERATION as u64;
+    pub const CONFIG_SPACE: u64 = VIRTIO_MMIO_CONFIG as u64;
+}
+use regs::{
+    CONFIG_GENERATION, CONFIG_SPACE, DEVICE_FEATURES, DEVICE_FEATURES_SEL, DEVICE_ID,
+    DRIVER_FEATURES, DRIVER_FEATURES_SEL, INTERRUPT_ACK, INTERRUPT_STATUS, MAGIC, QUEUE_DESC_HIGH,
+    QUEUE_DESC_LOW, QUEUE_DEVICE_HIGH, QUEUE_DEVICE_LOW, QUEUE_DRIVER_HIGH, QUEUE_DRIVER_LOW,
+    QUEUE_NOTIFY, QUEUE_NUM, QUEUE_NUM_MAX, QUEUE_READY, QUEUE_SEL, SHM_LEN_HIGH, SHM_LEN_LOW,
+    SHM_SEL, STATUS, VENDOR_ID, VERSION,
+};
 
 /// Offset of QueueNotify in the window: the VMM registers an ioeventfd
 /// there, one per queue (datamatch = queue index).
-pub const QUEUE_NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
+pub const QUEUE_NOTIFY_OFFSET: u64 = QUEUE_NOTIFY;
 
 /// What the transport remembers of a driver's configuration, to be saved
 /// with the device (issue #6).
@@ -153,22 +167,22 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn read_reg(&mut self, offset: u64) -> u32 {
         match offset {
-            REG_MAGIC => MAGIC,
-            REG_VERSION => VERSION,
-            REG_DEVICE_ID => self.device.device_type(),
-            REG_VENDOR_ID => VENDOR_ID,
-            REG_DEVICE_FEATURES => match self.state.device_features_sel {
+            MAGIC => MAGIC_VALUE,
+            VERSION => TRANSPORT_VERSION,
+            DEVICE_ID => self.device.device_type(),
+            VENDOR_ID => FERRY_VENDOR_ID,
+            DEVICE_FEATURES => match self.state.device_features_sel {
                 0 => self.device.device_features() as u32,
                 1 => (self.device.device_features() >> 32) as u32,
                 _ => 0,
             },
-            REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => self.state.status,
+            QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            INTERRUPT_STATUS => self.interrupt.status(),
+            STATUS => self.state.status,
             // No shared memory regions: length all ones.
-            REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH => u32::MAX,
-            REG_CONFIG_GENERATION => self.device.config_generation(),
+            SHM_LEN_LOW | SHM_LEN_HIGH => u32::MAX,
+            CONFIG_GENERATION => self.device.config_generation(),
             _ => {
                 log::debug!("virtio-mmio: read of write-only or unknown register {offset:#x}");
                 0
@@ -178,9 +192,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn write_reg(&mut self, offset: u64, value: u32) {
         match offset {
-            REG_DEVICE_FEATURES_SEL => self.state.device_features_sel = value,
-            REG_DRIVER_FEATURES_SEL => self.state.driver_features_sel = value,
-            REG_DRIVER_FEATURES => {
+            DEVICE_FEATURES_SEL => self.state.device_features_sel = value,
+            DRIVER_FEATURES_SEL => self.state.driver_features_sel = value,
+            DRIVER_FEATURES => {
                 if self.state.status & (status::FEATURES_OK | status::DRIVER_OK) != 0
                     || self.state.status & status::DRIVER == 0
                 {
@@ -200,16 +214,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     ),
                 }
             }
-            REG_QUEUE_SEL => self.state.queue_sel = value,
-            REG_QUEUE_NUM
-            | REG_QUEUE_READY
-            | REG_QUEUE_DESC_LOW
-            | REG_QUEUE_DESC_HIGH
-            | REG_QUEUE_DRIVER_LOW
-            | REG_QUEUE_DRIVER_HIGH
-            | REG_QUEUE_DEVICE_LOW
-            | REG_QUEUE_DEVICE_HIGH => self.write_queue_reg(offset, value),
-            REG_QUEUE_NOTIFY => match self.queue_evts.get(value as usize) {
+            QUEUE_SEL => self.state.queue_sel = value,
+            QUEUE_NUM | QUEUE_READY | QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_DRIVER_LOW
+            | QUEUE_DRIVER_HIGH | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH => {
+                self.write_queue_reg(offset, value)
+            }
+            QUEUE_NOTIFY => match self.queue_evts.get(value as usize) {
                 Some(evt) => {
                     if let Err(e) = evt.write(1) {
                         log::error!("virtio-mmio: queue notify: {e}");
@@ -217,9 +227,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 }
                 None => log::debug!("virtio-mmio: notify for queue {value} that does not exist"),
             },
-            REG_INTERRUPT_ACK => self.interrupt.ack(value),
-            REG_STATUS => self.write_status(value),
-            REG_SHM_SEL => {}
+            INTERRUPT_ACK => self.interrupt.ack(value),
+            STATUS => self.write_status(value),
+            SHM_SEL => {}
             _ => log::debug!(
                 "virtio-mmio: write {value:#x} to read-only or unknown register {offset:#x}"
             ),
@@ -238,25 +248,25 @@ impl<D: VirtioDevice> MmioTransport<D> {
             log::debug!("virtio-mmio: queue register for a queue that does not exist");
             return;
         };
-        if q.ready() && offset != REG_QUEUE_READY {
+        if q.ready() && offset != QUEUE_READY {
             log::warn!(
                 "virtio-mmio: queue register {offset:#x} written while the queue is ready, ignored"
             );
             return;
         }
         match offset {
-            REG_QUEUE_NUM => {
+            QUEUE_NUM => {
                 if let Err(e) = q.try_set_size(value.min(u32::from(u16::MAX)) as u16) {
                     log::warn!("virtio-mmio: queue size {value}: {e:?}");
                 }
             }
-            REG_QUEUE_READY => q.set_ready(value == 1),
-            REG_QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
-            REG_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
-            REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
-            REG_QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
-            REG_QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
-            REG_QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(value)),
+            QUEUE_READY => q.set_ready(value == 1),
+            QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
+            QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
+            QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
+            QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
+            QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
+            QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(value)),
             _ => {}
         }
     }

@@ -6,6 +6,10 @@
 
 use core::sync::atomic::{fence, Ordering};
 
+// The register offsets are the probe's own: virtio-bindings, where the
+// VMM and the test driver take them from, links std, and the probe is a
+// no_std program for a bare machine.
+
 const REG_MAGIC: u64 = 0x000;
 const REG_VERSION: u64 = 0x004;
 const REG_DEVICE_ID: u64 = 0x008;
