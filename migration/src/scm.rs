@@ -4,6 +4,13 @@
 //! it sends and hands them to whichever `recvmsg` first reads that byte
 //! (a plain `read` would close them). So every read of a unix channel
 //! goes through [`recv_with_fds`], which keeps what arrives.
+//!
+//! Ferry's own rather than vmm-sys-util's `ScmSocket`: that one receives
+//! without `MSG_CMSG_CLOEXEC` (a received TAP or memfd would leak into
+//! any program the VMM starts), hands back raw descriptors for the caller
+//! to wrap (here: `OwnedFd`, closed on every error path), and needs the
+//! number of descriptors up front, where a channel read takes whatever
+//! comes with the byte it reads.
 
 use std::io;
 use std::mem;

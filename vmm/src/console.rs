@@ -16,6 +16,11 @@ use crate::exit::{ExitState, VmExit};
 const CTRL_A: u8 = 0x01;
 
 /// Puts a terminal in raw mode and restores it when dropped.
+///
+/// Not vmm-sys-util's `Terminal::set_raw_mode`: it clears only ICANON,
+/// ECHO and ISIG, so the host terminal would still eat Ctrl-S/Ctrl-Q
+/// (IXON) and turn the guest's CR into NL (ICRNL); and it has no way back
+/// to the user's own settings, only to a canonical mode of its choosing.
 pub struct RawTerminal {
     fd: RawFd,
     saved: libc::termios,
