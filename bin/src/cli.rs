@@ -59,7 +59,7 @@ pub struct RunArgs {
     /// QMP control socket: unix:PATH (QEMU's unix:PATH,server=on,wait=off
     /// is accepted too).
     #[arg(long, value_name = "unix:PATH")]
-    pub qmp: Option<vmm::qmp::QmpSocketSpec>,
+    pub qmp: Option<qmp::QmpSocketSpec>,
     /// Where guest RAM lives: anon (private memory, the default) or memfd
     /// (shared, so a local migration can hand the pages over).
     #[arg(long, value_name = "anon|memfd", default_value = "anon")]

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
+use qmp::client::{ClientError, QmpClient};
+use qmp::{QmpEvent, QmpSocketSpec};
 use serde_json::{Map, Value};
-use vmm::qmp::client::{ClientError, QmpClient};
-use vmm::qmp::{QmpEvent, QmpSocketSpec};
 
 const ARGUMENT_HELP: &str = "\
 Argument syntax:
@@ -511,7 +511,7 @@ mod tests {
         let e = QmpEvent {
             event: "SHUTDOWN".into(),
             data: Some(json!({"guest": false, "reason": "host-qmp-quit"})),
-            timestamp: vmm::qmp::Timestamp {
+            timestamp: qmp::Timestamp {
                 seconds: 1_258_551_470,
                 microseconds: 802_384,
             },

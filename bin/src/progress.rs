@@ -5,8 +5,8 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
+use qmp::client::{ClientError, QmpClient};
 use serde_json::Value;
-use vmm::qmp::client::{ClientError, QmpClient};
 
 const POLL: Duration = Duration::from_millis(100);
 const BAR: usize = 30;

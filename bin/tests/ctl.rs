@@ -9,11 +9,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use serde_json::{json, Map, Value};
-use vmm::qmp::{
+use qmp::{
     ArgSpec, ArgType, CommandSpec, EventEmitter, QmpError, QmpHandler, QmpListener, QmpServer,
     QmpSocketSpec,
 };
+use serde_json::{json, Map, Value};
 
 const COMMANDS: [CommandSpec; 4] = [
     CommandSpec::no_args("query-status"),

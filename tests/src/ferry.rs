@@ -270,8 +270,8 @@ impl FerryVm {
     }
 
     /// A new, negotiated QMP connection.
-    pub fn qmp(&self) -> vmm::qmp::client::QmpClient {
-        let mut c = vmm::qmp::client::QmpClient::connect(self.qmp_path()).expect("connect to QMP");
+    pub fn qmp(&self) -> qmp::client::QmpClient {
+        let mut c = qmp::client::QmpClient::connect(self.qmp_path()).expect("connect to QMP");
         c.set_timeout(Some(Duration::from_secs(20)))
             .expect("QMP timeout");
         c
@@ -282,7 +282,7 @@ impl FerryVm {
         &self,
         command: &str,
         args: serde_json::Value,
-    ) -> Result<serde_json::Value, vmm::qmp::client::ClientError> {
+    ) -> Result<serde_json::Value, qmp::client::ClientError> {
         let args = match args {
             serde_json::Value::Object(m) if !m.is_empty() => Some(m),
             _ => None,

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::ferry::{FerryVm, VmSpec};
 use crate::netns::Netns;
 use crate::probe::{Console, Qemu, QemuConfig, QemuNic, READY};
-use vmm::qmp::client::QmpClient;
+use qmp::client::QmpClient;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Vmm {

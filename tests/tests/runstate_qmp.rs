@@ -10,8 +10,8 @@ use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::require_kvm;
 use ferry_tests::probe::heartbeat::{last_heartbeat, wait_heartbeat_beyond};
 use ferry_tests::probe::{BOOT, READY};
+use qmp::client::ClientError;
 use serde_json::{json, Value};
-use vmm::qmp::client::ClientError;
 
 const T: Duration = Duration::from_secs(30);
 

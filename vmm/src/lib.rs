@@ -16,11 +16,14 @@ pub mod layout;
 pub mod memory;
 pub mod migrate;
 pub mod mptable;
-pub mod qmp;
 pub mod runstate;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
+
+/// QMP, QEMU's control protocol: its own crate (`qmp/`), shared by
+/// `ferry ctl` and the tests.
+pub use qmp;
 
 pub use config::{
     BootConfig, IncomingConfig, MachineConfig, NetConfig, NetDescriptor, SerialConfig, VmConfig,

@@ -15,8 +15,8 @@ use ferry_tests::bench_net::GUEST_MAC;
 use ferry_tests::ferry::ferry_bin;
 use ferry_tests::hosts::B_TAP;
 use ferry_tests::vmms::{qemu_config, GuestNet, Vmm};
+use qmp::client::QmpClient;
 use serde_json::json;
-use vmm::qmp::client::QmpClient;
 
 use crate::guests::{cmdline, phase_lines, source};
 use crate::live::num;

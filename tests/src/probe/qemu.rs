@@ -164,7 +164,7 @@ impl Qemu {
 
     /// Waits for the QMP event `name` (one that came while a command was
     /// answered counts too) and returns it.
-    pub fn wait_event(&self, name: &str) -> Result<vmm::qmp::QmpEvent, String> {
+    pub fn wait_event(&self, name: &str) -> Result<qmp::QmpEvent, String> {
         let qmp = self.qmp.as_ref().ok_or("QEMU started without QMP")?;
         let mut client = qmp.lock().unwrap_or_else(|p| p.into_inner());
         client.0.wait_for_event(name).map_err(|e| e.to_string())
@@ -179,15 +179,15 @@ impl Drop for Qemu {
     }
 }
 
-/// Ferry's own QMP client (vmm::qmp::client) speaks to QEMU unchanged;
+/// Ferry's own QMP client (qmp::client) speaks to QEMU unchanged;
 /// this only adds waiting for the socket to appear.
-pub struct QmpClient(vmm::qmp::client::QmpClient);
+pub struct QmpClient(qmp::client::QmpClient);
 
 impl QmpClient {
     pub fn connect(path: &Path, timeout: Duration) -> io::Result<QmpClient> {
         let deadline = Instant::now() + timeout;
         loop {
-            match vmm::qmp::client::QmpClient::connect(path) {
+            match qmp::client::QmpClient::connect(path) {
                 Ok(mut c) => {
                     c.set_timeout(Some(Duration::from_secs(10)))
                         .map_err(io::Error::other)?;

@@ -167,7 +167,7 @@ mod tests {
                 microseconds: 802384,
             },
         };
-        let line = crate::qmp::json::encode_line(&e);
+        let line = crate::json::encode_line(&e);
         assert_eq!(
             std::str::from_utf8(&line).unwrap(),
             "{\"event\": \"SHUTDOWN\", \"data\": {\"guest\": false, \"reason\": \"host-qmp-quit\"}, \
@@ -178,7 +178,7 @@ mod tests {
             event: "STOP".into(),
             ..e
         };
-        let line = crate::qmp::json::encode_line(&stop);
+        let line = crate::json::encode_line(&stop);
         assert!(!std::str::from_utf8(&line).unwrap().contains("data"));
     }
 

@@ -169,7 +169,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmp::ErrorClass;
+    use crate::ErrorClass;
     use serde_json::json;
 
     const MIGRATE: CommandSpec = CommandSpec::new(

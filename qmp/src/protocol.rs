@@ -278,7 +278,7 @@ fn check_capabilities(args: &Map<String, Value>) -> Result<(), QmpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmp::framing::Framer;
+    use crate::framing::Framer;
     use std::collections::VecDeque;
 
     /// Records what it was asked; fails `fail`, echoes `echo`.

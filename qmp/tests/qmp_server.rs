@@ -10,12 +10,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use serde_json::{json, Map, Value};
-use vmm::qmp::client::{ClientError, QmpClient};
-use vmm::qmp::{
+use qmp::client::{ClientError, QmpClient};
+use qmp::{
     ArgSpec, ArgType, CommandSpec, ErrorClass, EventEmitter, Limits, QmpError, QmpHandler,
     QmpListener, QmpServer, QmpSocketSpec,
 };
+use serde_json::{json, Map, Value};
 
 const COMMANDS: [CommandSpec; 5] = [
     CommandSpec::no_args("stop"),
