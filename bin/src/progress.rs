@@ -1,15 +1,25 @@
 //! `ferry ctl migrate`: follows a migration with `query-migrate` and
-//! shows it as a live bar on a terminal (one line per pass otherwise),
-//! then the summary.
+//! shows it as a live bar on a terminal (indicatif draws it; one line per
+//! pass otherwise, which indicatif does not do), then the summary.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qmp::client::{ClientError, QmpClient};
 use serde_json::Value;
 
 const POLL: Duration = Duration::from_millis(100);
-const BAR: usize = 30;
+/// The bar's resolution: per mille of guest memory.
+const STEPS: u64 = 1000;
+
+fn bar() -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(STEPS), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("[{bar:30}] {percent:>3}%  {msg}") {
+        bar.set_style(style.progress_chars("#>-"));
+    }
+    bar
+}
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
@@ -22,6 +32,7 @@ fn field(v: &Value, path: &[&str]) -> u64 {
 /// Polls until the migration ends; true when it completed.
 pub fn follow_migration(client: &mut QmpClient) -> Result<bool, ClientError> {
     let tty = std::io::stderr().is_terminal();
+    let bar = bar();
     let mut last: Option<(Instant, u64)> = None;
     let mut rate = 0.0f64;
     let mut pass_shown = 0;
@@ -43,9 +54,7 @@ pub fn follow_migration(client: &mut QmpClient) -> Result<bool, ClientError> {
         last = Some((now, transferred));
         match status.as_str() {
             "completed" | "failed" | "cancelled" => {
-                if tty {
-                    eprint!("\r\x1b[K");
-                }
+                bar.finish_and_clear();
                 print_summary(&info);
                 return Ok(status == "completed");
             }
@@ -57,12 +66,8 @@ pub fn follow_migration(client: &mut QmpClient) -> Result<bool, ClientError> {
                 } else {
                     (transferred as f64 / total as f64).min(0.99)
                 };
-                let filled = (done * BAR as f64) as usize;
                 let mut line = format!(
-                    "[{}{}] {:>3.0}%  {status}  pass {}  sent {:.1} MiB  remaining {:.1} MiB  {:.1} MiB/s",
-                    "#".repeat(filled),
-                    "-".repeat(BAR - filled),
-                    done * 100.0,
+                    "{status}  pass {}  sent {:.1} MiB  remaining {:.1} MiB  {:.1} MiB/s",
                     pass + 1,
                     mib(transferred),
                     mib(remaining),
@@ -72,11 +77,11 @@ pub fn follow_migration(client: &mut QmpClient) -> Result<bool, ClientError> {
                     line.push_str(&format!("  throttle {t}%"));
                 }
                 if tty {
-                    eprint!("\r\x1b[K{line}");
-                    let _ = std::io::stderr().flush();
+                    bar.set_position((done * STEPS as f64) as u64);
+                    bar.set_message(line);
                 } else if pass + 1 != pass_shown {
                     pass_shown = pass + 1;
-                    eprintln!("{line}");
+                    eprintln!("{:>3.0}%  {line}", done * 100.0);
                 }
             }
         }
