@@ -345,9 +345,15 @@ fn read_sections(
                     return Err(duplicate());
                 }
             }
-            SectionKind::Vcpu if vcpu_of(&section.name, parts.machine.vcpus).is_some() => {
+            SectionKind::Vcpu => {
+                let Some(id) = vcpu_of(&section.name, parts.machine.vcpus) else {
+                    return Err(IncomingError::UnknownSection {
+                        kind: section.kind,
+                        name: section.name,
+                        offset: section.offset,
+                    });
+                };
                 section.check_version(VCPU_VERSION)?;
-                let id = vcpu_of(&section.name, parts.machine.vcpus).unwrap_or_default();
                 if loaded.vcpus.insert(id, section.json()?).is_some() {
                     return Err(duplicate());
                 }
