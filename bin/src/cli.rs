@@ -46,9 +46,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub cpus: Option<u64>,
     /// Wait for an incoming migration (tcp:HOST:PORT, unix:PATH or
-    /// file:PATH to restore a snapshot) instead of booting a kernel.
-    #[arg(long, value_name = "URI", conflicts_with_all = ["kernel", "initrd", "cmdline", "allow_no_userspace"])]
-    pub incoming: Option<migration::MigrationUri>,
+    /// file:PATH to restore a snapshot) instead of booting a kernel;
+    /// `defer`: the URI comes later, by QMP's migrate-incoming (QEMU's
+    /// `-incoming defer` is accepted too).
+    #[arg(long, value_name = "URI|defer", conflicts_with_all = ["kernel", "initrd", "cmdline", "allow_no_userspace"])]
+    pub incoming: Option<vmm::IncomingUri>,
     /// Serial console: stdio, file:PATH or none.
     #[arg(long, value_name = "WHERE", default_value = "stdio")]
     pub serial: String,

@@ -26,7 +26,11 @@ Examples:
   ferry ctl --qmp /run/vm.qmp --json query-cpus-fast
   ferry ctl --qmp /run/vm.qmp events
   ferry ctl --qmp /run/vm.qmp migrate tcp:198.18.1.2:4444
-  ferry ctl --qmp /run/vm.qmp migrate unix:/run/new.sock backend-transfer=true";
+  ferry ctl --qmp /run/vm.qmp migrate unix:/run/new.sock backend-transfer=true
+  ferry ctl --qmp /run/dst.qmp migrate-incoming tcp:198.18.1.2:4444
+  ferry ctl --qmp /run/vm.qmp migrate-set-capabilities \
+      capabilities:='[{\"capability\": \"pause-before-switchover\", \"state\": true}]'
+  ferry ctl --qmp /run/vm.qmp migrate-continue pre-switchover";
 
 #[derive(Args, Debug)]
 #[command(after_help = ARGUMENT_HELP)]
@@ -69,18 +73,23 @@ pub fn run(args: CtlArgs) -> ExitCode {
 
 fn ctl(args: CtlArgs) -> Result<(), CtlError> {
     let path = socket_path(&args.qmp)?;
-    // `ferry ctl migrate URI`: a bare first argument is the URI.
-    let bare_uri = (args.command == "migrate")
-        .then(|| args.args.first().filter(|a| !a.contains('=')).cloned())
-        .flatten();
-    let rest = if bare_uri.is_some() {
+    // `ferry ctl migrate URI`, `migrate-incoming URI`,
+    // `migrate-continue STATE`: a bare first argument is that one.
+    let bare_key = match args.command.as_str() {
+        "migrate" | "migrate-incoming" => Some("uri"),
+        "migrate-continue" => Some("state"),
+        _ => None,
+    };
+    let bare =
+        bare_key.and_then(|k| Some((k, args.args.first().filter(|a| !a.contains('='))?.clone())));
+    let rest = if bare.is_some() {
         &args.args[1..]
     } else {
         &args.args[..]
     };
     let mut arguments = parse_arguments(rest).map_err(CtlError::Usage)?;
-    if let Some(uri) = bare_uri {
-        arguments.insert("uri".into(), Value::String(uri));
+    if let Some((key, value)) = bare {
+        arguments.insert(key.into(), Value::String(value));
     }
     let timeout = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
 
@@ -112,12 +121,22 @@ fn ctl(args: CtlArgs) -> Result<(), CtlError> {
                 client.execute("migrate-set-parameters", Some(p))?;
             }
             client.execute("migrate", Some(arguments))?;
-            crate::progress::follow_migration(&mut client)
-                .map_err(CtlError::Client)?
-                .then_some(())
-                .ok_or_else(|| CtlError::Usage("migration did not complete".into()))
+            follow(&mut client)
+        }
+        // After a `pre-switchover` stop: continue, and follow to the end.
+        "migrate-continue" if !args.json => {
+            client.execute("migrate-continue", Some(arguments))?;
+            follow(&mut client)
         }
         command => one_shot(&mut client, command, arguments, args.json),
+    }
+}
+
+fn follow(client: &mut QmpClient) -> Result<(), CtlError> {
+    use crate::progress::Followed;
+    match crate::progress::follow_migration(client)? {
+        Followed::Completed | Followed::Paused => Ok(()),
+        Followed::Ended => Err(CtlError::Usage("migration did not complete".into())),
     }
 }
 

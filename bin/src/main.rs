@@ -16,7 +16,7 @@ use cli::{Cli, Command};
 
 fn main() -> ExitCode {
     logger::init();
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(std::env::args_os().map(qemu_spelling)) {
         Ok(cli) => cli,
         Err(e) => return cli::report_usage_error(e),
     };
@@ -24,6 +24,16 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Check(args) => check(args),
         Command::Ctl(args) => ctl::run(args),
+    }
+}
+
+/// QEMU's single-dash spelling of the options an orchestrator passes
+/// (`-incoming defer`); clap knows only `--incoming`.
+fn qemu_spelling(arg: std::ffi::OsString) -> std::ffi::OsString {
+    if arg == "-incoming" {
+        "--incoming".into()
+    } else {
+        arg
     }
 }
 

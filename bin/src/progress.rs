@@ -29,8 +29,19 @@ fn field(v: &Value, path: &[&str]) -> u64 {
     path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
 }
 
-/// Polls until the migration ends; true when it completed.
-pub fn follow_migration(client: &mut QmpClient) -> Result<bool, ClientError> {
+/// How following a migration ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Followed {
+    Completed,
+    /// Failed or cancelled.
+    Ended,
+    /// Stopped in `pre-switchover` (`pause-before-switchover`): waiting
+    /// for `migrate-continue`.
+    Paused,
+}
+
+/// Polls until the migration ends or stops for `migrate-continue`.
+pub fn follow_migration(client: &mut QmpClient) -> Result<Followed, ClientError> {
     let tty = std::io::stderr().is_terminal();
     let bar = bar();
     let mut last: Option<(Instant, u64)> = None;
@@ -56,7 +67,23 @@ pub fn follow_migration(client: &mut QmpClient) -> Result<bool, ClientError> {
             "completed" | "failed" | "cancelled" => {
                 bar.finish_and_clear();
                 print_summary(&info);
-                return Ok(status == "completed");
+                return Ok(if status == "completed" {
+                    Followed::Completed
+                } else {
+                    Followed::Ended
+                });
+            }
+            "pre-switchover" => {
+                bar.finish_and_clear();
+                println!("status: pre-switchover");
+                println!(
+                    "the guest is stopped after {} live passes, {:.1} MiB sent; the destination has not taken it over",
+                    pass,
+                    mib(transferred)
+                );
+                println!("go on with:   ferry ctl --qmp SOCKET migrate-continue pre-switchover");
+                println!("or resume it: ferry ctl --qmp SOCKET migrate_cancel");
+                return Ok(Followed::Paused);
             }
             _ => {
                 // Progress through guest memory in the first pass; then

@@ -128,8 +128,9 @@ impl EventEmitter {
         let _ = self.shared.wake.write(1);
     }
 
-    /// Everything queued so far, oldest first.
-    pub(crate) fn take(&self) -> VecDeque<QmpEvent> {
+    /// Everything queued so far, oldest first (the server takes them; a
+    /// test without a server may).
+    pub fn take(&self) -> VecDeque<QmpEvent> {
         // Clear the wake-up before taking, so an event queued in between
         // leaves the eventfd readable rather than being missed.
         let _ = self.shared.wake.read();

@@ -127,6 +127,8 @@ pub struct VmSpec {
     /// `--incoming URI` instead of booting: kernel, memory, cpus and
     /// command line are then not passed.
     pub incoming: Option<String>,
+    /// Spell it `-incoming`, as QEMU (and libvirt) do.
+    pub qemu_spelling: bool,
 }
 
 impl VmSpec {
@@ -143,6 +145,7 @@ impl VmSpec {
             extra: Vec::new(),
             env: Vec::new(),
             incoming: None,
+            qemu_spelling: false,
         }
     }
 
@@ -183,7 +186,12 @@ impl FerryVm {
         cmd.arg("run");
         match &spec.incoming {
             Some(uri) => {
-                cmd.args(["--incoming", uri]);
+                let option = if spec.qemu_spelling {
+                    "-incoming"
+                } else {
+                    "--incoming"
+                };
+                cmd.args([option, uri]);
             }
             None => {
                 cmd.arg("--kernel").arg(&spec.kernel).args([

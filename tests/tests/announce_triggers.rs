@@ -317,7 +317,7 @@ fn snapshot_restore_announces_and_with_s_only_at_cont() {
     // Restored with -S: nothing until `cont`; a later stop/cont is quiet.
     let host = Host::new("annrests");
     let vm = restored("annrest-S", &host, &file_s, true);
-    wait_status(&vm, "prelaunch-migrate", T);
+    wait_status(&vm, "paused", T);
     std::thread::sleep(Duration::from_millis(500));
     let cont = SystemTime::now();
     vm.execute("cont", json!({})).expect("cont");

@@ -37,8 +37,9 @@ fn set_auto_converge(vm: &FerryVm, on: bool) {
         .execute("query-migrate-capabilities", json!({}))
         .expect("query-migrate-capabilities");
     assert_eq!(
-        caps,
-        json!([{ "capability": "auto-converge", "state": on }])
+        caps[0],
+        json!({ "capability": "auto-converge", "state": on }),
+        "{caps}"
     );
 }
 

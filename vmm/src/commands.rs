@@ -1,36 +1,63 @@
-//! Every QMP command a VM answers: the run-state ones (control.rs) and
-//! the migration ones (migrate/qmp.rs), behind one handler.
+//! Every QMP command a VM answers: the run-state ones (control.rs), the
+//! migration ones (migrate/qmp.rs) and the objects (objects.rs), behind
+//! one handler.
 
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock;
 use serde_json::{Map, Value};
 
 use crate::control::{self, VmControl};
-use crate::migrate::qmp::{self as migration_qmp, MigrationCommands};
+use crate::migrate::qmp::{self as migration_qmp, MigrationCommands, SharedMigrations};
+use crate::objects::{self, Objects};
 use crate::qmp::{CommandSpec, QmpError, QmpHandler};
 
 /// The schema of every command (the server adds qmp_capabilities,
 /// query-commands and query-version).
 pub fn all() -> Vec<CommandSpec> {
-    [control::COMMANDS, migration_qmp::COMMANDS].concat()
+    [
+        control::COMMANDS,
+        migration_qmp::COMMANDS,
+        objects::COMMANDS,
+    ]
+    .concat()
+}
+
+/// What an orchestrator configured on this end that outlives a handler:
+/// made before an incoming VM arrives (`-incoming defer`), kept by the VM
+/// once it has.
+#[derive(Clone, Default)]
+pub struct Configured {
+    pub migrations: SharedMigrations,
+    pub objects: Arc<Mutex<Objects>>,
 }
 
 #[derive(Clone)]
 pub struct VmCommands {
     control: VmControl,
     migration: MigrationCommands,
+    objects: Arc<Mutex<Objects>>,
 }
 
 impl VmCommands {
-    pub fn new(control: VmControl) -> Self {
-        let migration = MigrationCommands::new(control.clone());
-        Self { control, migration }
+    pub fn new(control: VmControl, configured: Configured) -> Self {
+        let migration = MigrationCommands::new(control.clone(), configured.migrations);
+        Self {
+            control,
+            migration,
+            objects: configured.objects,
+        }
     }
 }
 
 impl QmpHandler for VmCommands {
     fn execute(&mut self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        match self.migration.execute(command, args) {
-            Some(answer) => answer,
-            None => self.control.execute(command, args),
+        if let Some(answer) = self.migration.execute(command, args) {
+            return answer;
         }
+        if let Some(answer) = lock(&self.objects).execute(command, args) {
+            return answer;
+        }
+        self.control.execute(command, args)
     }
 }

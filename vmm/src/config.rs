@@ -121,7 +121,7 @@ pub struct VmConfig {
 /// host-side choices come from the command line.
 #[derive(Clone, Debug)]
 pub struct IncomingConfig {
-    pub uri: migration::MigrationUri,
+    pub uri: IncomingUri,
     /// Checked against the stream when given.
     pub memory: Option<u64>,
     pub cpus: Option<u8>,
@@ -130,6 +130,36 @@ pub struct IncomingConfig {
     pub serial: SerialConfig,
     pub qmp: Option<crate::qmp::QmpSocketSpec>,
     pub start_paused: bool,
+}
+
+/// Where an incoming migration comes from: a URI to listen on (or a
+/// file to read) now, or `defer`: QMP's `migrate-incoming` names it
+/// later, after the orchestrator has set the migration up (QEMU's
+/// `-incoming defer`, which libvirt uses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IncomingUri {
+    Now(migration::MigrationUri),
+    Defer,
+}
+
+impl std::str::FromStr for IncomingUri {
+    type Err = migration::UriError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "defer" => Ok(Self::Defer),
+            uri => uri.parse().map(Self::Now),
+        }
+    }
+}
+
+impl std::fmt::Display for IncomingUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Now(uri) => uri.fmt(f),
+            Self::Defer => f.write_str("defer"),
+        }
+    }
 }
 
 pub const DEFAULT_MEMORY: u64 = 512 << 20;

@@ -149,14 +149,17 @@ impl VmControl {
         Ok(())
     }
 
-    /// Starts or resumes the guest. Emits RESUME. Leaving prelaunch-migrate
-    /// — the guest now runs on this host after a migration or restore —
-    /// announces it on the network at once; no other start does.
+    /// Starts or resumes the guest. Emits RESUME. A guest that starts
+    /// running on this host where the network last saw it elsewhere is
+    /// announced at once: leaving prelaunch-migrate (it arrived by a
+    /// migration or restore), and leaving postmigrate (the destination
+    /// failed after taking it over, maybe after announcing it there, and
+    /// an orchestrator resumes it here). No other start announces.
     pub fn start(&self) -> Result<(), ControlError> {
         let mut rs = lock(&self.runstate);
         let from = rs.transition(RunState::Running)?;
         self.resume_devices();
-        if from == RunState::PrelaunchMigrate {
+        if matches!(from, RunState::PrelaunchMigrate | RunState::Postmigrate) {
             // The first round goes out before the vCPUs run (QEMU too
             // announces before vm_start): a vCPU thread just woken on a
             // busy host must not get between its frames. For a guest
@@ -227,14 +230,11 @@ impl VmControl {
             | RunState::RestoreVm
             | RunState::Inmigrate => Err(QmpError::generic(format!(
                 "cannot continue while the VM is in state {}",
-                self.state()
+                self.state().qmp_name()
             ))),
-            // Unlike QEMU: the guest now runs on the destination (maybe on
-            // the very TAP and memory handed over); running it here too
-            // would put it on the network twice.
-            RunState::Postmigrate => Err(QmpError::generic(
-                "the guest was migrated and runs on the destination; continuing it here would run it twice",
-            )),
+            // Postmigrate too, as QEMU: an orchestrator whose destination
+            // failed after the stream completed resumes the guest here
+            // (making sure the destination is gone is its job).
             _ => {
                 self.start()?;
                 Ok(json!({}))
@@ -338,7 +338,7 @@ impl QmpHandler for VmControl {
             "query-status" => {
                 let state = self.state();
                 Ok(
-                    json!({ "status": state.name(), "running": state.is_running(), "singlestep": false }),
+                    json!({ "status": state.qmp_name(), "running": state.is_running(), "singlestep": false }),
                 )
             }
             "stop" => self.qmp_stop(),

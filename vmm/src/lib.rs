@@ -16,6 +16,7 @@ pub mod layout;
 pub mod memory;
 pub mod migrate;
 pub mod mptable;
+pub mod objects;
 pub mod runstate;
 pub mod state;
 pub mod vcpu;
@@ -26,7 +27,8 @@ pub mod vm;
 pub use qmp;
 
 pub use config::{
-    BootConfig, IncomingConfig, MachineConfig, NetConfig, NetDescriptor, SerialConfig, VmConfig,
+    BootConfig, IncomingConfig, IncomingUri, MachineConfig, NetConfig, NetDescriptor, SerialConfig,
+    VmConfig,
 };
 pub use exit::VmExit;
 pub use vm::Vm;

@@ -58,6 +58,19 @@ impl RunState {
         }
     }
 
+    /// The name QMP reports (`query-status`): QEMU's states only, so an
+    /// orchestrator never meets one it does not know. `prelaunch-migrate`
+    /// is `paused` there — what QEMU reports for an arrived guest that
+    /// has not started (-S, or paused on the source); libvirt reads any
+    /// other name as "unknown status". It stays a state of its own
+    /// inside Ferry because leaving it is what announces the guest.
+    pub fn qmp_name(self) -> &'static str {
+        match self {
+            PrelaunchMigrate => "paused",
+            other => other.name(),
+        }
+    }
+
     /// Whether vCPUs run in this state.
     pub fn is_running(self) -> bool {
         self == Running
@@ -87,6 +100,10 @@ pub const TRANSITIONS: &[(RunState, RunState)] = &[
     (PrelaunchMigrate, Running),
     (PrelaunchMigrate, Paused),
     (PrelaunchMigrate, Shutdown),
+    // An arrived guest not yet started may be migrated (or saved) on; a
+    // failure returns it here, still to be announced.
+    (PrelaunchMigrate, FinishMigrate),
+    (FinishMigrate, PrelaunchMigrate),
     (InternalError, Paused),
     (InternalError, FinishMigrate),
     (InternalError, Prelaunch),
@@ -215,19 +232,20 @@ mod tests {
     }
 
     #[test]
-    fn prelaunch_migrate_is_reached_only_from_inmigrate() {
+    fn prelaunch_migrate_is_reached_from_inmigrate_or_a_failed_migration_on() {
         let sources: Vec<RunState> = TRANSITIONS
             .iter()
             .filter(|t| t.1 == PrelaunchMigrate)
             .map(|t| t.0)
             .collect();
-        assert_eq!(sources, vec![Inmigrate]);
+        assert_eq!(sources, vec![Inmigrate, FinishMigrate]);
         let exits: Vec<RunState> = TRANSITIONS
             .iter()
             .filter(|t| t.0 == PrelaunchMigrate)
             .map(|t| t.1)
             .collect();
-        assert_eq!(exits, vec![Running, Paused, Shutdown]);
+        assert_eq!(exits, vec![Running, Paused, Shutdown, FinishMigrate]);
         assert_eq!(PrelaunchMigrate.name(), "prelaunch-migrate");
+        assert_eq!(PrelaunchMigrate.qmp_name(), "paused");
     }
 }

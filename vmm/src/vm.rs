@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::announce::{Announcer, AnnouncerHandler, SharedNic};
 use crate::builder::{self, VmParts};
 use crate::check::{kvm_kind, KvmKind};
+use crate::commands::Configured;
 use crate::config::{resolve_nets, SerialConfig, VmConfig};
 use crate::console::{ConsoleInput, RawTerminal};
 use crate::control::VmControl;
@@ -35,6 +36,8 @@ pub struct Vm {
     pub(crate) start_paused: bool,
     /// The announce schedule an incoming migration brought.
     pub(crate) announce: Option<net::AnnounceParams>,
+    /// What QMP set up before the VM arrived (parameters, objects).
+    pub(crate) configured: Configured,
 }
 
 /// Binds the control socket: a bad --qmp fails before anything is built.
@@ -72,6 +75,7 @@ impl Vm {
             qmp: qmp.map(QmpEndpoint::Bound),
             start_paused: config.start_paused,
             announce: None,
+            configured: Configured::default(),
         })
     }
 
@@ -146,7 +150,8 @@ impl Vm {
         // arrive (its clients stay connected).
         let (control, qmp, emitter) = match self.qmp.take() {
             Some(endpoint) => {
-                let (server, control) = endpoint.into_server(make_control)?;
+                let (server, control) =
+                    endpoint.into_server(self.configured.clone(), make_control)?;
                 event_manager.add_subscriber(server.clone());
                 let emitter = devices::bus::lock(&server).emitter().clone();
                 (control, Some(server), emitter)

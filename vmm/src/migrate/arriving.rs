@@ -1,13 +1,15 @@
 //! QMP while an incoming VM arrives (`inmigrate`): the destination's
-//! control socket answers from the start, as QEMU's does, so a supervisor
-//! can watch the runstate or give up with `quit` while the stream loads.
+//! control socket answers from the start, as QEMU's does, so an
+//! orchestrator can set the migration up (`migrate-set-*`, `object-add`,
+//! `migrate-incoming` for `--incoming defer`), watch the run state, or
+//! give up with `quit` while the stream loads.
 //!
 //! The server runs on its own thread and event loop for as long as the
 //! load takes; then it moves, with its connected clients, to the VM's
 //! event loop and its handler becomes the VM's [`VmCommands`]. One socket,
 //! one set of connections, from `inmigrate` to the end.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,14 +20,19 @@ use serde_json::{json, Map, Value};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::commands::{self, VmCommands};
+use devices::bus::lock;
+use migration::{Listener, MigrationUri};
+
+use super::error::IncomingError;
+use super::qmp::IncomingMode;
+use crate::commands::{self, Configured, VmCommands};
 use crate::control::VmControl;
 use crate::qmp::{EventEmitter, QmpError, QmpHandler, QmpListener, QmpServer};
 use crate::VmmError;
 
 /// Who answers QMP: the socket alone while the VM arrives, then the VM.
 pub enum QmpTarget {
-    Arriving(Arc<Abort>),
+    Arriving(ArrivingCommands),
     Vm(VmCommands),
 }
 
@@ -33,21 +40,23 @@ impl QmpHandler for QmpTarget {
     fn execute(&mut self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
         match self {
             QmpTarget::Vm(commands) => commands.execute(command, args),
-            QmpTarget::Arriving(abort) => arriving(abort, command),
+            QmpTarget::Arriving(commands) => commands.execute(command, args),
         }
     }
 }
 
-/// `quit` while arriving: the waiting or loading thread is woken (the
-/// eventfd beside the listener, a shutdown of the connection) and gives
-/// up; the process ends as after any `quit`.
-pub struct Abort {
+/// What the QMP thread and the thread waiting for the VM share: a `quit`
+/// (the eventfd beside the listener wakes the wait, a shutdown of the
+/// connection cuts a load short), and the listener `migrate-incoming`
+/// opened for `--incoming defer`.
+pub struct Arrival {
     requested: AtomicBool,
     pub evt: EventFd,
     channel: Mutex<Option<Box<dyn migration::Channel>>>,
+    listener: Mutex<Option<Listener>>,
 }
 
-impl Abort {
+impl Arrival {
     pub fn new() -> Result<Self, VmmError> {
         Ok(Self {
             requested: AtomicBool::new(false),
@@ -56,6 +65,7 @@ impl Abort {
                 source,
             })?,
             channel: Mutex::new(None),
+            listener: Mutex::new(None),
         })
     }
 
@@ -66,30 +76,129 @@ impl Abort {
     /// The connection being loaded from, so a quit can cut it.
     pub fn watch(&self, channel: &dyn migration::Channel) {
         if let Ok(c) = channel.try_clone_box() {
-            *devices::bus::lock(&self.channel) = Some(c);
+            *lock(&self.channel) = Some(c);
         }
     }
 
     fn request(&self) {
         self.requested.store(true, Ordering::SeqCst);
         let _ = self.evt.write(1);
-        if let Some(c) = devices::bus::lock(&self.channel).as_ref() {
+        if let Some(c) = lock(&self.channel).as_ref() {
             let _ = c.shutdown();
+        }
+    }
+
+    fn listen(&self, listener: Listener) {
+        *lock(&self.listener) = Some(listener);
+        let _ = self.evt.write(1);
+    }
+
+    /// `--incoming defer`: blocks until `migrate-incoming` has opened a
+    /// listener (`Some`) or a `quit` came (`None`).
+    pub fn wait_for_listener(&self) -> Result<Option<Listener>, IncomingError> {
+        loop {
+            if self.requested() {
+                return Ok(None);
+            }
+            if let Some(l) = lock(&self.listener).take() {
+                return Ok(Some(l));
+            }
+            wait_readable(&[self.evt.as_raw_fd()])?;
+            let _ = self.evt.read();
         }
     }
 }
 
-fn arriving(abort: &Abort, command: &str) -> Result<Value, QmpError> {
-    match command {
-        "query-status" => Ok(json!({ "status": "inmigrate", "running": false, "singlestep": false })),
-        "query-migrate" => Ok(json!({})),
-        "quit" => {
-            abort.request();
-            Ok(json!({}))
+/// Blocks until one of `fds` is readable.
+pub(crate) fn wait_readable(fds: &[RawFd]) -> Result<(), IncomingError> {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `polls` is a live array of pollfds whose descriptors
+        // the caller keeps open for the call.
+        let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, -1) };
+        if n >= 0 {
+            return Ok(());
         }
-        other => Err(QmpError::generic(format!(
-            "'{other}' is not available while the VM is arriving (inmigrate); it is once the incoming migration has loaded"
-        ))),
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(IncomingError::Wait(e));
+        }
+    }
+}
+
+/// QMP while the VM arrives: what an orchestrator sets up before the
+/// stream (parameters, capabilities, objects, `migrate-incoming`), the
+/// run state, `query-migrate`, `quit`.
+pub struct ArrivingCommands {
+    arrival: Arc<Arrival>,
+    configured: Configured,
+}
+
+impl ArrivingCommands {
+    pub fn new(arrival: Arc<Arrival>, configured: Configured) -> Self {
+        Self {
+            arrival,
+            configured,
+        }
+    }
+
+    fn execute(&mut self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        match command {
+            "query-status" => {
+                return Ok(json!({ "status": "inmigrate", "running": false, "singlestep": false }))
+            }
+            "quit" => {
+                self.arrival.request();
+                return Ok(json!({}));
+            }
+            "migrate-incoming" => return self.migrate_incoming(args),
+            "migrate" => return Err(QmpError::generic("cannot migrate a VM in state inmigrate")),
+            _ => {}
+        }
+        if let Some(answer) = lock(&self.configured.migrations).execute(command, args) {
+            return answer;
+        }
+        if let Some(answer) = lock(&self.configured.objects).execute(command, args) {
+            return answer;
+        }
+        Err(QmpError::generic(format!(
+            "'{command}' is not available while the VM is arriving (inmigrate); it is once the incoming migration has loaded"
+        )))
+    }
+
+    /// Opens the listener here, so a bad or busy URI is this command's
+    /// error; the waiting thread takes it from there.
+    fn migrate_incoming(&mut self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let mut m = lock(&self.configured.migrations);
+        if m.incoming_mode != IncomingMode::Deferred {
+            return m
+                .execute("migrate-incoming", args)
+                .unwrap_or_else(|| Ok(json!({})));
+        }
+        let uri = args.get("uri").and_then(Value::as_str).unwrap_or("");
+        let uri: MigrationUri = uri
+            .parse()
+            .map_err(|e: migration::UriError| QmpError::generic(e.to_string()))?;
+        let listener = Listener::bind(&uri).map_err(|source| {
+            QmpError::generic(
+                IncomingError::Listen {
+                    uri: uri.to_string(),
+                    source,
+                }
+                .to_string(),
+            )
+        })?;
+        log::info!("migrate-incoming: listening on {}", listener.local_addr());
+        m.incoming_mode = IncomingMode::Started;
+        self.arrival.listen(listener);
+        Ok(json!({}))
     }
 }
 
@@ -107,21 +216,22 @@ impl QmpEndpoint {
     /// already serving keeps its clients), and that control.
     pub fn into_server(
         self,
+        configured: Configured,
         control_for: impl FnOnce(&EventEmitter) -> VmControl,
     ) -> Result<(SharedServer, VmControl), VmmError> {
         match self {
             QmpEndpoint::Bound(listener) => {
                 let emitter = EventEmitter::new()?;
                 let control = control_for(&emitter);
-                let target = QmpTarget::Vm(VmCommands::new(control.clone()));
+                let target = QmpTarget::Vm(VmCommands::new(control.clone(), configured));
                 let server = QmpServer::new(listener, &commands::all(), target, emitter)?;
                 Ok((Arc::new(Mutex::new(server)), control))
             }
             QmpEndpoint::Serving(server) => {
                 let control = {
-                    let mut s = devices::bus::lock(&server);
+                    let mut s = lock(&server);
                     let control = control_for(s.emitter());
-                    *s.handler_mut() = QmpTarget::Vm(VmCommands::new(control.clone()));
+                    *s.handler_mut() = QmpTarget::Vm(VmCommands::new(control.clone(), configured));
                     control
                 };
                 Ok((server, control))
@@ -138,9 +248,13 @@ pub struct ArrivingQmp {
 }
 
 impl ArrivingQmp {
-    pub fn start(listener: QmpListener, abort: Arc<Abort>) -> Result<Self, VmmError> {
+    pub fn start(
+        listener: QmpListener,
+        arrival: Arc<Arrival>,
+        configured: Configured,
+    ) -> Result<Self, VmmError> {
         let emitter = EventEmitter::new()?;
-        let target = QmpTarget::Arriving(abort);
+        let target = QmpTarget::Arriving(ArrivingCommands::new(arrival, configured));
         let server = QmpServer::new(listener, &commands::all(), target, emitter)?;
         let server: SharedServer = Arc::new(Mutex::new(server));
         let stop = Arc::new(
@@ -171,6 +285,11 @@ impl ArrivingQmp {
         })
     }
 
+    /// The server's event emitter (the destination's MIGRATION events).
+    pub fn emitter(&self) -> EventEmitter {
+        lock(&self.server).emitter().clone()
+    }
+
     /// Stops serving here; the server (and its clients) is the VM's now.
     pub fn hand_over(mut self) -> QmpEndpoint {
         self.finish();
@@ -196,7 +315,7 @@ fn serve(
     stopped: &Mutex<StopWatch>,
 ) {
     loop {
-        if devices::bus::lock(stopped).stopped {
+        if lock(stopped).stopped {
             // Dropping the event loop unregisters everything; the next
             // one registers the listener and the clients again.
             return;
@@ -213,12 +332,19 @@ impl ArrivingQmp {
     /// before the process ends.
     pub fn say_goodbye(mut self) {
         self.finish();
-        let mut s = devices::bus::lock(&self.server);
+        let mut s = lock(&self.server);
         s.emitter().emit(
             "SHUTDOWN",
             Some(json!({ "guest": false, "reason": "host-qmp-quit" })),
         );
         s.flush_all(Duration::from_millis(500));
+    }
+
+    /// After a failed load: the last events (MIGRATION failed) out
+    /// before the process ends with the error.
+    pub fn flush(mut self) {
+        self.finish();
+        lock(&self.server).flush_all(Duration::from_millis(500));
     }
 }
 

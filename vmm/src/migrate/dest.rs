@@ -9,20 +9,27 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use migration::{Channel, Listener, MigrationUri, Section, SectionKind, StreamReader};
+use migration::{Channel, Listener, Section, SectionKind, StreamReader};
 
 use super::ack::{send_ack, send_go, send_nak};
 use super::error::IncomingError;
+use super::job::MigrationStatus;
+use super::qmp::IncomingMode;
 use super::ram::GuestRamSink;
 use super::*;
 use crate::builder;
 use crate::check::kvm_kind;
-use crate::config::{check_nets, IncomingConfig, NetConfig, NetDescriptor, SerialConfig};
+use crate::commands::Configured;
+use crate::config::{
+    check_nets, IncomingConfig, IncomingUri, NetConfig, NetDescriptor, SerialConfig,
+};
+use crate::qmp::EventEmitter;
 use crate::runstate::{RunState, RunStateMachine};
 use crate::state::{check_xsave_size, VcpuState, VmState};
 use crate::vm::{bind_qmp_spec, Vm};
 use crate::VmmError;
-use arriving::{Abort, ArrivingQmp};
+use arriving::{wait_readable, Arrival, ArrivingQmp};
+use devices::bus::lock;
 
 /// The NICs to build: the stream's, with this host's `--net` applied —
 /// by id when given, else by position. A `--net` may change only the TAP.
@@ -110,56 +117,79 @@ fn receive_backends(
 }
 
 impl Vm {
-    /// Waits for an incoming migration on `config.uri` and returns the VM
-    /// it carries, loaded and ready to run.
+    /// Waits for an incoming migration on `config.uri` (or, for `defer`,
+    /// on the URI QMP's `migrate-incoming` names) and returns the VM it
+    /// carries, loaded and ready to run.
     pub fn incoming(config: &IncomingConfig) -> Result<Vm, VmmError> {
+        let configured = Configured::default();
         // Listen first: once the QMP socket exists, so does the listener
         // (supervisors and tests wait for the QMP socket).
-        let listener = Listener::bind(&config.uri).map_err(|source| IncomingError::Listen {
-            uri: config.uri.to_string(),
-            source,
-        })?;
+        let listener = match &config.uri {
+            IncomingUri::Now(uri) => {
+                lock(&configured.migrations).incoming_mode = IncomingMode::Uri;
+                Some(Listener::bind(uri).map_err(|source| IncomingError::Listen {
+                    uri: uri.to_string(),
+                    source,
+                })?)
+            }
+            IncomingUri::Defer if config.qmp.is_none() => {
+                return Err(IncomingError::DeferNeedsQmp.into())
+            }
+            IncomingUri::Defer => {
+                lock(&configured.migrations).incoming_mode = IncomingMode::Deferred;
+                None
+            }
+        };
         // QMP answers from now on (runstate inmigrate), on its own thread
         // until the VM has arrived.
-        let abort = Arc::new(Abort::new()?);
+        let arrival = Arc::new(Arrival::new()?);
         let arriving = bind_qmp_spec(config.qmp.as_ref())?
-            .map(|l| ArrivingQmp::start(l, abort.clone()))
+            .map(|l| ArrivingQmp::start(l, arrival.clone(), configured.clone()))
             .transpose()?;
+        let emitter = match &arriving {
+            Some(a) => a.emitter(),
+            None => EventEmitter::new()?,
+        };
         let quit = |arriving: Option<ArrivingQmp>| {
             if let Some(a) = arriving {
                 a.say_goodbye();
             }
             VmmError::QuitWhileArriving
         };
-        log::info!(
-            "waiting for an incoming migration on {}",
-            listener.local_addr()
-        );
-        wait_for_source(&listener, &abort)?;
-        if abort.requested() {
+        let listener = match listener {
+            Some(l) => l,
+            None => match arrival.wait_for_listener()? {
+                Some(l) => l,
+                None => return Err(quit(arriving)),
+            },
+        };
+        let uri = listener.local_addr();
+        log::info!("waiting for an incoming migration on {uri}");
+        wait_for_source(&listener, &arrival)?;
+        if arrival.requested() {
             return Err(quit(arriving));
         }
         let channel = listener.accept().map_err(|source| IncomingError::Accept {
-            uri: config.uri.to_string(),
+            uri: uri.clone(),
             source,
         })?;
-        abort.watch(&*channel);
-        let answerable = !matches!(config.uri, MigrationUri::File(_));
-        let mut reader = match StreamReader::new(channel) {
-            Ok(r) => r,
-            Err(_) if abort.requested() => return Err(quit(arriving)),
-            Err(e) => return Err(IncomingError::from(e).into()),
-        };
-        let result = match abort.requested() {
-            false => load(&mut reader, config, answerable),
-            true => return Err(quit(arriving)),
-        };
-        let mut vm = match result {
-            Ok(vm) => vm,
-            Err(_) if abort.requested() => return Err(quit(arriving)),
+        arrival.watch(&*channel);
+        // The destination's own job: `query-migrate` and, with the
+        // `events` capability set here, MIGRATION events.
+        let job = lock(&configured.migrations).new_job(&emitter);
+        job.set_status(MigrationStatus::Active);
+        let answerable = listener.as_raw_fd().is_some();
+        let (mut vm, mut reader) = match receive(channel, config, answerable, &arrival) {
+            Ok(loaded) => loaded,
+            Err(_) if arrival.requested() => return Err(quit(arriving)),
             Err(e) => {
-                if answerable {
-                    let _ = send_nak(reader.inner_mut(), &e.to_string());
+                job.update(|i| {
+                    i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
+                    i.error = Some(e.to_string());
+                });
+                job.set_status(MigrationStatus::Failed);
+                if let Some(a) = arriving {
+                    a.flush();
                 }
                 return Err(e.into());
             }
@@ -169,7 +199,8 @@ impl Vm {
         if let Some(a) = arriving {
             vm.qmp = Some(a.hand_over());
         }
-        if abort.requested() {
+        vm.configured = configured;
+        if arrival.requested() {
             // `quit` came in as the load ended: honoured, and the source,
             // never acknowledged, keeps its guest.
             if answerable {
@@ -180,6 +211,13 @@ impl Vm {
         if answerable {
             send_ack(reader.inner_mut()).map_err(IncomingError::Ack)?;
         }
+        let bytes = reader.bytes_read();
+        job.update(|i| {
+            i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
+            i.ram.transferred = bytes;
+            i.ram.total = vm.parts.machine.memory_bytes;
+        });
+        job.set_status(MigrationStatus::Completed);
         if vm.parts.memfd.is_none() {
             crate::memory::advise_huge_pages(&vm.parts.memory);
         }
@@ -187,35 +225,32 @@ impl Vm {
     }
 }
 
+/// The stream on `channel`, loaded: the VM (in prelaunch-migrate) and the
+/// reader, to answer on. A failure is refused to the source (NAK).
+fn receive(
+    channel: Box<dyn Channel>,
+    config: &IncomingConfig,
+    answerable: bool,
+    arrival: &Arrival,
+) -> Result<(Vm, StreamReader<Box<dyn Channel>>), IncomingError> {
+    let mut reader = StreamReader::new(channel)?;
+    match load(&mut reader, config, answerable) {
+        Ok(vm) => Ok((vm, reader)),
+        Err(e) => {
+            if answerable && !arrival.requested() {
+                let _ = send_nak(reader.inner_mut(), &e.to_string());
+            }
+            Err(e)
+        }
+    }
+}
+
 /// Blocks until the source connects (`file:` needs no wait) or a QMP
 /// `quit` asks to give up.
-fn wait_for_source(listener: &Listener, abort: &Abort) -> Result<(), IncomingError> {
-    let Some(fd) = listener.as_raw_fd() else {
-        return Ok(());
-    };
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: abort.evt.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a live array of two pollfds whose descriptors
-        // (the listener's and the eventfd) outlive the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if n >= 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(IncomingError::Wait(e));
-        }
+fn wait_for_source(listener: &Listener, arrival: &Arrival) -> Result<(), IncomingError> {
+    match listener.as_raw_fd() {
+        Some(fd) => wait_readable(&[fd, arrival.evt.as_raw_fd()]),
+        None => Ok(()),
     }
 }
 
@@ -242,7 +277,7 @@ fn load(
     let read_ms = loaded
         .state_from
         .map_or(0.0, |t| (restore_from - t).as_secs_f64() * 1e3);
-    loaded.apply(&built)?;
+    let was_running = loaded.apply(&built)?;
     devices::bus::lock(&runstate).transition(RunState::PrelaunchMigrate)?;
     log::info!(
         "incoming migration loaded: {} bytes, {} sections; state sections read in {read_ms:.2} ms, restored in {:.2} ms",
@@ -256,8 +291,11 @@ fn load(
         runstate,
         stdio_console: config.serial == SerialConfig::Stdio,
         qmp: None,
-        start_paused: config.start_paused,
+        // A guest paused on the source arrives paused (QEMU's global
+        // state); `cont` starts (and announces) it.
+        start_paused: config.start_paused || !was_running,
         announce: Some(incoming.announce),
+        configured: Configured::default(),
     })
 }
 
@@ -294,6 +332,8 @@ fn read_config(
 /// guest memory already), checked, not yet applied.
 struct Loaded {
     vm: Option<VmState>,
+    /// The source's run state (absent from an older Ferry's stream).
+    global: Option<GlobalState>,
     vcpus: BTreeMap<u8, VcpuState>,
     /// Each device's section, by name.
     devices: BTreeMap<String, Section>,
@@ -317,6 +357,7 @@ fn read_sections(
         .collect();
     let mut loaded = Loaded {
         vm: None,
+        global: None,
         vcpus: BTreeMap::new(),
         devices: BTreeMap::new(),
         state_from: None,
@@ -339,6 +380,12 @@ fn read_sections(
         };
         match section.kind {
             SectionKind::End => return Ok(loaded),
+            SectionKind::VmState if section.name == GLOBAL_SECTION => {
+                section.check_version(GLOBAL_VERSION)?;
+                if loaded.global.replace(section.json()?).is_some() {
+                    return Err(duplicate());
+                }
+            }
             SectionKind::VmState if section.name == VM_SECTION => {
                 section.check_version(VM_VERSION)?;
                 if loaded.vm.replace(section.json()?).is_some() {
@@ -386,7 +433,8 @@ impl Loaded {
     /// Puts every state into the machine: the VM's, each vCPU's, then
     /// each device's in the machine's order. A missing section fails,
     /// but for a device whose state is optional.
-    fn apply(mut self, machine: &builder::Machine) -> Result<(), IncomingError> {
+    /// Returns whether the guest was running on the source.
+    fn apply(mut self, machine: &builder::Machine) -> Result<bool, IncomingError> {
         let parts = &machine.parts;
         let missing = |name: String| IncomingError::Missing(name);
         self.vm
@@ -411,6 +459,6 @@ impl Loaded {
                 None => return Err(missing(device.section_name())),
             }
         }
-        Ok(())
+        Ok(self.global.as_ref().is_none_or(GlobalState::running))
     }
 }

@@ -69,6 +69,8 @@ fn throttle_note(percent: u64) -> String {
 /// The destination's errors: the source, told by a NAK, keeps its guest.
 #[derive(Debug, thiserror::Error)]
 pub enum IncomingError {
+    #[error("--incoming defer waits for QMP's migrate-incoming: it needs --qmp")]
+    DeferNeedsQmp,
     #[error("cannot wait for a migration on {uri}: {source}")]
     Listen {
         uri: String,

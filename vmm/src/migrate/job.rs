@@ -1,211 +1,23 @@
-//! A migration in progress (or done): its parameters, its status and
-//! figures as QMP's `query-migrate` reports them, and the cancel flag.
+//! A migration in progress (or done), on either end: its status and
+//! figures as QMP's `query-migrate` reports them, the MIGRATION events,
+//! the cancel flag and the `pre-switchover` wait.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-use crate::qmp::QmpError;
-
-/// QMP's migration parameters that Ferry uses.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MigrationParameters {
-    /// Longest the guest may stay stopped at the end, in ms.
-    pub downtime_limit_ms: u64,
-    /// Bytes per second the stream may use; 0: no limit.
-    pub max_bandwidth: u64,
-    /// Announce schedule after the guest runs on the destination (#7).
-    pub announce_initial_ms: u64,
-    pub announce_max_ms: u64,
-    pub announce_rounds: u64,
-    pub announce_step_ms: u64,
-    /// Ferry's bound on dirty passes before it gives up on a guest that
-    /// dirties memory faster than the link carries it.
-    pub max_passes: u64,
-    /// Local migration over unix:: hand the TAPs (and a memfd's RAM) to
-    /// the destination instead of making it open and copy its own.
-    pub backend_transfer: bool,
-    /// QEMU's `auto-converge` capability: throttle the vCPUs of a guest
-    /// that dirties memory faster than the link carries it. On by default
-    /// in Ferry (QEMU's is off): a migration asked for should complete.
-    pub auto_converge: bool,
-    pub throttle_trigger_threshold: u64,
-    pub cpu_throttle_initial: u64,
-    pub cpu_throttle_increment: u64,
-    pub max_cpu_throttle: u64,
-}
-
-impl Default for MigrationParameters {
-    fn default() -> Self {
-        Self {
-            downtime_limit_ms: 300,
-            max_bandwidth: 0,
-            announce_initial_ms: 50,
-            announce_max_ms: 550,
-            announce_rounds: 5,
-            announce_step_ms: 100,
-            max_passes: 30,
-            backend_transfer: false,
-            auto_converge: true,
-            throttle_trigger_threshold: 50,
-            cpu_throttle_initial: 20,
-            cpu_throttle_increment: 10,
-            max_cpu_throttle: 99,
-        }
-    }
-}
-
-/// The migration capabilities Ferry knows (`migrate-set-capabilities`).
-pub const CAPABILITIES: &[&str] = &["auto-converge"];
-
-/// (QMP name, setter) of every parameter, so query and set agree.
-type Setter = fn(&mut MigrationParameters) -> &mut u64;
-const PARAMETERS: &[(&str, Setter, u64, u64)] = &[
-    ("downtime-limit", |p| &mut p.downtime_limit_ms, 0, 2_000_000),
-    ("max-bandwidth", |p| &mut p.max_bandwidth, 0, u64::MAX),
-    (
-        "announce-initial",
-        |p| &mut p.announce_initial_ms,
-        1,
-        100_000,
-    ),
-    ("announce-max", |p| &mut p.announce_max_ms, 1, 100_000),
-    ("announce-rounds", |p| &mut p.announce_rounds, 0, 1000),
-    ("announce-step", |p| &mut p.announce_step_ms, 0, 10_000),
-    ("x-max-passes", |p| &mut p.max_passes, 1, 10_000),
-    (
-        "throttle-trigger-threshold",
-        |p| &mut p.throttle_trigger_threshold,
-        1,
-        100,
-    ),
-    (
-        "cpu-throttle-initial",
-        |p| &mut p.cpu_throttle_initial,
-        1,
-        99,
-    ),
-    (
-        "cpu-throttle-increment",
-        |p| &mut p.cpu_throttle_increment,
-        1,
-        99,
-    ),
-    ("max-cpu-throttle", |p| &mut p.max_cpu_throttle, 1, 99),
-];
-
-impl MigrationParameters {
-    /// The announce schedule these parameters describe.
-    pub fn announce(&self) -> net::AnnounceParams {
-        net::AnnounceParams {
-            initial_ms: self.announce_initial_ms,
-            max_ms: self.announce_max_ms,
-            rounds: self.announce_rounds,
-            step_ms: self.announce_step_ms,
-        }
-    }
-
-    pub fn set_announce(&mut self, p: net::AnnounceParams) {
-        self.announce_initial_ms = p.initial_ms;
-        self.announce_max_ms = p.max_ms;
-        self.announce_rounds = p.rounds;
-        self.announce_step_ms = p.step_ms;
-    }
-
-    /// The auto-converge throttle these parameters describe.
-    pub fn throttle(&self) -> super::throttle::ThrottlePolicy {
-        super::throttle::ThrottlePolicy {
-            trigger_threshold: self.throttle_trigger_threshold,
-            initial: self.cpu_throttle_initial,
-            increment: self.cpu_throttle_increment,
-            max: self.max_cpu_throttle,
-        }
-    }
-
-    /// `query-migrate-capabilities`' answer.
-    pub fn capabilities_to_qmp(&self) -> Value {
-        json!([{ "capability": "auto-converge", "state": self.auto_converge }])
-    }
-
-    /// Applies `migrate-set-capabilities`' list; all or nothing.
-    pub fn apply_capabilities(&mut self, list: &[Value]) -> Result<(), QmpError> {
-        let mut next = self.clone();
-        for entry in list {
-            let name = entry.get("capability").and_then(Value::as_str);
-            let state = entry.get("state").and_then(Value::as_bool);
-            let (Some(name), Some(state)) = (name, state) else {
-                return Err(QmpError::generic(
-                    "each capability is {\"capability\": NAME, \"state\": BOOL}",
-                ));
-            };
-            match name {
-                "auto-converge" => next.auto_converge = state,
-                other => {
-                    return Err(QmpError::generic(format!(
-                        "Capability '{other}' is not supported by Ferry (known: {})",
-                        CAPABILITIES.join(", ")
-                    )))
-                }
-            }
-        }
-        *self = next;
-        Ok(())
-    }
-
-    pub fn names() -> impl Iterator<Item = &'static str> {
-        PARAMETERS.iter().map(|p| p.0)
-    }
-
-    pub fn to_qmp(&self) -> Value {
-        let mut copy = self.clone();
-        let mut map = Map::new();
-        for (name, field, _, _) in PARAMETERS {
-            map.insert((*name).to_string(), json!(*field(&mut copy)));
-        }
-        map.insert("backend-transfer".into(), json!(self.backend_transfer));
-        Value::Object(map)
-    }
-
-    /// Applies `migrate-set-parameters` arguments; all or nothing.
-    pub fn apply(&mut self, args: &Map<String, Value>) -> Result<(), QmpError> {
-        let mut next = self.clone();
-        for (key, value) in args {
-            if key == "backend-transfer" {
-                next.backend_transfer = value.as_bool().ok_or_else(|| {
-                    QmpError::generic(
-                        "Invalid parameter type for 'backend-transfer', expected: boolean",
-                    )
-                })?;
-                continue;
-            }
-            let Some((name, field, min, max)) = PARAMETERS.iter().find(|p| p.0 == key) else {
-                return Err(QmpError::generic(format!(
-                    "Parameter '{key}' is unexpected"
-                )));
-            };
-            let v = value.as_u64().ok_or_else(|| {
-                QmpError::generic(format!(
-                    "Invalid parameter type for '{name}', expected: integer"
-                ))
-            })?;
-            if v < *min || v > *max {
-                return Err(QmpError::generic(format!(
-                    "Parameter '{name}' expects a value between {min} and {max}"
-                )));
-            }
-            *field(&mut next) = v;
-        }
-        *self = next;
-        Ok(())
-    }
-}
+use crate::qmp::{EventEmitter, QmpError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MigrationStatus {
     Setup,
     Active,
+    /// Stopped after the live passes, waiting for `migrate-continue`.
+    PreSwitchover,
+    /// Sending the device state after `migrate-continue`.
+    Device,
     Completed,
     Failed,
     Cancelling,
@@ -217,6 +29,8 @@ impl MigrationStatus {
         match self {
             MigrationStatus::Setup => "setup",
             MigrationStatus::Active => "active",
+            MigrationStatus::PreSwitchover => "pre-switchover",
+            MigrationStatus::Device => "device",
             MigrationStatus::Completed => "completed",
             MigrationStatus::Failed => "failed",
             MigrationStatus::Cancelling => "cancelling",
@@ -243,6 +57,7 @@ pub struct RamFigures {
     pub dirty_pages_rate: u64,
     pub mbps: f64,
     pub dirty_sync_count: u64,
+    pub pages_per_second: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -262,7 +77,12 @@ pub struct MigrationInfo {
 /// One migration, shared by its thread and QMP.
 pub struct MigrationJob {
     pub info: Mutex<MigrationInfo>,
+    /// The `events` capability as it was when the migration began.
+    events: Option<EventEmitter>,
     cancel: AtomicBool,
+    /// `migrate-continue` came (or a cancel): the `pre-switchover` wait
+    /// ends.
+    go_on: (Mutex<bool>, Condvar),
     /// A second handle on the connection, so a cancel can unblock the
     /// thread's writes.
     channel: Mutex<Option<Box<dyn migration::Channel>>>,
@@ -272,8 +92,12 @@ pub struct MigrationJob {
 }
 
 impl MigrationJob {
-    pub fn new() -> Self {
+    /// A job that emits MIGRATION events to `events` (the `events`
+    /// capability on), or none.
+    pub fn new(events: Option<EventEmitter>) -> Self {
         Self {
+            events,
+            go_on: (Mutex::new(false), Condvar::new()),
             info: Mutex::new(MigrationInfo {
                 status: MigrationStatus::Setup,
                 started: Instant::now(),
@@ -296,12 +120,83 @@ impl MigrationJob {
     }
 
     /// Asks the thread to stop and shuts the connection so it notices at
-    /// once, even in the middle of a write.
+    /// once, even in the middle of a write: `cancelling` now, `cancelled`
+    /// when the thread has put everything back. Nothing for a finished
+    /// migration.
     pub fn cancel(&self) {
+        {
+            let mut i = devices::bus::lock(&self.info);
+            if i.status.is_finished() || i.status == MigrationStatus::Cancelling {
+                return;
+            }
+            i.status = MigrationStatus::Cancelling;
+        }
+        self.emit(MigrationStatus::Cancelling);
         self.cancel.store(true, Ordering::SeqCst);
         if let Some(c) = devices::bus::lock(&self.channel).as_ref() {
             let _ = c.shutdown();
         }
+        self.wake();
+    }
+
+    /// Moves to `status` and says so (a cancel already asked for keeps
+    /// `cancelling`).
+    pub fn set_status(&self, status: MigrationStatus) {
+        {
+            let mut i = devices::bus::lock(&self.info);
+            if i.status == MigrationStatus::Cancelling && !status.is_finished() {
+                return;
+            }
+            i.status = status;
+        }
+        self.emit(status);
+    }
+
+    /// MIGRATION {"status"}, when the `events` capability is on.
+    pub fn emit(&self, status: MigrationStatus) {
+        if let Some(e) = &self.events {
+            e.emit("MIGRATION", Some(json!({ "status": status.name() })));
+        }
+    }
+
+    /// MIGRATION_PASS {"pass"} as pass `pass` begins, when the `events`
+    /// capability is on.
+    pub fn emit_pass(&self, pass: u64) {
+        if let Some(e) = &self.events {
+            e.emit("MIGRATION_PASS", Some(json!({ "pass": pass })));
+        }
+    }
+
+    /// `migrate-continue {"state"}`: only in `pre-switchover`, and only
+    /// naming it (QEMU's check and wording).
+    pub fn continue_from(&self, state: &str) -> Result<(), QmpError> {
+        let now = self.status();
+        if now != MigrationStatus::PreSwitchover || state != now.name() {
+            return Err(QmpError::generic(format!(
+                "Migration not in expected state: {}",
+                now.name()
+            )));
+        }
+        self.wake();
+        Ok(())
+    }
+
+    fn wake(&self) {
+        *devices::bus::lock(&self.go_on.0) = true;
+        self.go_on.1.notify_all();
+    }
+
+    /// The thread, in `pre-switchover`: waits for `migrate-continue` or a
+    /// cancel; `true` to go on.
+    pub fn wait_to_continue(&self) -> bool {
+        let mut go = devices::bus::lock(&self.go_on.0);
+        while !*go {
+            go = match self.go_on.1.wait(go) {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+        }
+        !self.cancelled()
     }
 
     pub fn set_channel(&self, channel: Option<Box<dyn migration::Channel>>) {
@@ -348,6 +243,7 @@ impl MigrationJob {
                 "mbps": i.ram.mbps,
                 "dirty-sync-count": i.ram.dirty_sync_count,
                 "page-size": migration::PAGE_SIZE,
+                "pages-per-second": i.ram.pages_per_second,
             },
         });
         if let Some(d) = i.downtime_ms {
@@ -365,7 +261,7 @@ impl MigrationJob {
 
 impl Default for MigrationJob {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
@@ -374,53 +270,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parameters_set_all_or_nothing() {
-        let mut p = MigrationParameters::default();
-        assert_eq!(p.to_qmp()["downtime-limit"], 300);
-        let args: Map<String, Value> =
-            serde_json::from_str(r#"{"downtime-limit": 50, "announce-rounds": 3}"#).unwrap();
-        p.apply(&args).unwrap();
-        assert_eq!((p.downtime_limit_ms, p.announce_rounds), (50, 3));
-        let bad: Map<String, Value> =
-            serde_json::from_str(r#"{"downtime-limit": 10, "announce-step": "x"}"#).unwrap();
-        assert!(p.apply(&bad).is_err());
-        assert_eq!(
-            p.downtime_limit_ms, 50,
-            "nothing applied from a rejected call"
-        );
-        let unknown: Map<String, Value> = serde_json::from_str(r#"{"frobs": 1}"#).unwrap();
-        assert!(p.apply(&unknown).unwrap_err().desc.contains("unexpected"));
-        let range: Map<String, Value> = serde_json::from_str(r#"{"announce-initial": 0}"#).unwrap();
-        assert!(p.apply(&range).is_err());
+    fn migrate_continue_only_in_pre_switchover() {
+        let job = MigrationJob::new(None);
+        job.set_status(MigrationStatus::Active);
+        let e = job.continue_from("pre-switchover").unwrap_err();
+        assert_eq!(e.desc, "Migration not in expected state: active");
+        job.set_status(MigrationStatus::PreSwitchover);
+        let e = job.continue_from("active").unwrap_err();
+        assert_eq!(e.desc, "Migration not in expected state: pre-switchover");
+        job.continue_from("pre-switchover").unwrap();
+        assert!(job.wait_to_continue());
     }
 
     #[test]
-    fn capabilities_set_all_or_nothing() {
-        let mut p = MigrationParameters::default();
-        assert!(p.auto_converge, "Ferry converges by default");
-        let off: Vec<Value> =
-            serde_json::from_str(r#"[{"capability": "auto-converge", "state": false}]"#).unwrap();
-        p.apply_capabilities(&off).unwrap();
+    fn a_cancel_ends_the_wait_and_says_cancelling_once() {
+        let emitter = EventEmitter::new().unwrap();
+        let job = std::sync::Arc::new(MigrationJob::new(Some(emitter.clone())));
+        job.set_status(MigrationStatus::PreSwitchover);
+        let waiter = {
+            let job = job.clone();
+            std::thread::spawn(move || job.wait_to_continue())
+        };
+        job.cancel();
+        job.cancel();
+        assert!(!waiter.join().unwrap(), "a cancel does not continue");
+        // The thread's own `device` is not reported over `cancelling`.
+        job.set_status(MigrationStatus::Device);
+        assert_eq!(job.status(), MigrationStatus::Cancelling);
+        job.set_status(MigrationStatus::Cancelled);
+        let names: Vec<String> = emitter
+            .take()
+            .into_iter()
+            .map(|e| e.data.map_or(String::new(), |d| d["status"].to_string()))
+            .collect();
         assert_eq!(
-            p.capabilities_to_qmp(),
-            json!([{ "capability": "auto-converge", "state": false }])
+            names,
+            ["\"pre-switchover\"", "\"cancelling\"", "\"cancelled\""]
         );
-        let mixed: Vec<Value> = serde_json::from_str(
-            r#"[{"capability": "auto-converge", "state": true}, {"capability": "postcopy-ram", "state": true}]"#,
-        )
-        .unwrap();
-        let e = p.apply_capabilities(&mixed).unwrap_err();
-        assert!(e.desc.contains("postcopy-ram"), "{}", e.desc);
-        assert!(!p.auto_converge, "nothing applied from a rejected call");
-        let malformed: Vec<Value> = serde_json::from_str(r#"[{"capability": 1}]"#).unwrap();
-        assert!(p.apply_capabilities(&malformed).is_err());
-        let throttle: Map<String, Value> =
-            serde_json::from_str(r#"{"cpu-throttle-initial": 30, "max-cpu-throttle": 90}"#)
-                .unwrap();
-        p.apply(&throttle).unwrap();
-        assert_eq!((p.throttle().initial, p.throttle().max), (30, 90));
-        let over: Map<String, Value> =
-            serde_json::from_str(r#"{"max-cpu-throttle": 100}"#).unwrap();
-        assert!(p.apply(&over).is_err());
     }
 }

@@ -6,7 +6,8 @@
 //! (`ram` sections ending with a `pass` marker each), then with the VM
 //! stopped: `vm` (irqchip, PIT, clock), `vcpu/N`, one section per device
 //! of [`VmParts::devices`](crate::builder::VmParts::devices) in its order
-//! (`serial/com1`, `acpi-ged`, `virtio-net/<id>`), and `end`. Over a
+//! (`serial/com1`, `acpi-ged`, `virtio-net/<id>`), `global-state` (the run
+//! state the guest was stopped from) and `end`. Over a
 //! socket the destination answers with an acknowledgement once
 //! everything is loaded (see [`ack`]).
 
@@ -17,6 +18,7 @@ pub mod dest;
 pub mod error;
 pub mod job;
 mod pagemap;
+pub mod params;
 pub mod qmp;
 pub mod ram;
 pub mod source;
@@ -61,9 +63,39 @@ pub const CONFIG_VERSION: u32 = 1;
 pub const VM_SECTION: &str = "vm";
 pub const VM_VERSION: u32 = 1;
 pub const VCPU_VERSION: u32 = 1;
+pub const GLOBAL_SECTION: &str = "global-state";
+pub const GLOBAL_VERSION: u32 = 1;
+
+/// QEMU's "global state": the run state the source stopped the guest
+/// from, written last before `end`. A guest paused there arrives paused
+/// (and a snapshot of one restores paused); a stream without it (an
+/// older Ferry) means running.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalState {
+    /// QEMU's name for the state (`running`, `paused`).
+    pub runstate: String,
+}
+
+impl GlobalState {
+    pub fn of(state: crate::runstate::RunState) -> Self {
+        let runstate = if state.is_running() {
+            "running"
+        } else {
+            "paused"
+        };
+        Self {
+            runstate: runstate.into(),
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.runstate == "running"
+    }
+}
 pub fn vcpu_section(id: u8) -> String {
     format!("vcpu/{id}")
 }
 
 pub use error::{IncomingError, MigrateError};
-pub use job::{MigrationJob, MigrationParameters, MigrationStatus};
+pub use job::{MigrationJob, MigrationStatus};
+pub use params::MigrationParameters;

@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use devices::bus::lock;
 use serde_json::{json, Map, Value};
 
-use super::job::{MigrationJob, MigrationParameters, MigrationStatus};
+use super::job::{MigrationJob, MigrationStatus};
+use super::params::MigrationParameters;
 use crate::control::VmControl;
-use crate::qmp::{ArgSpec, ArgType, CommandSpec, QmpError};
+use crate::qmp::{ArgSpec, ArgType, CommandSpec, EventEmitter, QmpError};
 use crate::runstate::RunState;
 
 pub const COMMANDS: &[CommandSpec] = &[
@@ -25,6 +26,17 @@ pub const COMMANDS: &[CommandSpec] = &[
         ],
     ),
     CommandSpec::no_args("migrate_cancel"),
+    CommandSpec::new(
+        "migrate-continue",
+        &[ArgSpec::required("state", ArgType::String)],
+    ),
+    CommandSpec::new(
+        "migrate-incoming",
+        &[
+            ArgSpec::required("uri", ArgType::String),
+            ArgSpec::optional("channels", ArgType::Array),
+        ],
+    ),
     CommandSpec::no_args("query-migrate"),
     CommandSpec::new(
         "migrate-set-parameters",
@@ -41,6 +53,9 @@ pub const COMMANDS: &[CommandSpec] = &[
             ArgSpec::optional("cpu-throttle-initial", ArgType::Int),
             ArgSpec::optional("cpu-throttle-increment", ArgType::Int),
             ArgSpec::optional("max-cpu-throttle", ArgType::Int),
+            ArgSpec::optional("tls-creds", ArgType::Any),
+            ArgSpec::optional("tls-hostname", ArgType::Any),
+            ArgSpec::optional("tls-authz", ArgType::Any),
         ],
     ),
     CommandSpec::no_args("query-migrate-parameters"),
@@ -51,12 +66,33 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec::no_args("query-migrate-capabilities"),
 ];
 
-/// The migration parameters and the last (or current) migration.
+/// Whether this VM can be given `migrate-incoming` (QEMU's words when
+/// it cannot).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IncomingMode {
+    /// Booted: no incoming migration at all.
+    #[default]
+    None,
+    /// `--incoming URI`: listening already, nothing to defer.
+    Uri,
+    /// `--incoming defer`, still waiting for `migrate-incoming`.
+    Deferred,
+    /// `migrate-incoming` was given (or the VM has arrived since).
+    Started,
+}
+
+/// The migration parameters and capabilities of this end, and the last
+/// (or current) migration: outgoing, or the incoming one that brought
+/// the VM here. Made before an incoming VM arrives, so what an
+/// orchestrator sets while it waits stays set.
 #[derive(Default)]
 pub struct Migrations {
     pub params: MigrationParameters,
     job: Option<Arc<MigrationJob>>,
+    pub incoming_mode: IncomingMode,
 }
+
+pub type SharedMigrations = Arc<Mutex<Migrations>>;
 
 impl Migrations {
     /// Starts a migration with `start` (which spawns its thread) unless
@@ -64,13 +100,11 @@ impl Migrations {
     /// once, so the next `migrate` is not refused as "in progress".
     pub fn begin(
         &mut self,
+        emitter: &EventEmitter,
         start: impl FnOnce(Arc<MigrationJob>) -> std::io::Result<()>,
     ) -> Result<(), QmpError> {
-        if self.job.as_ref().is_some_and(|j| !j.status().is_finished()) {
-            return Err(QmpError::generic("There's a migration process in progress"));
-        }
-        let job = Arc::new(MigrationJob::new());
-        self.job = Some(job.clone());
+        self.refuse_if_active()?;
+        let job = self.new_job(emitter);
         start(job.clone()).map_err(|e| {
             let why = format!("cannot start the migration thread: {e}");
             job.update(|i| {
@@ -82,8 +116,64 @@ impl Migrations {
         })
     }
 
+    /// A job (in `setup`) that emits events when the `events`
+    /// capability is on now; it is the one `query-migrate` reports.
+    pub fn new_job(&mut self, emitter: &EventEmitter) -> Arc<MigrationJob> {
+        let events = self.params.events.then(|| emitter.clone());
+        let job = Arc::new(MigrationJob::new(events));
+        self.job = Some(job.clone());
+        job
+    }
+
+    fn refuse_if_active(&self) -> Result<(), QmpError> {
+        if self.job.as_ref().is_some_and(|j| !j.status().is_finished()) {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        Ok(())
+    }
+
     pub fn job(&self) -> Option<&Arc<MigrationJob>> {
         self.job.as_ref()
+    }
+
+    /// The commands either end answers, before and after a VM arrives;
+    /// `None`: not one of them.
+    pub fn execute(
+        &mut self,
+        command: &str,
+        args: &Map<String, Value>,
+    ) -> Option<Result<Value, QmpError>> {
+        let done = |r: Result<(), QmpError>| r.map(|()| json!({}));
+        Some(match command {
+            "migrate_cancel" => {
+                if let Some(job) = self.job().filter(|j| !j.status().is_finished()) {
+                    job.cancel();
+                }
+                Ok(json!({}))
+            }
+            "migrate-continue" => {
+                let state = args.get("state").and_then(Value::as_str).unwrap_or("");
+                match self.job() {
+                    Some(job) => job.continue_from(state).map(|()| json!({})),
+                    None => Err(QmpError::generic("Migration not in expected state: none")),
+                }
+            }
+            "query-migrate" => Ok(self.job().map_or(json!({}), |j| j.to_qmp())),
+            "migrate-set-parameters" => done(self.params.apply(args)),
+            "query-migrate-parameters" => Ok(self.params.to_qmp()),
+            "migrate-set-capabilities" => done(self.refuse_if_active().and_then(|()| {
+                let list = args.get("capabilities").and_then(Value::as_array);
+                self.params
+                    .apply_capabilities(list.map_or(&[], |l| l.as_slice()))
+            })),
+            "query-migrate-capabilities" => Ok(self.params.capabilities_to_qmp()),
+            "migrate-incoming" => Err(QmpError::generic(match self.incoming_mode {
+                IncomingMode::None => "'-incoming' was not specified on the command line",
+                IncomingMode::Uri => "For use with '-incoming defer'",
+                _ => "The incoming migration has already been started",
+            })),
+            _ => return None,
+        })
     }
 }
 
@@ -91,18 +181,25 @@ impl Migrations {
 #[derive(Clone)]
 pub struct MigrationCommands {
     control: VmControl,
-    migrations: Arc<Mutex<Migrations>>,
+    migrations: SharedMigrations,
 }
 
 impl MigrationCommands {
-    /// The announce parameters start as the control's (an incoming
-    /// VM's: the source's).
-    pub fn new(control: VmControl) -> Self {
-        let mut migrations = Migrations::default();
-        migrations.params.set_announce(control.announce_params());
+    /// The announce schedule: this end's when an `announce-*` parameter
+    /// was set here (before `migrate-incoming` too), else the control's
+    /// (an incoming VM's: the source's, from the stream).
+    pub fn new(control: VmControl, migrations: SharedMigrations) -> Self {
+        {
+            let mut m = lock(&migrations);
+            if m.params.announce_set {
+                control.set_announce_params(m.params.announce());
+            } else {
+                m.params.set_announce(control.announce_params());
+            }
+        }
         Self {
             control,
-            migrations: Arc::new(Mutex::new(migrations)),
+            migrations,
         }
     }
 
@@ -113,30 +210,15 @@ impl MigrationCommands {
         args: &Map<String, Value>,
     ) -> Option<Result<Value, QmpError>> {
         let mut m = lock(&self.migrations);
-        Some(match command {
-            "migrate" => self.migrate(&mut m, args),
-            "migrate_cancel" => {
-                if let Some(job) = m.job().filter(|j| !j.status().is_finished()) {
-                    job.cancel();
-                }
-                Ok(json!({}))
-            }
-            "query-migrate" => Ok(m.job().map_or(json!({}), |j| j.to_qmp())),
-            "migrate-set-parameters" => m.params.apply(args).map(|()| {
-                // The destination announces with these after a migration.
-                self.control.set_announce_params(m.params.announce());
-                json!({})
-            }),
-            "query-migrate-parameters" => Ok(m.params.to_qmp()),
-            "migrate-set-capabilities" => {
-                let list = args.get("capabilities").and_then(Value::as_array);
-                m.params
-                    .apply_capabilities(list.map_or(&[], |l| l.as_slice()))
-                    .map(|()| json!({}))
-            }
-            "query-migrate-capabilities" => Ok(m.params.capabilities_to_qmp()),
-            _ => return None,
-        })
+        if command == "migrate" {
+            return Some(self.migrate(&mut m, args));
+        }
+        let answer = m.execute(command, args)?;
+        if command == "migrate-set-parameters" && answer.is_ok() {
+            // The destination announces with these after a migration.
+            self.control.set_announce_params(m.params.announce());
+        }
+        Some(answer)
     }
 
     fn migrate(&self, m: &mut Migrations, args: &Map<String, Value>) -> Result<Value, QmpError> {
@@ -147,9 +229,13 @@ impl MigrationCommands {
             .parse()
             .map_err(|e: migration::UriError| QmpError::generic(e.to_string()))?;
         let state = self.control.state();
-        if !matches!(state, RunState::Running | RunState::Paused) {
+        if !matches!(
+            state,
+            RunState::Running | RunState::Paused | RunState::PrelaunchMigrate
+        ) {
             return Err(QmpError::generic(format!(
-                "cannot migrate a VM in state {state}"
+                "cannot migrate a VM in state {}",
+                state.qmp_name()
             )));
         }
         if m.params.backend_transfer && !uri.can_pass_fds() {
@@ -160,7 +246,8 @@ impl MigrationCommands {
         }
         let params = m.params.clone();
         let control = self.control.clone();
-        m.begin(|job| {
+        let emitter = control.emitter.clone();
+        m.begin(&emitter, |job| {
             // A new migration cancels an announce still in flight.
             lock(&control.announcer).cancel_all();
             super::source::spawn(control, uri, params, job)
@@ -176,8 +263,11 @@ mod tests {
     #[test]
     fn a_migration_that_cannot_start_does_not_block_the_next() {
         let mut m = Migrations::default();
+        let emitter = EventEmitter::new().unwrap();
         let e = m
-            .begin(|_| Err(std::io::Error::from_raw_os_error(libc::EAGAIN)))
+            .begin(&emitter, |_| {
+                Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+            })
             .unwrap_err();
         assert!(
             e.desc.contains("cannot start the migration thread"),
@@ -191,10 +281,10 @@ mod tests {
             .unwrap()
             .contains("migration thread"));
         // The next one starts.
-        m.begin(|_| Ok(())).unwrap();
+        m.begin(&emitter, |_| Ok(())).unwrap();
         assert_eq!(m.job().unwrap().status(), MigrationStatus::Setup);
         // And while it runs, another is refused.
-        let e = m.begin(|_| Ok(())).unwrap_err();
+        let e = m.begin(&emitter, |_| Ok(())).unwrap_err();
         assert!(e.desc.contains("in progress"), "{}", e.desc);
     }
 }

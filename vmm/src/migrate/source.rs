@@ -20,12 +20,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use migration::{Channel, MigrationUri, SectionKind, StreamWriter, PAGE_SIZE};
-use serde_json::json;
-
 use super::ack::{read_answer, Answer};
 use super::converge::{self, ConvergePolicy, Next, PassStats};
-use super::job::{MigrationJob, MigrationParameters, MigrationStatus};
+use super::job::{MigrationJob, MigrationStatus};
+use super::params::MigrationParameters;
 use super::ram::{self, DirtyPages};
 use super::throttle::{CpuThrottle, ThrottlePlanner};
 use super::*;
@@ -33,6 +31,7 @@ use crate::builder::VmParts;
 use crate::control::VmControl;
 use crate::runstate::RunState;
 use crate::state::{saveable_msrs, VcpuState, VmState};
+use migration::{Channel, MigrationUri, SectionKind, StreamWriter, PAGE_SIZE};
 
 pub use super::error::MigrateError;
 
@@ -61,20 +60,15 @@ pub fn spawn(
         .map(|_| ())
 }
 
-fn emit(control: &VmControl, status: MigrationStatus) {
-    control
-        .emitter
-        .emit("MIGRATION", Some(json!({ "status": status.name() })));
-}
-
 fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: Arc<MigrationJob>) {
     let before = control.state();
-    emit(&control, MigrationStatus::Setup);
+    job.emit(MigrationStatus::Setup);
     let mut out = Outgoing {
         control: &control,
         job: &job,
         params: &params,
         stopped_at: None,
+        state_at_stop: before,
         acked_at: None,
         phases: Phases::default(),
         logging: false,
@@ -82,11 +76,11 @@ fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: 
     };
     let result = out.migrate(&uri, before);
     let status = match result {
-        Ok(()) => out.completed(&uri, before),
-        Err(e) => out.failed(&uri, before, e),
+        Ok(()) => out.completed(&uri),
+        Err(e) => out.failed(&uri, e),
     };
     job.forget_channel();
-    emit(&control, status);
+    job.set_status(status);
     if status == MigrationStatus::Completed && out.logging {
         // The guest runs on the destination: not part of the migration's
         // times any more (re-registering big memory slots takes a while).
@@ -102,6 +96,9 @@ struct Outgoing<'a> {
     /// stop was asked for, as the guest stops executing while its vCPUs
     /// are being parked.
     stopped_at: Option<Instant>,
+    /// The run state the guest was stopped from (running, or paused by
+    /// the user): the stream carries it, and a failure returns to it.
+    state_at_stop: RunState,
     /// When the destination acknowledged: it runs the guest from then.
     acked_at: Option<Instant>,
     /// The steps of the stop-and-copy phase, for the log.
@@ -164,12 +161,11 @@ impl<'a> Outgoing<'a> {
         let total_pages = DirtyPages::all(&self.parts().memory).count();
         let setup_ms = self.job.elapsed_ms();
         self.job.update(|i| {
-            i.status = MigrationStatus::Active;
             i.setup_time_ms = setup_ms;
             i.ram.total = total_pages * PAGE_SIZE as u64;
             i.ram.remaining = i.ram.total;
         });
-        emit(self.control, MigrationStatus::Active);
+        self.job.set_status(MigrationStatus::Active);
         self.check_cancel()?;
 
         if handover.is_some_and(|h| h.memfd) {
@@ -273,6 +269,7 @@ impl<'a> Outgoing<'a> {
         // guest runs at full speed again.
         let mut throttle: Option<CpuThrottle> = None;
         for pass in 1.. {
+            self.job.emit_pass(pass);
             let start = Instant::now();
             let bytes_before = w.bytes_written();
             let mut ram = w.ram();
@@ -295,6 +292,8 @@ impl<'a> Outgoing<'a> {
                 i.expected_downtime_ms = expected_ms as u64;
                 i.ram.mbps = link * 8.0;
                 i.ram.dirty_pages_rate = (dirty as f64 / took.as_secs_f64().max(1e-6)) as u64;
+                i.ram.pages_per_second =
+                    ((sent.zero + sent.data) as f64 / took.as_secs_f64().max(1e-6)) as u64;
             });
             self.check_cancel()?;
             let stats = PassStats {
@@ -349,12 +348,25 @@ impl<'a> Outgoing<'a> {
         unreachable!("the pass counter does not run out")
     }
 
+    /// The guest stops (finish-migrate). With `pause-before-switchover`
+    /// the source then waits in `pre-switchover` for `migrate-continue`
+    /// (a cancel there resumes the guest, as any failure does).
     fn stop_guest(&mut self) -> Result<(), MigrateError> {
         let asked = Instant::now();
+        let from = self.control.state();
         self.control.stop_into(RunState::FinishMigrate)?;
+        self.state_at_stop = from;
         self.stopped_at = Some(asked);
         self.phases.start(asked);
         self.phases.mark("stop");
+        if self.params.pause_before_switchover {
+            self.job.set_status(MigrationStatus::PreSwitchover);
+            if !self.job.wait_to_continue() {
+                return Err(MigrateError::Cancelled);
+            }
+            self.job.set_status(MigrationStatus::Device);
+            self.phases.mark("pre-switchover");
+        }
         Ok(())
     }
 
@@ -375,6 +387,7 @@ impl<'a> Outgoing<'a> {
                 self.phases.mark("dirty log");
             }
             let pass = passes + 1;
+            self.job.emit_pass(pass);
             let mut ram = w.ram();
             let sent = ram::send_pages(&mut ram, &parts.memory, &set, &|| false)?;
             ram.finish()?;
@@ -403,6 +416,14 @@ impl<'a> Outgoing<'a> {
         for device in &parts.devices {
             w.write_state(&*devices::bus::lock(device))?;
         }
+        // QEMU's global state: a guest paused here arrives paused.
+        let global = GlobalState::of(self.state_at_stop);
+        w.write_json(
+            SectionKind::VmState,
+            GLOBAL_SECTION,
+            GLOBAL_VERSION,
+            &global,
+        )?;
         self.phases.mark("devices");
         let transferred = w.bytes_written();
         let channel = w.finish()?.inner;
@@ -457,7 +478,8 @@ impl<'a> Outgoing<'a> {
 
     /// After success: the source moves on (postmigrate; a snapshot's guest
     /// back to what it was) and the job reports its figures.
-    fn completed(&self, uri: &MigrationUri, before: RunState) -> MigrationStatus {
+    fn completed(&self, uri: &MigrationUri) -> MigrationStatus {
+        let before = self.state_at_stop;
         let next = match (uri, before) {
             (MigrationUri::File(_), RunState::Running) => self.control.start(),
             (MigrationUri::File(_), _) => self.control.set_state(before).map(|_| ()),
@@ -480,7 +502,6 @@ impl<'a> Outgoing<'a> {
         );
         let downtime = downtime.map(|d| d.as_millis() as u64);
         self.job.update(|i| {
-            i.status = MigrationStatus::Completed;
             i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
             i.downtime_ms = downtime.or(Some(0));
             i.ram.remaining = 0;
@@ -489,7 +510,8 @@ impl<'a> Outgoing<'a> {
     }
 
     /// After a failure: the guest back to the state it had, unharmed.
-    fn failed(&self, uri: &MigrationUri, before: RunState, e: MigrateError) -> MigrationStatus {
+    fn failed(&self, uri: &MigrationUri, e: MigrateError) -> MigrationStatus {
+        let before = self.state_at_stop;
         log::warn!("migration to {uri} failed: {e}");
         if self.logging {
             self.dirty_logging_off();
@@ -510,7 +532,6 @@ impl<'a> Outgoing<'a> {
             MigrationStatus::Failed
         };
         self.job.update(|i| {
-            i.status = status;
             i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
             if status == MigrationStatus::Failed {
                 i.error = Some(e.to_string());
