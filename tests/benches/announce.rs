@@ -21,20 +21,25 @@
 //!   before vm_start; Ferry's RARPs go out before its vCPUs are released).
 //! - recovery per identity: the client pings each identity every 2 ms
 //!   (hand-made ICMP through a packet socket, tagged for VLAN 100); the
-//!   first reply after the outage, minus resume. An identity that has not
-//!   answered 3 s after the migration waits for FDB ageing (300 s here):
-//!   the switch still sends its MAC to A.
+//!   first reply after the first run of unanswered requests sent once the
+//!   migration began, minus resume. A migration may lose no request at
+//!   all (the downtime is shorter than the ping interval and the switch
+//!   moved before the guest ran): then the figure is the first reply
+//!   after resume, marked ◦. An identity still unanswered 3 s after the
+//!   migration is reported with the cause the switch and the guest show:
+//!   the switch still sends its MAC to A (it would wait for FDB ageing,
+//!   300 s here), sends it to B where nothing reaches the guest, or where
+//!   the guest receives but does not answer, or has no entry at all.
 //!
 //! Modes: the guest negotiates GUEST_ANNOUNCE (default), or declines it
 //! (`probe.announce=off`). Ferry then sends RARPs for every MAC × VLAN;
 //! QEMU by default sends one RARP for the device MAC, plus the guest
 //! announce when negotiated. The table marks identities the switch
 //! learned from other traffic (a reply to a ping that was in the guest's
-//! rx ring at the stop), and says why one did not recover: the switch
-//! still sends it to A (FDB ageing), or to B where the guest does not
-//! answer (QEMU 7.2 loses the virtio-net VLAN filter in migration: its
-//! `query-rx-filter` shows vlan-table [100] on the source, [] on the
-//! destination, so VLAN 100 is dropped there whatever is announced).
+//! rx ring at the stop). QEMU 7.2 loses the virtio-net VLAN filter in
+//! migration: its `query-rx-filter` shows vlan-table [100] on the source,
+//! [] on the destination, so VLAN 100 is dropped there whatever is
+//! announced.
 //!
 //! Floors (Ferry): first frame within 5 ms of resume (the median; the
 //! slowest run is printed), every identity recovered without FDB ageing
@@ -42,7 +47,8 @@
 //! shared with other work is noisy: run it alone.
 //!
 //! FERRY_BENCH_RUNS (default 3) runs, medians; the VMMs take turns.
-//! FERRY_BENCH_ONLY=ferry|qemu measures one; FERRY_BENCH_VERBOSE=1 prints
+//! FERRY_BENCH_ONLY=ferry|qemu measures one, FERRY_BENCH_GUEST=on|off one
+//! guest mode; FERRY_BENCH_VERBOSE=1 prints
 //! every run. `cargo bench -p ferry-tests --bench announce` (root, KVM,
 //! QEMU, tcpdump, tshark, bridge).
 
@@ -53,7 +59,7 @@ use ferry_tests::bench_net::median;
 use ferry_tests::host::{require_kvm, require_root, require_tool};
 use ferry_tests::hosts::{A_TAP, B_ADDR, B_TAP};
 use ferry_tests::probe::checks::{network_cmdline, GUEST_MAC};
-use ferry_tests::switch::{probe_identities, FdbMonitor, Pinger, Switch, PORT_A, PORT_B};
+use ferry_tests::switch::{probe_identities, FdbMonitor, Outage, Pinger, Switch, PORT_A, PORT_B};
 use ferry_tests::vmms::{Guest, GuestNet, Vmm};
 use serde_json::json;
 
@@ -93,6 +99,12 @@ struct Sample {
     qemu_frame_after_event: Option<f64>,
     qemu_marker_after_event: Option<f64>,
     recovery: Vec<Option<f64>>,
+    /// Per identity: not one ping was lost (recovery is then the first
+    /// reply after resume).
+    no_loss: Vec<bool>,
+    /// Per identity that never answered again: why, as far as the switch
+    /// and the guest tell.
+    never: Vec<Option<&'static str>>,
     /// When the switch learned each MAC on B's port.
     learned: Vec<Option<f64>>,
     /// Where the switch sends each MAC at the end.
@@ -179,6 +191,7 @@ fn migrate_once(mode: Mode, run: usize) -> Sample {
     let capture = sw.sw.capture(PORT_B, &file).expect("tcpdump");
     std::thread::sleep(Duration::from_millis(200));
     let t0 = Instant::now();
+    let migrate_at = SystemTime::now();
     src.exec("migrate", json!({ "uri": uri })).expect("migrate");
     let info = loop {
         let info = src.exec("query-migrate", json!({})).expect("query-migrate");
@@ -193,6 +206,8 @@ fn migrate_once(mode: Mode, run: usize) -> Sample {
     let done = SystemTime::now();
     pinger.wait_all_answer(done, RECOVERY_CAP);
     std::thread::sleep(Duration::from_millis(100));
+    // Requests of the last 100 ms may still be on their way back.
+    let until = SystemTime::now() - Duration::from_millis(100);
     let log = pinger.stop();
     let pcap = capture.stop().expect("tcpdump");
     let macs: Vec<&str> = ids.iter().map(|i| i.mac).collect();
@@ -238,19 +253,49 @@ fn migrate_once(mode: Mode, run: usize) -> Sample {
         sample.qemu_frame_after_event = frames.first().map(|f| ms_between(epoch(f.at), at));
         sample.qemu_marker_after_event = Some(ms_between(resume, at));
     }
+    // Only asked when an identity never answered again: was anything
+    // received there at all?
+    let mut dst_rx = None;
     for (i, id) in ids.iter().enumerate() {
-        let outage = log.longest_outage(i);
-        sample.recovery.push(
-            outage
-                .and_then(|(from, _)| log.first_reply_after(i, from))
-                .map(|t| ms_between(t, resume)),
-        );
+        let port = sw.port_of(id.mac);
+        let (recovery, no_loss, never) = match log.outage_after(i, migrate_at, until) {
+            Outage::NoLoss { .. } => {
+                let first = log.sent[i]
+                    .iter()
+                    .filter_map(|(_, r)| *r)
+                    .find(|r| *r >= resume);
+                (first.map(|t| ms_between(t, resume)), true, None)
+            }
+            Outage::Recovered { reply, .. } => (Some(ms_between(reply, resume)), false, None),
+            Outage::Never { .. } => {
+                let rx = *dst_rx.get_or_insert_with(|| {
+                    dst.console()
+                        .send_command("counters 0", Duration::from_secs(5))
+                        .number("rx_frames")
+                });
+                let why = match (port.as_deref(), rx) {
+                    (Some(PORT_A), _) => "the switch still sends the MAC to A (FDB ageing)",
+                    (Some(PORT_B), Some(0)) => {
+                        "the switch sends the MAC to B, but nothing reached the guest there"
+                    }
+                    (Some(PORT_B), _) => {
+                        "the switch sends the MAC to B and frames reach the guest, but it does not answer this identity"
+                    }
+                    (None, _) => "the switch has no entry for the MAC (flooded, unanswered)",
+                    (Some(_), _) => "the switch sends the MAC to another port",
+                };
+                (None, false, Some(why))
+            }
+        };
+        sample.recovery.push(recovery);
+        sample.no_loss.push(no_loss);
+        sample.never.push(never);
         sample.learned.push(
             monitor
                 .moved_to(id.mac, PORT_B, done - Duration::from_secs(10))
                 .map(|t| ms_between(t, resume)),
         );
-        sample.fdb_port.push(sw.port_of(id.mac));
+        sample.fdb_port.push(port);
         let first = first_from(id.mac);
         sample
             .by_announce
@@ -310,6 +355,11 @@ fn main() {
             continue;
         }
         for guest in [true, false] {
+            if std::env::var("FERRY_BENCH_GUEST")
+                .is_ok_and(|g| g != if guest { "on" } else { "off" })
+            {
+                continue;
+            }
             modes.push(Mode { vmm, guest });
         }
     }
@@ -352,41 +402,38 @@ fn main() {
         }
         for i in 0..ids.len() {
             let (rec, missing) = med(ss.iter().map(|s| s.recovery[i]));
-            let at_a = ss
-                .iter()
-                .filter(|s| s.recovery[i].is_none() && s.fdb_port[i].as_deref() == Some(PORT_A))
-                .count();
             let by_traffic = ss
                 .iter()
                 .filter(|s| s.recovery[i].is_some() && s.by_announce[i] == Some(false))
                 .count();
+            let no_loss = ss.iter().filter(|s| s.no_loss[i]).count();
             let mut cell = if missing == 0 {
                 fmt(rec)
             } else {
-                let mut why = Vec::new();
-                if at_a > 0 {
-                    why.push(format!("FDB ageing in {at_a}"));
-                    notes.insert(
-                        "FDB ageing: the switch still sends the MAC to A; it would move after \
-                         the ageing time (300 s)",
-                    );
+                let mut causes = std::collections::BTreeMap::<&str, usize>::new();
+                for s in ss {
+                    if let Some(why) = s.never[i] {
+                        *causes.entry(why).or_default() += 1;
+                    }
                 }
-                if missing > at_a {
-                    why.push(format!("‡ in {}", missing - at_a));
-                    notes.insert(
-                        "‡ the switch sends the MAC to B, but the guest does not answer there",
-                    );
-                }
+                let why: Vec<String> = causes.iter().map(|(w, n)| format!("{w}: {n}")).collect();
                 let mut c = format!(
                     "not in {} s in {missing}/{runs} runs ({})",
                     RECOVERY_CAP.as_secs(),
-                    why.join(", ")
+                    why.join("; ")
                 );
                 if missing < runs {
                     c.push_str(&format!("; else {}", fmt(rec)));
                 }
                 c
             };
+            if no_loss > 0 {
+                cell.push_str(&format!(" ◦{no_loss}"));
+                notes.insert(
+                    "◦N: in N runs not one ping to the identity was lost (its figure is then the \
+                     first reply after resume)",
+                );
+            }
             if by_traffic > 0 {
                 cell.push_str(&format!(" †{by_traffic}"));
                 notes.insert(
@@ -415,9 +462,15 @@ fn main() {
             slowest_first.push(format!("{}: {slowest:.1} ms", mode.label()));
             for s in ss {
                 for (i, id) in ids.iter().enumerate() {
-                    if s.recovery[i].is_none() || s.learned[i].is_none() {
+                    if let Some(why) = s.never[i] {
                         violations.push(format!(
-                            "{}: {} not recovered (FDB ageing)",
+                            "{}: {} not recovered: {why}",
+                            mode.label(),
+                            id.name
+                        ));
+                    } else if s.learned[i].is_none() {
+                        violations.push(format!(
+                            "{}: {} answered, but the switch never learned it on B",
                             mode.label(),
                             id.name
                         ));

@@ -289,6 +289,21 @@ impl Drop for FdbMonitor {
     }
 }
 
+/// What [`PingLog::outage_after`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outage {
+    /// Every request was answered.
+    NoLoss { first_reply: Option<SystemTime> },
+    /// `lost` requests from `lost_from` went unanswered, then `reply`.
+    Recovered {
+        lost: usize,
+        lost_from: SystemTime,
+        reply: SystemTime,
+    },
+    /// Unanswered from `lost_from` to the end of the log.
+    Never { lost: usize, lost_from: SystemTime },
+}
+
 /// Echo requests and replies per identity.
 #[derive(Clone, Debug, Default)]
 pub struct PingLog {
@@ -332,6 +347,36 @@ impl PingLog {
             }
         }
         best.map(|(_, from, to)| (from, to))
+    }
+
+    /// How identity `i` came through an event at `from` (a migration):
+    /// the first run of unanswered requests sent from then on, and the
+    /// first reply after it. A migration that loses no request is not an
+    /// identity that never recovered: `NoLoss`, with the first reply.
+    /// Requests sent from `until` on are left out: the last ones may be
+    /// on their way back when the log is taken.
+    pub fn outage_after(&self, i: usize, from: SystemTime, until: SystemTime) -> Outage {
+        let after: Vec<&(SystemTime, Option<SystemTime>)> = self.sent[i]
+            .iter()
+            .filter(|(at, _)| *at >= from && *at < until)
+            .collect();
+        let Some(first_lost) = after.iter().position(|(_, r)| r.is_none()) else {
+            return Outage::NoLoss {
+                first_reply: after.iter().find_map(|(_, r)| *r),
+            };
+        };
+        let lost_from = after[first_lost].0;
+        match after[first_lost..].iter().position(|(_, r)| r.is_some()) {
+            Some(k) => Outage::Recovered {
+                lost: k,
+                lost_from,
+                reply: after[first_lost + k].1.unwrap_or(lost_from),
+            },
+            None => Outage::Never {
+                lost: after.len() - first_lost,
+                lost_from,
+            },
+        }
     }
 
     /// The first reply from identity `i` to a request sent after `after`.
