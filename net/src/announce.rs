@@ -49,16 +49,6 @@ impl AnnounceParams {
     }
 }
 
-/// What a NIC did when asked to announce.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Announced {
-    /// The host sent RARPs: `frames` of them.
-    Rarp { frames: usize },
-    /// The guest was asked (virtio-net S_ANNOUNCE); its ANNOUNCE_ACK
-    /// releases the next round.
-    Guest,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,10 +7,12 @@ pub mod backend;
 pub mod mac;
 pub mod nic;
 pub mod rarp;
+pub mod senders;
 pub mod tap;
 
-pub use announce::{AnnounceParams, Announced};
+pub use announce::AnnounceParams;
 pub use backend::{MemBackend, NetBackend};
 pub use mac::MacAddr;
 pub use nic::Nic;
+pub use senders::{rarp_plan, Identity, Senders};
 pub use tap::{Tap, TapError};

@@ -3,8 +3,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use crate::announce::Announced;
-use crate::rarp::rarp_frame;
+use crate::senders::{rarp_plan, Identity};
 use crate::MacAddr;
 
 /// A guest network card seen from the host. The MACs and VLANs are what
@@ -22,11 +21,33 @@ pub trait Nic {
     /// had sent it.
     fn send_raw(&mut self, frame: &[u8]) -> io::Result<()>;
 
-    /// One announce round: by default a RARP for every MAC, untagged and
-    /// on every VLAN. Models that can ask the guest (virtio-net's
-    /// GUEST_ANNOUNCE) override this.
-    fn announce(&mut self) -> io::Result<Announced> {
-        rarp_announce(self)
+    /// Asks the guest to announce itself (virtio-net's GUEST_ANNOUNCE);
+    /// `false` for a model (or a driver) that cannot, whose rounds are
+    /// the host's RARPs alone.
+    fn ask_guest_to_announce(&mut self) -> bool {
+        false
+    }
+
+    /// What a RARP round sends (see [`crate::senders::rarp_plan`]), and
+    /// how many identities its cap left out. By default, with no record
+    /// of what the guest sent: the filter's MACs × (untagged + VLANs).
+    fn rarp_plan(&self) -> (Vec<Identity>, usize) {
+        let macs = self.macs();
+        let Some(&primary) = macs.first() else {
+            return (Vec::new(), 0);
+        };
+        rarp_plan(primary, &macs, &self.vlans(), &[])
+    }
+
+    /// Starts a period for [`Self::senders_since`] (an announce round).
+    fn mark_senders(&mut self) -> u64 {
+        0
+    }
+
+    /// The identities the guest sent from since `mark`: those it
+    /// announced itself in the round, which need no RARP.
+    fn senders_since(&self, _mark: u64) -> Vec<Identity> {
+        Vec::new()
     }
 
     /// Rounds of the announce in flight still to go, kept with the NIC's
@@ -41,19 +62,6 @@ pub trait Nic {
     fn announce_ack_fd(&self) -> Option<RawFd> {
         None
     }
-}
-
-/// The host's announce: every MAC × (untagged + every VLAN).
-pub fn rarp_announce<N: Nic + ?Sized>(nic: &mut N) -> io::Result<Announced> {
-    let vlans = nic.vlans();
-    let mut frames = 0;
-    for mac in nic.macs() {
-        for vlan in std::iter::once(None).chain(vlans.iter().map(|&v| Some(v))) {
-            nic.send_raw(&rarp_frame(mac, vlan))?;
-            frames += 1;
-        }
-    }
-    Ok(Announced::Rarp { frames })
 }
 
 #[cfg(test)]
@@ -93,20 +101,20 @@ mod tests {
     }
 
     #[test]
-    fn every_mac_on_every_vlan() {
+    fn without_a_record_of_senders_every_mac_on_every_vlan() {
         let a = MacAddr([2, 0, 0, 0, 0, 1]);
         let b = MacAddr([2, 0, 0, 0, 0, 2]);
-        let mut nic = Recorder {
+        let nic = Recorder {
             macs: vec![a, b],
             vlans: vec![100, 200],
             sent: vec![],
             rounds_left: 0,
         };
-        assert_eq!(nic.announce().unwrap(), Announced::Rarp { frames: 6 });
-        let expected: Vec<Vec<u8>> = [a, b]
+        let (plan, left) = nic.rarp_plan();
+        let expected: Vec<Identity> = [a, b]
             .iter()
-            .flat_map(|&m| [None, Some(100), Some(200)].map(|v| rarp_frame(m, v)))
+            .flat_map(|&m| [None, Some(100), Some(200)].map(|v| (m, v)))
             .collect();
-        assert_eq!(nic.sent, expected);
+        assert_eq!((plan, left), (expected, 0));
     }
 }

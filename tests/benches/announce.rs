@@ -32,7 +32,8 @@
 //!   the guest receives but does not answer, or has no entry at all.
 //!
 //! Modes: the guest negotiates GUEST_ANNOUNCE (default), or declines it
-//! (`probe.announce=off`). Ferry then sends RARPs for every MAC × VLAN;
+//! (`probe.announce=off`). Ferry then sends RARPs for every (MAC, VLAN)
+//! the guest sends from;
 //! QEMU by default sends one RARP for the device MAC, plus the guest
 //! announce when negotiated. The table marks identities the switch
 //! learned from other traffic (a reply to a ping that was in the guest's
@@ -81,7 +82,7 @@ impl Mode {
     fn label(self) -> String {
         let what = match (self.vmm, self.guest) {
             (Vmm::Ferry, true) => "guest announce",
-            (Vmm::Ferry, false) => "guest declines: RARP per MAC x VLAN",
+            (Vmm::Ferry, false) => "guest declines: RARP per identity it uses",
             (Vmm::Qemu, true) => "default: RARP for the device MAC + guest announce",
             (Vmm::Qemu, false) => "guest declines: RARP for the device MAC",
         };

@@ -75,6 +75,8 @@ pub struct IdentityArg {
     pub mac: Option<String>,
     pub vlan: Option<u16>,
     pub cidr: String,
+    /// Answered but left out of the probe's own announce (`,quiet`).
+    pub quiet: bool,
 }
 
 /// The probe's command line, built up field by field.
@@ -114,7 +116,17 @@ impl Cmdline {
             mac: mac.map(str::to_string),
             vlan,
             cidr: cidr.to_string(),
+            quiet: false,
         });
+        self
+    }
+
+    /// The last identity added answers but is never in the probe's own
+    /// gratuitous ARPs: an identity the guest's driver does not announce.
+    pub fn quiet(mut self) -> Self {
+        if let Some(id) = self.ids.last_mut() {
+            id.quiet = true;
+        }
         self
     }
 
@@ -154,11 +166,12 @@ impl Cmdline {
         let mut parts = self.devices.clone();
         for id in &self.ids {
             parts.push(format!(
-                "probe.id={},{},{},{}",
+                "probe.id={},{},{},{}{}",
                 id.nic,
                 id.mac.as_deref().unwrap_or("dev"),
                 id.vlan.map_or("none".to_string(), |v| v.to_string()),
-                id.cidr
+                id.cidr,
+                if id.quiet { ",quiet" } else { "" }
             ));
         }
         if let Some(on) = self.announce {

@@ -1,12 +1,21 @@
 //! Announcing the guest on the network once it runs on a new host
-//! (issue #7): per NIC, rounds on QEMU's schedule, each round either the
-//! guest's own gratuitous ARPs (virtio-net GUEST_ANNOUNCE, released by its
-//! ANNOUNCE_ACK) or the host's RARPs. Timers live on the VMM's event loop
-//! (a timerfd), never in a sleeping thread.
+//! (issue #7): per NIC, rounds on QEMU's schedule. A round asks the guest
+//! to announce itself (virtio-net GUEST_ANNOUNCE) when it can; once it
+//! has acknowledged and had [`GUEST_GRACE`] to send, the host sends RARPs
+//! for exactly the identities (MAC × VLAN) of the NIC's plan that the
+//! guest did not send from in the round — none for a guest that announced
+//! everything, every one for a guest with an L2-only identity, a bridge
+//! inside, or a wedged driver. A guest that cannot be asked gets the
+//! whole plan as RARPs (`Nic::rarp_plan`: what it sends from, plus a
+//! capped fallback). Frames go out in batches of [`BATCH`], one batch per
+//! turn of the event loop, so a big round never holds the loop (or QMP)
+//! for long. Timers live on the VMM's event loop (a timerfd), never in a
+//! sleeping thread.
 //!
-//! What starts a schedule: the run state going from prelaunch-migrate to
-//! running (after a live migration or a restore; at `cont` with -S), and
-//! QMP `announce-self`. Nothing else.
+//! What starts a schedule: the run state going from prelaunch-migrate or
+//! postmigrate to running (after a live migration or a restore; at `cont`
+//! with -S; the source resumed after its destination failed), and QMP
+//! `announce-self`. Nothing else.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -14,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use devices::bus::lock;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use net::{AnnounceParams, Announced, Nic};
+use net::{AnnounceParams, Nic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -25,6 +34,14 @@ const ACK_PATIENCE: Duration = Duration::from_secs(2);
 /// The schedule id of the announce that follows a migration or restore.
 pub const MIGRATION_SCHEDULE: &str = "";
 
+/// How long after its ANNOUNCE_ACK the guest's own announce counts as
+/// sent (Linux queues its gratuitous ARPs as it acks): then the host
+/// RARPs for what it left out.
+pub const GUEST_GRACE: Duration = Duration::from_millis(10);
+
+/// RARPs per turn of the event loop: a few hundred µs of TAP writes.
+pub const BATCH: usize = 128;
+
 struct Schedule {
     id: String,
     nic: usize,
@@ -34,6 +51,10 @@ struct Schedule {
     next_due: Option<Instant>,
     /// The guest was asked; its ack (or `ACK_PATIENCE`) releases the next.
     waiting_since: Option<Instant>,
+    /// The senders mark taken as the round began.
+    mark: u64,
+    /// When to compare what the guest sent in the round with the plan.
+    check_due: Option<Instant>,
 }
 
 /// What was announced, for logs and tests.
@@ -42,6 +63,12 @@ pub struct AnnounceLog {
     pub rounds: u64,
     pub rarp_frames: u64,
     pub guest_requests: u64,
+    /// RARPs sent for identities the guest did not announce itself.
+    pub rarps_for_silent: u64,
+    /// Plan entries the fallback cap left out.
+    pub left_out: u64,
+    /// The longest time one batch of frames took.
+    pub longest_batch: Duration,
     pub first_round_at: Option<Instant>,
 }
 
@@ -51,6 +78,8 @@ pub type SharedNic = Arc<Mutex<dyn Nic + Send>>;
 pub struct Announcer {
     nets: Vec<SharedNic>,
     schedules: Vec<Schedule>,
+    /// RARPs still to send: (NIC, identity), in order.
+    outbox: std::collections::VecDeque<(usize, net::Identity)>,
     timer: TimerFd,
     log: AnnounceLog,
 }
@@ -74,6 +103,7 @@ impl Announcer {
         Ok(Self {
             nets,
             schedules: Vec::new(),
+            outbox: Default::default(),
             timer,
             log: AnnounceLog::default(),
         })
@@ -117,6 +147,8 @@ impl Announcer {
                 done: 0,
                 next_due: Some(now),
                 waiting_since: None,
+                mark: 0,
+                check_due: None,
             });
         }
         self.run_due();
@@ -130,6 +162,7 @@ impl Announcer {
             }
         }
         self.schedules.clear();
+        self.outbox.clear();
         self.rearm();
     }
 
@@ -148,20 +181,17 @@ impl Announcer {
         }
         s.done += 1;
         dev.set_announce_rounds_left(s.params.rounds - s.done);
-        match dev.announce() {
-            Ok(Announced::Guest) => {
-                self.log.guest_requests += 1;
-                s.waiting_since = Some(now);
-                s.next_due = None;
-            }
-            Ok(Announced::Rarp { frames }) => {
-                self.log.rarp_frames += frames as u64;
-                s.next_due = (s.done < s.params.rounds).then(|| now + s.params.pause_after(s.done));
-            }
-            Err(e) => {
-                log::warn!("{}: announce: {e}", dev.id());
-                s.next_due = (s.done < s.params.rounds).then(|| now + s.params.pause_after(s.done));
-            }
+        s.mark = dev.mark_senders();
+        if dev.ask_guest_to_announce() {
+            self.log.guest_requests += 1;
+            s.waiting_since = Some(now);
+            s.next_due = None;
+        } else {
+            let (plan, left_out) = dev.rarp_plan();
+            self.log.left_out += left_out as u64;
+            let n = s.nic;
+            self.outbox.extend(plan.into_iter().map(|id| (n, id)));
+            s.next_due = (s.done < s.params.rounds).then(|| now + s.params.pause_after(s.done));
         }
         self.log.rounds += 1;
         self.log.first_round_at.get_or_insert(now);
@@ -173,6 +203,51 @@ impl Announcer {
         );
     }
 
+    /// The guest had its chance in the round: RARPs for what it left out.
+    fn check_guest(&mut self, idx: usize) {
+        let s = &mut self.schedules[idx];
+        s.check_due = None;
+        let Some(nic) = self.nets.get(s.nic) else {
+            return;
+        };
+        let dev = lock(nic);
+        let announced = dev.senders_since(s.mark);
+        let (plan, left_out) = dev.rarp_plan();
+        let silent: Vec<net::Identity> = plan
+            .into_iter()
+            .filter(|id| !announced.contains(id))
+            .collect();
+        if !silent.is_empty() {
+            log::info!(
+                "{}: the guest did not announce {} of its identities; RARPs for them",
+                dev.id(),
+                silent.len()
+            );
+        }
+        self.log.rarps_for_silent += silent.len() as u64;
+        self.log.left_out += left_out as u64;
+        let n = s.nic;
+        self.outbox.extend(silent.into_iter().map(|id| (n, id)));
+    }
+
+    /// Sends at most [`BATCH`] queued RARPs.
+    fn send_batch(&mut self) {
+        let started = Instant::now();
+        for _ in 0..BATCH {
+            let Some((nic, (mac, vlan))) = self.outbox.pop_front() else {
+                break;
+            };
+            let Some(n) = self.nets.get(nic) else {
+                continue;
+            };
+            match lock(n).send_raw(&net::rarp::rarp_frame(mac, vlan)) {
+                Ok(()) => self.log.rarp_frames += 1,
+                Err(e) => log::debug!("announce: RARP for {mac} on {vlan:?}: {e}"),
+            }
+        }
+        self.log.longest_batch = self.log.longest_batch.max(started.elapsed());
+    }
+
     fn run_due(&mut self) {
         let now = Instant::now();
         for i in 0..self.schedules.len() {
@@ -180,14 +255,21 @@ impl Announcer {
             if s.waiting_since.is_some_and(|t| now >= t + ACK_PATIENCE) {
                 log::info!("announce: no ANNOUNCE_ACK within {ACK_PATIENCE:?}; going on");
                 s.waiting_since = None;
+                // A wedged driver announced nothing: RARPs now.
+                s.check_due = Some(now);
                 s.next_due = (s.done < s.params.rounds).then_some(now);
             }
             if s.next_due.is_some_and(|t| t <= now) {
                 self.round(i);
             }
+            if self.schedules[i].check_due.is_some_and(|t| t <= now) {
+                self.check_guest(i);
+            }
         }
-        self.schedules
-            .retain(|s| s.done < s.params.rounds || s.waiting_since.is_some());
+        self.schedules.retain(|s| {
+            s.done < s.params.rounds || s.waiting_since.is_some() || s.check_due.is_some()
+        });
+        self.send_batch();
         self.rearm();
     }
 
@@ -201,6 +283,8 @@ impl Announcer {
             .filter(|s| s.nic == nic && s.waiting_since.is_some())
         {
             s.waiting_since = None;
+            // Before the next round takes a new mark.
+            s.check_due = Some(now + GUEST_GRACE.min(s.params.pause_after(s.done)));
             s.next_due = (s.done < s.params.rounds).then(|| now + s.params.pause_after(s.done));
         }
         self.run_due();
@@ -211,11 +295,17 @@ impl Announcer {
         let next = self
             .schedules
             .iter()
-            .filter_map(|s| match (s.next_due, s.waiting_since) {
-                (Some(t), _) => Some(t),
-                (None, Some(w)) => Some(w + ACK_PATIENCE),
-                _ => None,
+            .flat_map(|s| {
+                let waiting = match (s.next_due, s.waiting_since) {
+                    (Some(t), _) => Some(t),
+                    (None, Some(w)) => Some(w + ACK_PATIENCE),
+                    _ => None,
+                };
+                waiting.into_iter().chain(s.check_due)
             })
+            // More RARPs queued: the next batch after whatever else the
+            // loop has to do.
+            .chain((!self.outbox.is_empty()).then_some(now))
             .min();
         let result = match next {
             // A zero duration would disarm the timer: at least 1 µs.

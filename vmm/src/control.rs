@@ -264,7 +264,12 @@ impl VmControl {
     fn query_rx_filter(&self, name: Option<&str>) -> Result<Value, QmpError> {
         let mut out = Vec::new();
         for net in self.nets() {
-            let t = lock(net);
+            let mut t = lock(net);
+            if name.is_some_and(|n| n != t.device().state().id) {
+                continue;
+            }
+            // QEMU's rate rule: asking re-arms NIC_RX_FILTER_CHANGED.
+            t.device_mut().rearm_rx_filter_notify();
             let dev = t.device();
             let s = dev.state();
             if name.is_some_and(|n| n != s.id) {

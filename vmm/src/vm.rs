@@ -139,6 +139,21 @@ impl Vm {
         ))));
         let announce = self.announce;
         let make_control = |emitter: &EventEmitter| {
+            for net in &parts.nets {
+                let emitter = emitter.clone();
+                let notify: devices::virtio::net::RxFilterNotify = Arc::new(move |id: &str| {
+                    emitter.emit(
+                        "NIC_RX_FILTER_CHANGED",
+                        Some(serde_json::json!({
+                            "name": id,
+                            "path": format!("/machine/peripheral/{id}"),
+                        })),
+                    )
+                });
+                devices::bus::lock(net)
+                    .device_mut()
+                    .set_rx_filter_notify(notify);
+            }
             let control =
                 VmControl::new(parts.clone(), runstate.clone(), emitter.clone(), announcer);
             if let Some(params) = announce {

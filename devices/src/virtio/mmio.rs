@@ -470,8 +470,17 @@ impl<D: VirtioDevice + net::Nic> net::Nic for MmioTransport<D> {
     fn send_raw(&mut self, frame: &[u8]) -> std::io::Result<()> {
         self.device.send_raw(frame)
     }
-    fn announce(&mut self) -> std::io::Result<net::Announced> {
-        self.device.announce()
+    fn ask_guest_to_announce(&mut self) -> bool {
+        self.device.ask_guest_to_announce()
+    }
+    fn rarp_plan(&self) -> (Vec<net::Identity>, usize) {
+        self.device.rarp_plan()
+    }
+    fn mark_senders(&mut self) -> u64 {
+        self.device.mark_senders()
+    }
+    fn senders_since(&self, mark: u64) -> Vec<net::Identity> {
+        self.device.senders_since(mark)
     }
     fn announce_rounds_left(&self) -> u64 {
         self.device.announce_rounds_left()

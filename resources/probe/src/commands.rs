@@ -245,6 +245,7 @@ fn id_add(probe: &mut Probe, args: &[&str]) -> Outcome {
         vlan,
         ip,
         prefix,
+        quiet: false,
     })?;
     nic.program_filters()
 }

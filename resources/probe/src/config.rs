@@ -23,6 +23,10 @@ pub struct IdentitySpec {
     pub vlan: Option<u16>,
     pub ip: Ipv4Addr,
     pub prefix: u8,
+    /// `,quiet`: answered, but never in the probe's own announce — an
+    /// identity a guest's driver leaves out (an L2 bridge, DPDK, a
+    /// forgotten address), for the host to announce.
+    pub quiet: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -111,6 +115,11 @@ pub fn parse_identity(text: &str) -> Option<IdentitySpec> {
     let mac = parse_mac_choice(parts.next()?)?;
     let vlan = parse_vlan(parts.next()?)?;
     let (ip, prefix) = parse_cidr(parts.next()?)?;
+    let quiet = match parts.next() {
+        None => false,
+        Some("quiet") => true,
+        Some(_) => return None,
+    };
     if parts.next().is_some() || nic >= MAX_NICS {
         return None;
     }
@@ -120,6 +129,7 @@ pub fn parse_identity(text: &str) -> Option<IdentitySpec> {
         vlan,
         ip,
         prefix,
+        quiet,
     })
 }
 

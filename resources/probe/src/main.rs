@@ -220,6 +220,7 @@ impl Probe {
                         vlan: spec.vlan,
                         ip: spec.ip,
                         prefix: spec.prefix,
+                        quiet: spec.quiet,
                     };
                     if let Err(e) = nic.stack.add_identity(id) {
                         println!("probe: error nic={} identity {}: {}", index, spec.ip, e);

@@ -25,6 +25,8 @@ pub struct Identity {
     pub vlan: Option<u16>,
     pub ip: Ipv4Addr,
     pub prefix: u8,
+    /// Never in the probe's own gratuitous ARPs.
+    pub quiet: bool,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -315,7 +317,7 @@ impl NetStack {
     /// VLAN. Returns how many were queued.
     pub fn send_garps(&mut self, tx: &mut TxSide) -> u64 {
         let mut sent = 0;
-        for id in self.ids.iter().flatten() {
+        for id in self.ids.iter().flatten().filter(|i| !i.quiet) {
             let garp = Arp::gratuitous(id.mac, id.ip);
             if tx.send(|buf| garp.write_frame(buf, MacAddr::BROADCAST, id.vlan).ok()) {
                 sent += 1;

@@ -8,6 +8,6 @@ pub mod event_handler;
 pub mod filter;
 pub mod persist;
 
-pub use device::{Net, NetMetrics, NetOptions};
+pub use device::{Net, NetMetrics, NetOptions, RxFilterNotify};
 pub use event_handler::NetEventHandler;
 pub use persist::{NetSnapshot, NetState};

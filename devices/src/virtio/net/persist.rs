@@ -60,6 +60,10 @@ pub struct NetState {
     /// The announce in flight, if any (issue #7).
     #[serde(default)]
     pub announce: AnnounceState,
+    /// The (MAC, VLAN) pairs the guest sends from: what an announce after
+    /// the move must carry (absent from an older Ferry's stream).
+    #[serde(default)]
+    pub senders: net::Senders,
 }
 
 /// The section is named for the NIC's id on this host (its `--net`),

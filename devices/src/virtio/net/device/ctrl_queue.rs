@@ -170,8 +170,12 @@ impl<B: NetBackend> Net<B> {
                 if let Err(e) = self.announce_acked.write(1) {
                     log::error!("{id}: cannot signal the announce ack: {e}");
                 }
+                return Ok(());
             }
         }
+        // Every other command changed the receive filter (MAC, MAC
+        // table, VLANs, rx mode): QMP hears of it.
+        self.rx_filter_changed();
         Ok(())
     }
 }

@@ -8,9 +8,8 @@
 
 use std::sync::Arc;
 
-use net::nic::rarp_announce;
 use net::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
-use net::{Announced, MacAddr, NetBackend, Nic, Tap};
+use net::{Identity, MacAddr, NetBackend, Nic, Tap};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemory;
@@ -133,8 +132,17 @@ pub struct Net<B: NetBackend = Tap> {
     paused: bool,
     /// Written when the guest acknowledges an announce (ANNOUNCE_ACK).
     announce_acked: Arc<EventFd>,
+    /// Told (with the NIC's id) when the guest changes its receive
+    /// filter: QMP's NIC_RX_FILTER_CHANGED.
+    rx_filter_notify: Option<RxFilterNotify>,
+    /// QEMU's rate rule: one event, then none until `query-rx-filter`
+    /// has been asked about this NIC.
+    rx_filter_notify_armed: bool,
     metrics: NetMetrics,
 }
+
+/// Called with the NIC's id when its guest changed the receive filter.
+pub type RxFilterNotify = Arc<dyn Fn(&str) + Send + Sync>;
 
 fn offered_features(guest_announce: bool) -> u64 {
     let mut f = bit(VIRTIO_F_VERSION_1)
@@ -177,6 +185,7 @@ impl<B: NetBackend> Net<B> {
                 config_generation: 0,
                 rx_filter: RxFilter::default(),
                 announce: Default::default(),
+                senders: Default::default(),
             },
             backend: options.backend,
             queue_evts,
@@ -188,8 +197,29 @@ impl<B: NetBackend> Net<B> {
             broken: None,
             paused: false,
             announce_acked: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+            rx_filter_notify: None,
+            rx_filter_notify_armed: true,
             metrics: NetMetrics::default(),
         })
+    }
+
+    /// Who hears of receive-filter changes (the VMM's QMP events).
+    pub fn set_rx_filter_notify(&mut self, notify: RxFilterNotify) {
+        self.rx_filter_notify = Some(notify);
+    }
+
+    /// `query-rx-filter` read this NIC's filter: the next change is told.
+    pub fn rearm_rx_filter_notify(&mut self) {
+        self.rx_filter_notify_armed = true;
+    }
+
+    fn rx_filter_changed(&mut self) {
+        if !std::mem::replace(&mut self.rx_filter_notify_armed, false) {
+            return;
+        }
+        if let Some(notify) = &self.rx_filter_notify {
+            notify(&self.state.id);
+        }
     }
 
     pub fn state(&self) -> &NetState {
@@ -473,9 +503,8 @@ impl<B: NetBackend> Nic for Net<B> {
 
     /// Asks the guest when it can announce itself — it alone knows every
     /// address on every VLAN (seeds 001/002) — by setting S_ANNOUNCE and
-    /// raising the config interrupt; otherwise falls back to RARPs for
-    /// what the control queue taught us.
-    fn announce(&mut self) -> std::io::Result<Announced> {
+    /// raising the config interrupt.
+    fn ask_guest_to_announce(&mut self) -> bool {
         let asks_guest =
             self.acked(VIRTIO_NET_F_GUEST_ANNOUNCE) && self.acked(VIRTIO_NET_F_CTRL_VQ);
         match self.active.as_ref() {
@@ -484,10 +513,29 @@ impl<B: NetBackend> Nic for Net<B> {
                 self.state.announce.awaiting_ack = true;
                 self.state.config_generation = self.state.config_generation.wrapping_add(1);
                 active.interrupt.signal_config_change();
-                Ok(Announced::Guest)
+                true
             }
-            _ => rarp_announce(self),
+            _ => false,
         }
+    }
+
+    /// The identities the guest sends from, the primary MAC untagged, and
+    /// the filter's cross product (capped) for MACs it never sent from.
+    fn rarp_plan(&self) -> (Vec<Identity>, usize) {
+        net::rarp_plan(
+            self.state.mac,
+            &self.macs(),
+            &self.vlans(),
+            &self.state.senders.all(),
+        )
+    }
+
+    fn mark_senders(&mut self) -> u64 {
+        self.state.senders.mark()
+    }
+
+    fn senders_since(&self, mark: u64) -> Vec<Identity> {
+        self.state.senders.seen_since(mark)
     }
 }
 

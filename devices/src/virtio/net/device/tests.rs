@@ -116,6 +116,8 @@ fn tx_sends_the_chain_as_one_frame_and_returns_the_buffers() {
     assert_eq!(t.net.backend().from_guest, vec![with_header(&f)]);
     assert_eq!(t.tx.used(&t.mem), vec![(u32::from(head), 0)]);
     assert!(t.interrupted());
+    // The header was read across the two buffers: the guest sends as MAC.
+    assert_eq!(t.net.state().senders.all(), vec![(MAC, None)]);
     assert_eq!(
         (t.net.metrics().tx_frames, t.net.metrics().tx_bytes),
         (1, 60)
@@ -237,24 +239,35 @@ fn ctrl_programs_the_filter_and_rx_follows_it() {
 }
 
 #[test]
-fn without_guest_announce_the_host_sends_rarps_for_every_mac_and_vlan() {
+fn without_guest_announce_the_host_plans_rarps_for_every_mac_and_vlan_it_knows() {
     let mut t = active(features());
     t.ctrl(
         VIRTIO_NET_CTRL_VLAN,
         VIRTIO_NET_CTRL_VLAN_ADD,
         &7u16.to_le_bytes(),
     );
-    assert_eq!(t.net.announce().unwrap(), Announced::Rarp { frames: 2 });
-    let sent = &t.net.backend().from_guest;
-    assert_eq!(sent.len(), 2);
-    assert_eq!(&sent[0][HDR..], &net::rarp::rarp_frame(MAC, None)[..]);
-    assert_eq!(&sent[1][HDR..], &net::rarp::rarp_frame(MAC, Some(7))[..]);
+    assert!(!t.net.ask_guest_to_announce());
+    // Nothing sent by the guest yet: the filter's cross product.
+    assert_eq!(t.net.rarp_plan(), (vec![(MAC, None), (MAC, Some(7))], 0));
+    // Once it has sent from MAC on VLAN 7 only, that is what moves (and
+    // the primary MAC untagged, always).
+    let mut tagged = frame(OTHER, MAC, 60);
+    tagged.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
+    t.mem
+        .write_slice(&with_header(&tagged), GuestAddress(0x10000))
+        .unwrap();
+    t.tx.add(&t.mem, &[(0x10000, (HDR + tagged.len()) as u32, false)]);
+    t.net.process_tx();
+    assert_eq!(t.net.state().senders.all(), vec![(MAC, Some(7))]);
+    assert_eq!(t.net.rarp_plan(), (vec![(MAC, None), (MAC, Some(7))], 0));
+    let mark = t.net.mark_senders();
+    assert!(t.net.senders_since(mark).is_empty());
 }
 
 #[test]
 fn with_guest_announce_the_guest_is_asked() {
     let mut t = active(features() | bit(VIRTIO_NET_F_GUEST_ANNOUNCE));
-    assert_eq!(t.net.announce().unwrap(), Announced::Guest);
+    assert!(t.net.ask_guest_to_announce());
     assert!(t.net.state().status & VIRTIO_NET_S_ANNOUNCE as u16 != 0);
     assert!(t.net.backend().from_guest.is_empty());
     assert_eq!(

@@ -39,6 +39,11 @@ impl<B: NetBackend> Net<B> {
                 let head = chain.head_index();
                 match frame_pieces(mem, chain, &mut iovs) {
                     Some(len) => {
+                        let mut header = [0u8; 16];
+                        // SAFETY: as for write_iovecs below: every iovec
+                        // is a checked, mapped slice of guest memory.
+                        let n = unsafe { peek(&iovs, VNET_HDR_LEN, &mut header) };
+                        self.state.senders.record_frame(&header[..n]);
                         // SAFETY: each iovec is a slice of guest memory
                         // that `frame_pieces` checked lies inside a region
                         // of `mem`, which stays mapped while `mem` (held
@@ -129,4 +134,38 @@ fn frame_pieces<'m>(
         }
     }
     (whole && len >= VNET_HDR_LEN).then_some(len)
+}
+
+/// Copies up to `out.len()` bytes that follow the first `skip` bytes of
+/// the frame in `iovs`; returns how many.
+///
+/// # Safety
+/// Every iovec must describe readable memory that stays mapped for the
+/// call (here: slices of guest memory checked by [`frame_pieces`]).
+unsafe fn peek(iovs: &[libc::iovec], mut skip: usize, out: &mut [u8]) -> usize {
+    let mut n = 0;
+    for iov in iovs {
+        if n == out.len() {
+            break;
+        }
+        if skip >= iov.iov_len {
+            skip -= iov.iov_len;
+            continue;
+        }
+        let take = (iov.iov_len - skip).min(out.len() - n);
+        // SAFETY: `skip + take <= iov_len`, inside the iovec the caller
+        // vouches for; `out[n..n + take]` is in bounds. The guest may
+        // write the bytes meanwhile: they are copied as they are, and
+        // only ever read as an Ethernet header.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (iov.iov_base as *const u8).add(skip),
+                out.as_mut_ptr().add(n),
+                take,
+            );
+        }
+        n += take;
+        skip = 0;
+    }
+    n
 }
