@@ -211,7 +211,8 @@ impl Announcer {
             return;
         };
         let dev = lock(nic);
-        let announced = dev.senders_since(s.mark);
+        let announced: std::collections::HashSet<net::Identity> =
+            dev.senders_since(s.mark).into_iter().collect();
         let (plan, left_out) = dev.rarp_plan();
         let silent: Vec<net::Identity> = plan
             .into_iter()
