@@ -10,7 +10,6 @@
 //!
 //! `cargo bench -p ferry-tests --bench announce_storm` (root).
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
