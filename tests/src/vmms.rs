@@ -72,9 +72,24 @@ impl Guest {
         cmdline: &str,
         uri: &str,
     ) -> Guest {
+        Self::incoming_with(vmm, name, net, mib, cmdline, uri, false)
+    }
+
+    /// [`Self::incoming`], with `-S` when `paused`: the guest waits for
+    /// `cont` after the stream, as libvirt starts a destination.
+    pub fn incoming_with(
+        vmm: Vmm,
+        name: &str,
+        net: &GuestNet,
+        mib: u32,
+        cmdline: &str,
+        uri: &str,
+        paused: bool,
+    ) -> Guest {
         match vmm {
             Vmm::Ferry => {
                 let mut spec = VmSpec::incoming(uri);
+                spec.paused = paused;
                 spec.nets = vec![format!("tap={}", net.tap)];
                 Guest::Ferry {
                     vm: FerryVm::spawn(name, &spec, Some(net.ns)),
@@ -82,7 +97,10 @@ impl Guest {
                 }
             }
             Vmm::Qemu => {
-                let extra = ["-incoming".to_string(), uri.to_string()];
+                let mut extra = vec!["-incoming".to_string(), uri.to_string()];
+                if paused {
+                    extra.push("-S".into());
+                }
                 let config = qemu_config(net, mib, cmdline, &extra);
                 Guest::Qemu(Qemu::spawn(&config).expect("start QEMU destination"))
             }
@@ -100,6 +118,17 @@ impl Guest {
                 client.execute(command, args).map_err(|e| e.to_string())
             }
             Guest::Qemu(q) => q.qmp(command, args),
+        }
+    }
+
+    /// Waits for the QMP event `name` on this guest's connection.
+    pub fn wait_event(&mut self, name: &str) -> Result<qmp::QmpEvent, String> {
+        match self {
+            Guest::Ferry { vm, qmp } => qmp
+                .get_or_insert_with(|| vm.qmp())
+                .wait_for_event(name)
+                .map_err(|e| e.to_string()),
+            Guest::Qemu(q) => q.wait_event(name),
         }
     }
 
