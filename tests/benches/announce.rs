@@ -33,7 +33,11 @@
 //!
 //! Modes: the guest negotiates GUEST_ANNOUNCE (default), or declines it
 //! (`probe.announce=off`). Ferry then sends RARPs for every (MAC, VLAN)
-//! the guest sends from;
+//! the guest sends from; or the guest announces itself but leaves its
+//! second MAC out (`probe.id=...,quiet`, as a guest with an L2 bridge or
+//! DPDK inside, or a forgotten address, would): Ferry RARPs for that
+//! identity alone once the guest has acknowledged, QEMU only ever RARPs
+//! the device MAC.
 //! QEMU by default sends one RARP for the device MAC, plus the guest
 //! announce when negotiated. The table marks identities the switch
 //! learned from other traffic (a reply to a ping that was in the guest's
@@ -48,8 +52,8 @@
 //! shared with other work is noisy: run it alone.
 //!
 //! FERRY_BENCH_RUNS (default 3) runs, medians; the VMMs take turns.
-//! FERRY_BENCH_ONLY=ferry|qemu measures one, FERRY_BENCH_GUEST=on|off one
-//! guest mode; FERRY_BENCH_VERBOSE=1 prints
+//! FERRY_BENCH_ONLY=ferry|qemu measures one, FERRY_BENCH_GUEST=on|off|quiet
+//! one guest mode; FERRY_BENCH_VERBOSE=1 prints
 //! every run. `cargo bench -p ferry-tests --bench announce` (root, KVM,
 //! QEMU, tcpdump, tshark, bridge).
 
@@ -76,15 +80,20 @@ struct Mode {
     vmm: Vmm,
     /// The guest negotiates GUEST_ANNOUNCE.
     guest: bool,
+    /// ... and leaves its second MAC out of its own announce (a quiet
+    /// identity: an L2 bridge or DPDK inside, a forgotten address).
+    quiet: bool,
 }
 
 impl Mode {
     fn label(self) -> String {
-        let what = match (self.vmm, self.guest) {
-            (Vmm::Ferry, true) => "guest announce",
-            (Vmm::Ferry, false) => "guest declines: RARP per identity it uses",
-            (Vmm::Qemu, true) => "default: RARP for the device MAC + guest announce",
-            (Vmm::Qemu, false) => "guest declines: RARP for the device MAC",
+        let what = match (self.vmm, self.guest, self.quiet) {
+            (Vmm::Ferry, true, false) => "guest announce",
+            (Vmm::Ferry, true, true) => "guest announce, second MAC left out: Ferry RARPs for it",
+            (Vmm::Ferry, false, _) => "guest declines: RARP per identity it uses",
+            (Vmm::Qemu, true, false) => "default: RARP for the device MAC + guest announce",
+            (Vmm::Qemu, true, true) => "default, second MAC left out by the guest's announce",
+            (Vmm::Qemu, false, _) => "guest declines: RARP for the device MAC",
         };
         format!("{} | {what}", self.vmm.name())
     }
@@ -143,6 +152,9 @@ fn migrate_once(mode: Mode, run: usize) -> Sample {
     let mut cmdline = network_cmdline().heartbeat_ms(1).idle("spin");
     if !mode.guest {
         cmdline = cmdline.announce(false);
+    }
+    if mode.quiet {
+        cmdline.ids[1].quiet = true;
     }
     let cmdline = cmdline.build();
     let name = mode.vmm.name();
@@ -355,13 +367,16 @@ fn main() {
         if only.as_deref().is_some_and(|o| o != vmm.name()) {
             continue;
         }
-        for guest in [true, false] {
-            if std::env::var("FERRY_BENCH_GUEST")
-                .is_ok_and(|g| g != if guest { "on" } else { "off" })
-            {
+        for (guest, quiet) in [(true, false), (false, false), (true, true)] {
+            let name = match (guest, quiet) {
+                (true, false) => "on",
+                (false, _) => "off",
+                (true, true) => "quiet",
+            };
+            if std::env::var("FERRY_BENCH_GUEST").is_ok_and(|g| g != name) {
                 continue;
             }
-            modes.push(Mode { vmm, guest });
+            modes.push(Mode { vmm, guest, quiet });
         }
     }
     let ids = probe_identities();

@@ -143,6 +143,12 @@ fn migrate_cancel_mid_way() {
     let src = source("cancel-src", &hosts.a, None);
     let _dst = destination("cancel-dst", &hosts.b, &[]);
     slow_down(&src, 16 << 20);
+    // MIGRATION events come with the `events` capability, as in QEMU.
+    src.execute(
+        "migrate-set-capabilities",
+        json!({ "capabilities": [{ "capability": "events", "state": true }] }),
+    )
+    .expect("events capability");
     let mut events = src.qmp();
     migrate(&src, &format!("tcp:{B_ADDR}:4444"));
     std::thread::sleep(Duration::from_millis(500));
@@ -160,7 +166,7 @@ fn migrate_cancel_mid_way() {
                 .unwrap_or_default(),
         );
     }
-    assert_eq!(seen, ["setup", "active", "cancelled"]);
+    assert_eq!(seen, ["setup", "active", "cancelling", "cancelled"]);
     assert_source_unharmed(&src, &hosts.a);
 }
 

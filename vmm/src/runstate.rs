@@ -1,8 +1,10 @@
 //! The VM's run states and the one table of transitions between them:
 //! QEMU's (system/runstate.c), restricted to the states Ferry has, plus
 //! `prelaunch-migrate` — an incoming stream is fully loaded and the guest
-//! is about to start. Leaving it for `running` is what triggers the
-//! network announce (seeds 000/001); nothing else does.
+//! is about to start (QMP reports it as `paused`, see [`RunState::qmp_name`]).
+//! Leaving it for `running` is what triggers the network announce (seeds
+//! 000/001); so does leaving `postmigrate` for `running` (the source
+//! resumed after its destination failed); nothing else does.
 
 use std::fmt;
 
