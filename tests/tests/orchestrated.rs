@@ -255,7 +255,7 @@ fn libvirts_conversation_with_pause_before_switchover() {
     // Finish: the destination saw active then completed, is stopped
     // (-S), and `cont` starts the guest where it left off.
     let (statuses, _) = migration_statuses(&mut dq, &["completed", "failed"]);
-    assert_eq!(statuses, ["active", "completed"]);
+    assert_eq!(statuses, ["setup", "active", "completed"]);
     let st = run(&mut dq, "query-status", json!({}));
     assert_eq!(
         st,
@@ -298,7 +298,7 @@ fn migrate_cancel_at_pre_switchover_resumes_the_source() {
     assert!(ping(&hosts.a), "the resumed source answers");
     // The destination never got the end of the stream: it failed.
     let (statuses, _) = migration_statuses(&mut dq, &["completed", "failed"]);
-    assert_eq!(statuses, ["active", "failed"]);
+    assert_eq!(statuses, ["setup", "active", "failed"]);
 }
 
 #[test]

@@ -176,7 +176,10 @@ impl Vm {
         arrival.watch(&*channel);
         // The destination's own job: `query-migrate` and, with the
         // `events` capability set here, MIGRATION events.
+        // `setup` then `active` as the source connects, as QEMU 7.2's
+        // destination says them.
         let job = lock(&configured.migrations).new_job(&emitter);
+        job.emit(MigrationStatus::Setup);
         job.set_status(MigrationStatus::Active);
         let answerable = listener.as_raw_fd().is_some();
         let (mut vm, mut reader) = match receive(channel, config, answerable, &arrival) {

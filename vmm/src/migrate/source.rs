@@ -165,6 +165,8 @@ impl<'a> Outgoing<'a> {
             i.ram.total = total_pages * PAGE_SIZE as u64;
             i.ram.remaining = i.ram.total;
         });
+        // QEMU's order: the first pass is announced before `active`.
+        self.job.emit_pass(1);
         self.job.set_status(MigrationStatus::Active);
         self.check_cancel()?;
 
@@ -269,7 +271,9 @@ impl<'a> Outgoing<'a> {
         // guest runs at full speed again.
         let mut throttle: Option<CpuThrottle> = None;
         for pass in 1.. {
-            self.job.emit_pass(pass);
+            if pass > 1 {
+                self.job.emit_pass(pass);
+            }
             let start = Instant::now();
             let bytes_before = w.bytes_written();
             let mut ram = w.ram();
@@ -387,7 +391,9 @@ impl<'a> Outgoing<'a> {
                 self.phases.mark("dirty log");
             }
             let pass = passes + 1;
-            self.job.emit_pass(pass);
+            if pass > 1 {
+                self.job.emit_pass(pass);
+            }
             let mut ram = w.ram();
             let sent = ram::send_pages(&mut ram, &parts.memory, &set, &|| false)?;
             ram.finish()?;
