@@ -164,6 +164,19 @@ fn prepare(dst: &FerryVm, port: u16) -> QmpClient {
     );
     let e = refused(&mut q, "migrate-incoming", json!({"uri": "tcp:0:1"}));
     assert_eq!(e, "The incoming migration has already been started");
+    // Listening, before the source connects: QEMU's socket-address.
+    let mut listening = json!({});
+    for _ in 0..500 {
+        listening = run(&mut q, "query-migrate", json!({}));
+        if listening != json!({}) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert_eq!(
+        listening,
+        json!({"socket-address": [{"type": "inet", "host": B_ADDR, "port": port.to_string(), "ipv4": true}]})
+    );
     q
 }
 

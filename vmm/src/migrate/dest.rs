@@ -165,6 +165,10 @@ impl Vm {
         };
         let uri = listener.local_addr();
         log::info!("waiting for an incoming migration on {uri}");
+        lock(&configured.migrations).listening = uri
+            .parse()
+            .ok()
+            .and_then(|u| super::qmp::socket_address(&u));
         wait_for_source(&listener, &arrival)?;
         if arrival.requested() {
             return Err(quit(arriving));

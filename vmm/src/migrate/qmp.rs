@@ -90,6 +90,26 @@ pub struct Migrations {
     pub params: MigrationParameters,
     job: Option<Arc<MigrationJob>>,
     pub incoming_mode: IncomingMode,
+    /// A destination's listening address as QEMU's `query-migrate`
+    /// reports it before the source connects (`socket-address`).
+    pub listening: Option<Value>,
+}
+
+/// QEMU's SocketAddress for where a destination listens; `None` for a
+/// file.
+pub fn socket_address(uri: &migration::MigrationUri) -> Option<Value> {
+    match uri {
+        migration::MigrationUri::Tcp { host, port } => {
+            let v6 = host.contains(':');
+            let mut a = json!({ "type": "inet", "host": host, "port": port.to_string() });
+            a[if v6 { "ipv6" } else { "ipv4" }] = json!(true);
+            Some(a)
+        }
+        migration::MigrationUri::Unix(path) => {
+            Some(json!({ "type": "unix", "path": path.display().to_string() }))
+        }
+        migration::MigrationUri::File(_) => None,
+    }
 }
 
 pub type SharedMigrations = Arc<Mutex<Migrations>>;
@@ -158,7 +178,11 @@ impl Migrations {
                     None => Err(QmpError::generic("Migration not in expected state: none")),
                 }
             }
-            "query-migrate" => Ok(self.job().map_or(json!({}), |j| j.to_qmp())),
+            "query-migrate" => Ok(match (self.job(), &self.listening) {
+                (Some(j), _) => j.to_qmp(),
+                (None, Some(a)) => json!({ "socket-address": [a] }),
+                (None, None) => json!({}),
+            }),
             "migrate-set-parameters" => done(self.params.apply(args)),
             "query-migrate-parameters" => Ok(self.params.to_qmp()),
             "migrate-set-capabilities" => done(self.refuse_if_active().and_then(|()| {
