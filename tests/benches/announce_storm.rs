@@ -6,7 +6,8 @@
 //! `Announcer` and event loop writing to a real TAP (in a namespace of
 //! its own): frames per round, the longest batch, and the event loop's
 //! latency meanwhile — how late an event of another subscriber (QMP's, a
-//! NIC's) is served, sampled every 200 µs.
+//! NIC's) is served, sampled every 200 µs — and the round trip of QMP
+//! `query-status` from a client to a QMP server on the same loop.
 //!
 //! `cargo bench -p ferry-tests --bench announce_storm` (root).
 
@@ -91,7 +92,22 @@ fn macs() -> Vec<MacAddr> {
         .collect()
 }
 
+/// Answers `query-status` as a VM would.
+struct Status;
+
+impl qmp::QmpHandler for Status {
+    fn execute(
+        &mut self,
+        _command: &str,
+        _args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Value, qmp::QmpError> {
+        Ok(serde_json::json!({ "status": "running", "running": true, "singlestep": false }))
+    }
+}
+
 struct Figures {
+    qmp_p99: Duration,
+    qmp_worst: Duration,
     frames_per_round: u64,
     left_out_per_round: u64,
     longest_batch: Duration,
@@ -122,7 +138,34 @@ fn paced(tap: Tap, senders: Vec<Identity>) -> Figures {
         samples: Vec::new(),
     }));
     em.add_subscriber(latency.clone());
+    let dir = std::env::temp_dir().join(format!("ferry-storm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let spec = qmp::QmpSocketSpec {
+        path: dir.join("qmp.sock"),
+    };
+    let server = qmp::QmpServer::new(
+        qmp::QmpListener::bind(&spec).expect("QMP socket"),
+        &[qmp::CommandSpec::no_args("query-status")],
+        Status,
+        qmp::EventEmitter::new().expect("emitter"),
+    )
+    .expect("QMP server");
+    em.add_subscriber(Arc::new(Mutex::new(server)));
     let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (stop, path) = (stop.clone(), spec.path.clone());
+        std::thread::spawn(move || {
+            let mut c = qmp::client::QmpClient::connect(&path).expect("QMP connect");
+            let mut rtts = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                c.execute("query-status", None).expect("query-status");
+                rtts.push(t.elapsed());
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            rtts
+        })
+    };
     let sampler = {
         let (stop, evt, pending) = (stop.clone(), evt.clone(), pending.clone());
         std::thread::spawn(move || {
@@ -150,11 +193,21 @@ fn paced(tap: Tap, senders: Vec<Identity>) -> Figures {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
+    // The client's last request needs the loop to answer it.
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while !client.is_finished() && Instant::now() < deadline {
+        em.run_with_timeout(10).expect("event loop");
+    }
+    let mut rtts = client.join().expect("QMP client");
+    rtts.sort();
+    let _ = std::fs::remove_dir_all(&dir);
     let log = announcer.lock().unwrap().log();
     let mut samples = latency.lock().unwrap().samples.clone();
     samples.sort();
     let rounds = log.rounds.max(1);
     Figures {
+        qmp_p99: rtts.get(rtts.len() * 99 / 100).copied().unwrap_or_default(),
+        qmp_worst: rtts.last().copied().unwrap_or_default(),
         frames_per_round: log.rarp_frames / rounds,
         left_out_per_round: log.left_out / rounds,
         longest_batch: log.longest_batch,
@@ -211,10 +264,11 @@ fn main() {
     println!(
         "\nAnnounce storm: {MACS} MACs x {VLANS} VLANs in the guest's filter, default schedule (5 rounds), a real TAP\n"
     );
-    println!("| | RARPs per round | left out per round | longest batch (ms) | event-loop latency p99 / worst (ms) |");
-    println!("| --- | --- | --- | --- | --- |");
+    println!("| | RARPs per round | left out per round | longest batch (ms) | event-loop latency p99 / worst (ms) | QMP query-status round trip p99 / worst (ms) |");
+    println!("| --- | --- | --- | --- | --- | --- |");
     println!(
-        "| before: every MAC x (untagged + every VLAN), at once | {frames} | 0 | {} (one round, the loop held) | ≥ {} |",
+        "| before: every MAC x (untagged + every VLAN), at once | {frames} | 0 | {} (one round, the loop held) | ≥ {} | ≥ {} |",
+        ms(old_stall),
         ms(old_stall),
         ms(old_stall)
     );
@@ -223,12 +277,14 @@ fn main() {
         ("now: a guest that sent from 64 (MAC, VLAN) pairs", &used),
     ] {
         println!(
-            "| {what} | {} | {} | {} | {} / {} |",
+            "| {what} | {} | {} | {} | {} / {} | {} / {} |",
             f.frames_per_round,
             f.left_out_per_round,
             ms(f.longest_batch),
             ms(f.p99_latency),
-            ms(f.worst_latency)
+            ms(f.worst_latency),
+            ms(f.qmp_p99),
+            ms(f.qmp_worst)
         );
     }
     let worst = never.worst_latency.max(used.worst_latency);
