@@ -225,13 +225,14 @@ impl VmControl {
             RunState::Shutdown | RunState::InternalError => Err(QmpError::generic(
                 "Resetting the Virtual Machine is required",
             )),
-            RunState::FinishMigrate
-            | RunState::SaveVm
-            | RunState::RestoreVm
-            | RunState::Inmigrate => Err(QmpError::generic(format!(
-                "cannot continue while the VM is in state {}",
-                self.state().qmp_name()
-            ))),
+            // QEMU's words for a stop before the switch-over.
+            RunState::FinishMigrate => Err(QmpError::generic("Migration is not finalized yet")),
+            RunState::SaveVm | RunState::RestoreVm | RunState::Inmigrate => {
+                Err(QmpError::generic(format!(
+                    "cannot continue while the VM is in state {}",
+                    self.state().qmp_name()
+                )))
+            }
             // Postmigrate too, as QEMU: an orchestrator whose destination
             // failed after the stream completed resumes the guest here
             // (making sure the destination is gone is its job).
@@ -302,9 +303,7 @@ impl VmControl {
             }));
         }
         if let (Some(n), true) = (name, out.is_empty()) {
-            return Err(QmpError::device_not_found(format!(
-                "network client {n} not found"
-            )));
+            return Err(QmpError::generic(format!("invalid net client name: {n}")));
         }
         Ok(Value::Array(out))
     }

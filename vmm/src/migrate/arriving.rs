@@ -54,6 +54,9 @@ pub struct Arrival {
     pub evt: EventFd,
     channel: Mutex<Option<Box<dyn migration::Channel>>>,
     listener: Mutex<Option<Listener>>,
+    /// `cont` (true) or `stop` (false) while arriving; `None`: as `-S`
+    /// says.
+    autostart: Mutex<Option<bool>>,
 }
 
 impl Arrival {
@@ -66,6 +69,7 @@ impl Arrival {
             })?,
             channel: Mutex::new(None),
             listener: Mutex::new(None),
+            autostart: Mutex::new(None),
         })
     }
 
@@ -86,6 +90,15 @@ impl Arrival {
         if let Some(c) = lock(&self.channel).as_ref() {
             let _ = c.shutdown();
         }
+    }
+
+    fn set_autostart(&self, start: bool) {
+        *lock(&self.autostart) = Some(start);
+    }
+
+    /// Whether `cont`/`stop` while arriving overrode `-S`.
+    pub fn autostart(&self) -> Option<bool> {
+        *lock(&self.autostart)
     }
 
     fn listen(&self, listener: Listener) {
@@ -139,13 +152,15 @@ pub(crate) fn wait_readable(fds: &[RawFd]) -> Result<(), IncomingError> {
 pub struct ArrivingCommands {
     arrival: Arc<Arrival>,
     configured: Configured,
+    emitter: EventEmitter,
 }
 
 impl ArrivingCommands {
-    pub fn new(arrival: Arc<Arrival>, configured: Configured) -> Self {
+    pub fn new(arrival: Arc<Arrival>, configured: Configured, emitter: EventEmitter) -> Self {
         Self {
             arrival,
             configured,
+            emitter,
         }
     }
 
@@ -156,6 +171,13 @@ impl ArrivingCommands {
             }
             "quit" => {
                 self.arrival.request();
+                return Ok(json!({}));
+            }
+            // As QEMU: while arriving, `cont` and `stop` decide whether the
+            // guest starts once it has arrived (a guest paused on the
+            // source stays paused either way).
+            "cont" | "stop" => {
+                self.arrival.set_autostart(command == "cont");
                 return Ok(json!({}));
             }
             "migrate-incoming" => return self.migrate_incoming(args),
@@ -195,8 +217,15 @@ impl ArrivingCommands {
                 .to_string(),
             )
         })?;
-        log::info!("migrate-incoming: listening on {}", listener.local_addr());
+        let at = listener.local_addr();
+        log::info!("migrate-incoming: listening on {at}");
         m.incoming_mode = IncomingMode::Started;
+        m.listening = at.parse().ok().and_then(|u| super::qmp::socket_address(&u));
+        // QEMU's destination says `setup` as it starts listening.
+        if m.params.events {
+            self.emitter
+                .emit("MIGRATION", Some(json!({ "status": "setup" })));
+        }
         self.arrival.listen(listener);
         Ok(json!({}))
     }
@@ -254,7 +283,8 @@ impl ArrivingQmp {
         configured: Configured,
     ) -> Result<Self, VmmError> {
         let emitter = EventEmitter::new()?;
-        let target = QmpTarget::Arriving(ArrivingCommands::new(arrival, configured));
+        let target =
+            QmpTarget::Arriving(ArrivingCommands::new(arrival, configured, emitter.clone()));
         let server = QmpServer::new(listener, &commands::all(), target, emitter)?;
         let server: SharedServer = Arc::new(Mutex::new(server));
         let stop = Arc::new(

@@ -180,10 +180,12 @@ impl Vm {
         arrival.watch(&*channel);
         // The destination's own job: `query-migrate` and, with the
         // `events` capability set here, MIGRATION events.
-        // `setup` then `active` as the source connects, as QEMU 7.2's
-        // destination says them.
+        // QEMU 7.2's destination says `setup` as it listens (for `defer`,
+        // `migrate-incoming` did), `active` as the source connects.
         let job = lock(&configured.migrations).new_job(&emitter);
-        job.emit(MigrationStatus::Setup);
+        if !matches!(config.uri, IncomingUri::Defer) {
+            job.emit(MigrationStatus::Setup);
+        }
         job.set_status(MigrationStatus::Active);
         let answerable = listener.as_raw_fd().is_some();
         let (mut vm, mut reader) = match receive(channel, config, answerable, &arrival) {
@@ -207,6 +209,11 @@ impl Vm {
             vm.qmp = Some(a.hand_over());
         }
         vm.configured = configured;
+        if let Some(start) = arrival.autostart() {
+            // `cont`/`stop` while it arrived: they win over -S, not over
+            // a guest paused on the source.
+            vm.start_paused = !start || !vm.arrived_running;
+        }
         if arrival.requested() {
             // `quit` came in as the load ended: honoured, and the source,
             // never acknowledged, keeps its guest.
@@ -301,6 +308,7 @@ fn load(
         // A guest paused on the source arrives paused (QEMU's global
         // state); `cont` starts (and announces) it.
         start_paused: config.start_paused || !was_running,
+        arrived_running: was_running,
         announce: Some(incoming.announce),
         configured: Configured::default(),
     })
