@@ -284,6 +284,16 @@ fn libvirts_conversation_with_pause_before_switchover() {
     assert!(after[0].0 > last.0, "{after:?} after {last:?}");
     dst.console.assert_pattern_intact(T);
     assert!(ping(&hosts.b), "no ping on the destination");
+    // The destination's own `announce-rounds` (3, set before
+    // migrate-incoming) governed its announce, not the source's 5.
+    std::thread::sleep(Duration::from_millis(1000));
+    let counters = dst.console.send_command("counters 0", T);
+    assert_eq!(
+        counters.number("announces"),
+        Some(3),
+        "{:?}",
+        counters.lines
+    );
 
     // Confirm: the source quits cleanly.
     let mut src = src;
@@ -408,4 +418,50 @@ fn a_paused_guest_arrives_paused_and_a_snapshot_of_one_restores_paused() {
     assert!(heartbeats(&restored.console).is_empty());
     restored.execute("cont", json!({})).expect("cont");
     wait_heartbeats(&restored.console, 2, T);
+}
+
+#[test]
+fn nic_rx_filter_changed_once_until_query_rx_filter() {
+    let test = "nic_rx_filter_changed_once_until_query_rx_filter";
+    if !can_run(test) {
+        return;
+    }
+    let hosts = TwoHosts::new("lvrxf");
+    let src = source("lvrxf-src", &hosts.a);
+    let mut q = src.qmp();
+    // The probe programmed its filter at boot, before anyone listened:
+    // that change used the one event. Asking re-arms it.
+    run(&mut q, "query-rx-filter", json!({}));
+    q.take_events();
+    let add = |mac: &str, ip: &str| {
+        let r = src
+            .console
+            .send_command(&format!("id-add 0 {mac} 200 {ip}/24"), T);
+        assert!(r.error.is_none(), "{:?} {:?}", r.error, r.lines);
+    };
+    add("02:00:00:00:02:01", "198.18.200.2");
+    let e = q.wait_for_event("NIC_RX_FILTER_CHANGED").expect("event");
+    let data = e.data.expect("data");
+    assert_eq!(
+        data["path"],
+        format!(
+            "/machine/peripheral/{}",
+            data["name"].as_str().unwrap_or("")
+        )
+    );
+    // A second change before anyone asked: no event.
+    add("02:00:00:00:02:02", "198.18.200.3");
+    std::thread::sleep(Duration::from_millis(300));
+    run(&mut q, "query-status", json!({}));
+    assert!(
+        !q.take_events()
+            .iter()
+            .any(|e| e.event == "NIC_RX_FILTER_CHANGED"),
+        "a second NIC_RX_FILTER_CHANGED before query-rx-filter"
+    );
+    let filter = run(&mut q, "query-rx-filter", json!({}));
+    assert!(filter.to_string().contains("02:00:00:00:02:02"), "{filter}");
+    add("02:00:00:00:02:03", "198.18.200.4");
+    q.wait_for_event("NIC_RX_FILTER_CHANGED")
+        .expect("re-armed event");
 }
