@@ -228,18 +228,22 @@ impl Listener {
     }
 
     /// Where the listener is, as a URI: with the actual port for `tcp:`.
-    pub fn local_addr(&self) -> String {
+    pub fn local_uri(&self) -> MigrationUri {
         match &self.kind {
             ListenerKind::Tcp(l) => match l.local_addr() {
                 Ok(addr) => MigrationUri::Tcp {
                     host: addr.ip().to_string(),
                     port: addr.port(),
-                }
-                .to_string(),
-                Err(_) => self.uri.to_string(),
+                },
+                Err(_) => self.uri.clone(),
             },
-            _ => self.uri.to_string(),
+            _ => self.uri.clone(),
         }
+    }
+
+    /// [`Self::local_uri`] as text.
+    pub fn local_addr(&self) -> String {
+        self.local_uri().to_string()
     }
 
     /// The listening socket, to poll for a connection; `None` for `file:`.

@@ -38,8 +38,6 @@ pub struct Vm {
     pub(crate) announce: Option<net::AnnounceParams>,
     /// What QMP set up before the VM arrived (parameters, objects).
     pub(crate) configured: Configured,
-    /// The guest was running on the source (true for a booted VM).
-    pub(crate) arrived_running: bool,
 }
 
 /// Binds the control socket: a bad --qmp fails before anything is built.
@@ -78,7 +76,6 @@ impl Vm {
             start_paused: config.start_paused,
             announce: None,
             configured: Configured::default(),
-            arrived_running: true,
         })
     }
 

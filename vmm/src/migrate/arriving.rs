@@ -24,6 +24,7 @@ use devices::bus::lock;
 use migration::{Listener, MigrationUri};
 
 use super::error::IncomingError;
+use super::job::MigrationStatus;
 use super::qmp::IncomingMode;
 use crate::commands::{self, Configured, VmCommands};
 use crate::control::VmControl;
@@ -199,10 +200,8 @@ impl ArrivingCommands {
     /// error; the waiting thread takes it from there.
     fn migrate_incoming(&mut self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         let mut m = lock(&self.configured.migrations);
-        if m.incoming_mode != IncomingMode::Deferred {
-            return m
-                .execute("migrate-incoming", args)
-                .unwrap_or_else(|| Ok(json!({})));
+        if let Some(refused) = m.incoming_refused() {
+            return Err(refused);
         }
         let uri = args.get("uri").and_then(Value::as_str).unwrap_or("");
         let uri: MigrationUri = uri
@@ -217,15 +216,11 @@ impl ArrivingCommands {
                 .to_string(),
             )
         })?;
-        let at = listener.local_addr();
-        log::info!("migrate-incoming: listening on {at}");
+        log::info!("migrate-incoming: listening on {}", listener.local_addr());
         m.incoming_mode = IncomingMode::Started;
-        m.listening = at.parse().ok().and_then(|u| super::qmp::socket_address(&u));
+        m.listening = super::qmp::socket_address(&listener.local_uri());
         // QEMU's destination says `setup` as it starts listening.
-        if m.params.events {
-            self.emitter
-                .emit("MIGRATION", Some(json!({ "status": "setup" })));
-        }
+        m.emit(&self.emitter, MigrationStatus::Setup);
         self.arrival.listen(listener);
         Ok(json!({}))
     }

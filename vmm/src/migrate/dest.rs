@@ -69,7 +69,7 @@ fn apply_overrides(
 /// A local migration's TAPs and memfd, received right after the config
 /// section: the destination uses them and opens no TAP of its own.
 fn receive_backends(
-    reader: &mut StreamReader<Box<dyn Channel>>,
+    reader: &mut Reader,
     handover: Option<BackendHandover>,
     nics: usize,
     answerable: bool,
@@ -126,11 +126,14 @@ impl Vm {
         // (supervisors and tests wait for the QMP socket).
         let listener = match &config.uri {
             IncomingUri::Now(uri) => {
-                lock(&configured.migrations).incoming_mode = IncomingMode::Uri;
-                Some(Listener::bind(uri).map_err(|source| IncomingError::Listen {
+                let listener = Listener::bind(uri).map_err(|source| IncomingError::Listen {
                     uri: uri.to_string(),
                     source,
-                })?)
+                })?;
+                let mut m = lock(&configured.migrations);
+                m.incoming_mode = IncomingMode::Uri;
+                m.listening = super::qmp::socket_address(&listener.local_uri());
+                Some(listener)
             }
             IncomingUri::Defer if config.qmp.is_none() => {
                 return Err(IncomingError::DeferNeedsQmp.into())
@@ -165,10 +168,6 @@ impl Vm {
         };
         let uri = listener.local_addr();
         log::info!("waiting for an incoming migration on {uri}");
-        lock(&configured.migrations).listening = uri
-            .parse()
-            .ok()
-            .and_then(|u| super::qmp::socket_address(&u));
         wait_for_source(&listener, &arrival)?;
         if arrival.requested() {
             return Err(quit(arriving));
@@ -178,17 +177,18 @@ impl Vm {
             source,
         })?;
         arrival.watch(&*channel);
-        // The destination's own job: `query-migrate` and, with the
-        // `events` capability set here, MIGRATION events.
-        // QEMU 7.2's destination says `setup` as it listens (for `defer`,
-        // `migrate-incoming` did), `active` as the source connects.
+        // The destination's own job, for `query-migrate` and (with `events`
+        // set here) MIGRATION: QEMU 7.2's destination says `setup` as it
+        // listens (for `defer`, `migrate-incoming` did), `active` as the
+        // source connects.
         let job = lock(&configured.migrations).new_job(&emitter);
         if !matches!(config.uri, IncomingUri::Defer) {
             job.emit(MigrationStatus::Setup);
         }
         job.set_status(MigrationStatus::Active);
         let answerable = listener.as_raw_fd().is_some();
-        let (mut vm, mut reader) = match receive(channel, config, answerable, &arrival) {
+        let (mut vm, was_running, mut reader) = match receive(channel, config, answerable, &arrival)
+        {
             Ok(loaded) => loaded,
             Err(_) if arrival.requested() => return Err(quit(arriving)),
             Err(e) => {
@@ -209,11 +209,11 @@ impl Vm {
             vm.qmp = Some(a.hand_over());
         }
         vm.configured = configured;
-        if let Some(start) = arrival.autostart() {
-            // `cont`/`stop` while it arrived: they win over -S, not over
-            // a guest paused on the source.
-            vm.start_paused = !start || !vm.arrived_running;
-        }
+        // `cont`/`stop` while it arrived win over -S, as in QEMU; a guest
+        // paused on the source arrives paused either way (QEMU's global
+        // state), and `cont` starts (and announces) it.
+        let autostart = arrival.autostart().unwrap_or(!config.start_paused);
+        vm.start_paused = !(autostart && was_running);
         if arrival.requested() {
             // `quit` came in as the load ended: honoured, and the source,
             // never acknowledged, keeps its guest.
@@ -239,17 +239,21 @@ impl Vm {
     }
 }
 
-/// The stream on `channel`, loaded: the VM (in prelaunch-migrate) and the
-/// reader, to answer on. A failure is refused to the source (NAK).
+/// The stream as the destination reads it.
+type Reader = StreamReader<Box<dyn Channel>>;
+
+/// The stream on `channel`, loaded: the VM (in prelaunch-migrate),
+/// whether it ran on the source, and the reader, to answer on. A failure
+/// is refused to the source (NAK).
 fn receive(
     channel: Box<dyn Channel>,
     config: &IncomingConfig,
     answerable: bool,
     arrival: &Arrival,
-) -> Result<(Vm, StreamReader<Box<dyn Channel>>), IncomingError> {
+) -> Result<(Vm, bool, Reader), IncomingError> {
     let mut reader = StreamReader::new(channel)?;
     match load(&mut reader, config, answerable) {
-        Ok(vm) => Ok((vm, reader)),
+        Ok((vm, was_running)) => Ok((vm, was_running, reader)),
         Err(e) => {
             if answerable && !arrival.requested() {
                 let _ = send_nak(reader.inner_mut(), &e.to_string());
@@ -269,12 +273,13 @@ fn wait_for_source(listener: &Listener, arrival: &Arrival) -> Result<(), Incomin
 }
 
 /// The handshake, then [`read_sections`] and [`Loaded::apply`]: the VM
-/// the stream carries, in prelaunch-migrate.
+/// the stream carries, in prelaunch-migrate, and whether it ran on the
+/// source.
 fn load(
-    reader: &mut StreamReader<Box<dyn Channel>>,
+    reader: &mut Reader,
     config: &IncomingConfig,
     answerable: bool,
-) -> Result<Vm, IncomingError> {
+) -> Result<(Vm, bool), IncomingError> {
     let incoming = read_config(reader, config)?;
     let machine = &incoming.machine;
     let nets = apply_overrides(&incoming.nets, &config.nets)?;
@@ -299,25 +304,23 @@ fn load(
         reader.sections_read(),
         restore_from.elapsed().as_secs_f64() * 1e3
     );
-    Ok(Vm {
+    let vm = Vm {
         parts: Arc::new(built.parts),
         vcpus: built.vcpus,
         runstate,
         stdio_console: config.serial == SerialConfig::Stdio,
         qmp: None,
-        // A guest paused on the source arrives paused (QEMU's global
-        // state); `cont` starts (and announces) it.
-        start_paused: config.start_paused || !was_running,
-        arrived_running: was_running,
+        start_paused: config.start_paused,
         announce: Some(incoming.announce),
         configured: Configured::default(),
-    })
+    };
+    Ok((vm, was_running))
 }
 
 /// The config section, first in every stream, checked against this
 /// host's command line.
 fn read_config(
-    reader: &mut StreamReader<Box<dyn Channel>>,
+    reader: &mut Reader,
     config: &IncomingConfig,
 ) -> Result<MigrationConfig, IncomingError> {
     let first = reader.next_section()?;
@@ -360,10 +363,7 @@ struct Loaded {
 /// Reads the rest of the stream: RAM straight into guest memory, every
 /// other section checked — known, once each, a version this build reads —
 /// and kept for [`Loaded::apply`].
-fn read_sections(
-    reader: &mut StreamReader<Box<dyn Channel>>,
-    machine: &builder::Machine,
-) -> Result<Loaded, IncomingError> {
+fn read_sections(reader: &mut Reader, machine: &builder::Machine) -> Result<Loaded, IncomingError> {
     let parts = &machine.parts;
     let device_names: BTreeSet<String> = parts
         .devices

@@ -46,6 +46,11 @@ impl MigrationStatus {
     }
 }
 
+/// QMP's MIGRATION {"status"} event.
+pub fn emit_status(emitter: &EventEmitter, status: MigrationStatus) {
+    emitter.emit("MIGRATION", Some(json!({ "status": status.name() })));
+}
+
 /// The figures `query-migrate` reports under `ram`.
 #[derive(Clone, Debug, Default)]
 pub struct RamFigures {
@@ -155,7 +160,7 @@ impl MigrationJob {
     /// MIGRATION {"status"}, when the `events` capability is on.
     pub fn emit(&self, status: MigrationStatus) {
         if let Some(e) = &self.events {
-            e.emit("MIGRATION", Some(json!({ "status": status.name() })));
+            emit_status(e, status);
         }
     }
 

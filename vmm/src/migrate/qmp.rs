@@ -156,6 +156,25 @@ impl Migrations {
         self.job.as_ref()
     }
 
+    /// Why `migrate-incoming` cannot be given now (QEMU's words); `None`
+    /// for a `--incoming defer` destination still waiting for it.
+    pub fn incoming_refused(&self) -> Option<QmpError> {
+        let why = match self.incoming_mode {
+            IncomingMode::Deferred => return None,
+            IncomingMode::None => "'-incoming' was not specified on the command line",
+            IncomingMode::Uri => "For use with '-incoming defer'",
+            IncomingMode::Started => "The incoming migration has already been started",
+        };
+        Some(QmpError::generic(why))
+    }
+
+    /// The MIGRATION event `status`, if the `events` capability is on.
+    pub fn emit(&self, emitter: &EventEmitter, status: MigrationStatus) {
+        if self.params.events {
+            super::job::emit_status(emitter, status);
+        }
+    }
+
     /// The commands either end answers, before and after a VM arrives;
     /// `None`: not one of them.
     pub fn execute(
@@ -191,11 +210,9 @@ impl Migrations {
                     .apply_capabilities(list.map_or(&[], |l| l.as_slice()))
             })),
             "query-migrate-capabilities" => Ok(self.params.capabilities_to_qmp()),
-            "migrate-incoming" => Err(QmpError::generic(match self.incoming_mode {
-                IncomingMode::None => "'-incoming' was not specified on the command line",
-                IncomingMode::Uri => "For use with '-incoming defer'",
-                _ => "The incoming migration has already been started",
-            })),
+            "migrate-incoming" => Err(self
+                .incoming_refused()
+                .unwrap_or_else(|| QmpError::generic("migrate-incoming is the arriving VM's"))),
             _ => return None,
         })
     }
