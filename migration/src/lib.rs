@@ -31,6 +31,7 @@ pub use error::StreamError;
 pub use persist::{SavedState, SavedStateError};
 pub use ram::{OutsideMemory, RamRun, RamRuns, RamSink, RunDefect};
 pub use reader::{Section, StreamReader};
+pub use throttle::Bandwidth;
 pub use transport::{
     connect, connect_with_timeout, Channel, Listener, TransportError, IO_BUFFER_SIZE,
 };

@@ -1,5 +1,6 @@
 //! Token-bucket throttle for the stream writer (`max-bandwidth`).
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How much unused time the bucket may bank: a writer that was idle (or
@@ -33,8 +34,8 @@ impl Throttle {
             .clamp(4096, 1 << 20)
     }
 
-    /// Accounts `bytes` and sleeps until the rate allows them.
-    pub(crate) fn wait(&mut self, bytes: usize) {
+    /// Accounts `bytes`; how long to wait before they may go.
+    fn reserve(&mut self, bytes: usize) -> Option<Duration> {
         let now = Instant::now();
         if let Some(earliest) = now.checked_sub(BURST) {
             if self.next < earliest {
@@ -43,8 +44,35 @@ impl Throttle {
         }
         let secs = bytes as f64 / self.rate as f64;
         self.next += Duration::from_secs_f64(secs);
-        if self.next > now {
-            std::thread::sleep(self.next - now);
+        (self.next > now).then(|| self.next - now)
+    }
+}
+
+/// A byte rate shared by every stream writer that holds a clone: QEMU's
+/// `max-bandwidth` is for the whole migration, over all its channels.
+#[derive(Clone, Debug)]
+pub struct Bandwidth(Arc<Mutex<Throttle>>);
+
+impl Bandwidth {
+    /// At most `bytes_per_sec` (> 0) over all holders together.
+    pub fn new(bytes_per_sec: u64) -> Self {
+        Self(Arc::new(Mutex::new(Throttle::new(bytes_per_sec))))
+    }
+
+    /// Largest write to issue at once (see [`Throttle::chunk`]).
+    pub(crate) fn chunk(&self) -> usize {
+        self.0.lock().map_or(4096, |t| t.chunk())
+    }
+
+    /// Accounts `bytes` and sleeps until the rate allows them; the other
+    /// holders are not held up meanwhile.
+    pub(crate) fn wait(&self, bytes: usize) {
+        let sleep = match self.0.lock() {
+            Ok(mut t) => t.reserve(bytes),
+            Err(poisoned) => poisoned.into_inner().reserve(bytes),
+        };
+        if let Some(d) = sleep {
+            std::thread::sleep(d);
         }
     }
 }

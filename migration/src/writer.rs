@@ -3,7 +3,7 @@
 
 use crate::error::StreamError;
 use crate::ram::{RUN_DATA, RUN_HEADER_LEN, RUN_ZERO};
-use crate::throttle::Throttle;
+use crate::throttle::Bandwidth;
 use crate::{
     SectionKind, END_SECTION, MAGIC, PAGE_SIZE, PASS_SECTION, RAM_SECTION, STREAM_VERSION,
 };
@@ -37,7 +37,7 @@ pub struct StreamWriter<W: Write> {
     inner: W,
     bytes: u64,
     sections: u64,
-    throttle: Option<Throttle>,
+    throttle: Option<Bandwidth>,
     /// RAM payload being assembled; `RAM_BUF_CAP` long once allocated,
     /// reused for every RAM section (zeroed once, never per section).
     ram_buf: Vec<u8>,
@@ -71,9 +71,15 @@ impl<W: Write> StreamWriter<W> {
     /// any time, e.g. between RAM passes.
     pub fn set_max_bandwidth(&mut self, bytes_per_sec: Option<u64>) {
         self.throttle = match bytes_per_sec {
-            Some(rate) if rate > 0 => Some(Throttle::new(rate)),
+            Some(rate) if rate > 0 => Some(Bandwidth::new(rate)),
             _ => None,
         };
+    }
+
+    /// Shares `bandwidth` with the other writers that hold it (the
+    /// channels of one migration); `None` removes the limit.
+    pub fn set_bandwidth(&mut self, bandwidth: Option<Bandwidth>) {
+        self.throttle = bandwidth;
     }
 
     /// Writes one section. `name` is 1 to 255 bytes of UTF-8; `payload`
@@ -235,6 +241,7 @@ impl<W: Write> StreamWriter<W> {
             None => self.inner.write_all(data),
             Some(t) => {
                 let chunk = t.chunk();
+                let t = &*t;
                 data.chunks(chunk).try_for_each(|c| {
                     t.wait(c.len());
                     self.inner.write_all(c)
@@ -327,6 +334,62 @@ impl<W: Write> RamSectionWriter<'_, W> {
         F: FnMut(u64, &mut [u8]) -> io::Result<()>,
     {
         self.put_data(gpa, pages, fill)
+    }
+
+    /// One page at `gpa`, read into the section buffer by `fill`, which
+    /// says whether the page turned out to be all zero: then it is taken
+    /// back out and travels as a zero page. The page is copied once, and
+    /// checked where it was copied to (still in cache). Returns whether it
+    /// went as data.
+    pub fn page_or_zero<F>(&mut self, gpa: u64, fill: F) -> Result<bool, StreamError>
+    where
+        F: FnOnce(&mut [u8]) -> io::Result<bool>,
+    {
+        check_run(gpa, 1)?;
+        let (used, last, stats) = (self.used, self.last, self.w.ram_stats);
+        let mut zero = false;
+        let mut fill = Some(fill);
+        self.put_data(gpa, 1, |_, dst| {
+            let f = fill
+                .take()
+                .ok_or_else(|| io::Error::other("a page filled twice"))?;
+            zero = f(dst)?;
+            Ok(())
+        })?;
+        if !zero {
+            return Ok(true);
+        }
+        // put_data may have written the section out to make room: then
+        // the page is the first of a fresh section and nothing before it
+        // is to be restored.
+        if self.used >= PAGE_SIZE && self.last.is_some_and(|l| l.end() == gpa + PAGE_SIZE as u64) {
+            let l = self.last.as_mut().map(|l| {
+                l.pages -= 1;
+                *l
+            });
+            self.used -= PAGE_SIZE;
+            self.w.ram_stats.data_pages -= 1;
+            match l {
+                Some(l) if l.pages == 0 => {
+                    // The page had opened a run of its own: its header
+                    // goes too, and the run before it is the last again.
+                    self.used = l.at;
+                    if self.used == used {
+                        self.last = last;
+                        self.w.ram_stats = stats;
+                    } else {
+                        // A fresh section: no run before it.
+                        self.last = None;
+                    }
+                }
+                Some(l) => {
+                    self.w.ram_buf[l.at + 8..l.at + 12].copy_from_slice(&l.pages.to_le_bytes());
+                }
+                None => {}
+            }
+        }
+        self.zero_pages(gpa, 1)?;
+        Ok(false)
     }
 
     /// Writes the last (partial) RAM section, if any.

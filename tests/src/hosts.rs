@@ -43,6 +43,19 @@ impl TwoHosts {
         b.add_addr("vhb", &format!("{B_ADDR}/24")).expect("addr B");
         TwoHosts { a, b }
     }
+
+    /// Shapes the migration link both ways to `rate` (tc's units:
+    /// "10gbit", "1gbit") with a token bucket (`tc qdisc ... tbf`), a
+    /// bucket deep enough for the rate at any kernel tick rate.
+    pub fn shape(&self, rate: &str) {
+        for (ns, dev) in [(&self.a, "vha"), (&self.b, "vhb")] {
+            ns.run(&[
+                "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "8mb",
+                "latency", "20ms",
+            ])
+            .expect("tc tbf on the migration link");
+        }
+    }
 }
 
 /// Polls `query-migrate` on `vm` until the migration ends; returns the

@@ -4,12 +4,21 @@
 //! is sent), and `FERRYACK` after the end of the stream when the VM is
 //! loaded and will run. Either may instead be `FERRYNAK`, a u32 LE length
 //! and a UTF-8 reason. The source stops its guest for good only on an ACK.
+//!
+//! While RAM passes arrive, the destination also says `FERRYPAS` and the
+//! pass number (u32 LE) once it has put every page of that pass into
+//! guest memory: the source starts the next pass, or stops the guest,
+//! only then, so what sits in socket buffers when the guest stops is the
+//! last pass alone, whatever the link's buffering (the destination can
+//! lag the source by tens of MiB of socket buffers). Sent only when the
+//! configuration section asks for it (`pass_acks`).
 
 use std::io::{self, Read, Write};
 
 const GO: &[u8; 8] = b"FERRYGO!";
 const ACK: &[u8; 8] = b"FERRYACK";
 const NAK: &[u8; 8] = b"FERRYNAK";
+const PASS: &[u8; 8] = b"FERRYPAS";
 const MAX_REASON: usize = 4096;
 
 pub fn send_go(w: &mut impl Write) -> io::Result<()> {
@@ -19,6 +28,14 @@ pub fn send_go(w: &mut impl Write) -> io::Result<()> {
 
 pub fn send_ack(w: &mut impl Write) -> io::Result<()> {
     w.write_all(ACK)?;
+    w.flush()
+}
+
+pub fn send_pass_done(w: &mut impl Write, pass: u32) -> io::Result<()> {
+    let mut msg = [0u8; 12];
+    msg[..8].copy_from_slice(PASS);
+    msg[8..].copy_from_slice(&pass.to_le_bytes());
+    w.write_all(&msg)?;
     w.flush()
 }
 
@@ -36,6 +53,8 @@ pub enum Answer {
     Go,
     Ack,
     Nak(String),
+    /// Every page of this pass is in guest memory.
+    PassDone(u32),
 }
 
 /// Reads the destination's answer. A closed connection or anything else
@@ -49,9 +68,14 @@ pub fn read_answer(r: &mut impl Read) -> io::Result<Answer> {
     if &tag == GO {
         return Ok(Answer::Go);
     }
+    if &tag == PASS {
+        let mut pass = [0u8; 4];
+        r.read_exact(&mut pass)?;
+        return Ok(Answer::PassDone(u32::from_le_bytes(pass)));
+    }
     if &tag != NAK {
         return Err(io::Error::other(format!(
-            "destination answered {tag:02x?}, not FERRYGO!/FERRYACK/FERRYNAK"
+            "destination answered {tag:02x?}, not FERRYGO!/FERRYACK/FERRYNAK/FERRYPAS"
         )));
     }
     let mut len = [0u8; 4];
@@ -71,10 +95,12 @@ mod tests {
         let mut buf = Vec::new();
         send_go(&mut buf).unwrap();
         send_ack(&mut buf).unwrap();
+        send_pass_done(&mut buf, 3).unwrap();
         send_nak(&mut buf, "memory size differs").unwrap();
         let mut r = &buf[..];
         assert_eq!(read_answer(&mut r).unwrap(), Answer::Go);
         assert_eq!(read_answer(&mut r).unwrap(), Answer::Ack);
+        assert_eq!(read_answer(&mut r).unwrap(), Answer::PassDone(3));
         assert_eq!(
             read_answer(&mut r).unwrap(),
             Answer::Nak("memory size differs".into())

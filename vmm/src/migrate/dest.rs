@@ -14,8 +14,9 @@ use migration::{Channel, Listener, Section, SectionKind, StreamReader};
 use super::ack::{send_ack, send_go, send_nak};
 use super::error::IncomingError;
 use super::job::MigrationStatus;
+use super::multifd::{self, PassTracker};
 use super::qmp::IncomingMode;
-use super::ram::GuestRamSink;
+use super::ram::{GuestRamSink, WrittenPages};
 use super::*;
 use crate::builder;
 use crate::check::kvm_kind;
@@ -187,22 +188,23 @@ impl Vm {
         }
         job.set_status(MigrationStatus::Active);
         let answerable = listener.as_raw_fd().is_some();
-        let (mut vm, was_running, mut reader) = match receive(channel, config, answerable, &arrival)
-        {
-            Ok(loaded) => loaded,
-            Err(_) if arrival.requested() => return Err(quit(arriving)),
-            Err(e) => {
-                job.update(|i| {
-                    i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
-                    i.error = Some(e.to_string());
-                });
-                job.set_status(MigrationStatus::Failed);
-                if let Some(a) = arriving {
-                    a.flush();
+        let params = lock(&configured.migrations).params.clone();
+        let (mut vm, was_running, mut reader) =
+            match receive(channel, config, &params, &listener, answerable, &arrival) {
+                Ok(loaded) => loaded,
+                Err(_) if arrival.requested() => return Err(quit(arriving)),
+                Err(e) => {
+                    job.update(|i| {
+                        i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
+                        i.error = Some(e.to_string());
+                    });
+                    job.set_status(MigrationStatus::Failed);
+                    if let Some(a) = arriving {
+                        a.flush();
+                    }
+                    return Err(e.into());
                 }
-                return Err(e.into());
-            }
-        };
+            };
         // QMP moves to the VM before the acknowledgement: once the source
         // says completed, nobody is told `inmigrate`.
         if let Some(a) = arriving {
@@ -248,11 +250,13 @@ type Reader = StreamReader<Box<dyn Channel>>;
 fn receive(
     channel: Box<dyn Channel>,
     config: &IncomingConfig,
+    params: &MigrationParameters,
+    listener: &Listener,
     answerable: bool,
     arrival: &Arrival,
 ) -> Result<(Vm, bool, Reader), IncomingError> {
     let mut reader = StreamReader::new(channel)?;
-    match load(&mut reader, config, answerable) {
+    match load(&mut reader, config, params, listener, answerable) {
         Ok((vm, was_running)) => Ok((vm, was_running, reader)),
         Err(e) => {
             if answerable && !arrival.requested() {
@@ -278,9 +282,14 @@ fn wait_for_source(listener: &Listener, arrival: &Arrival) -> Result<(), Incomin
 fn load(
     reader: &mut Reader,
     config: &IncomingConfig,
+    params: &MigrationParameters,
+    listener: &Listener,
     answerable: bool,
 ) -> Result<(Vm, bool), IncomingError> {
     let incoming = read_config(reader, config)?;
+    if answerable {
+        check_multifd(incoming.ram_channels, params.ram_channels())?;
+    }
     let machine = &incoming.machine;
     let nets = apply_overrides(&incoming.nets, &config.nets)?;
     let runstate = Arc::new(Mutex::new(RunStateMachine::new(RunState::Inmigrate)));
@@ -290,7 +299,23 @@ fn load(
     if answerable {
         send_go(reader.inner_mut()).map_err(IncomingError::Answer)?;
     }
-    let loaded = read_sections(reader, &built)?;
+    let channels = match incoming.ram_channels {
+        0 => Vec::new(),
+        n => multifd::accept_channels(listener, incoming.session, n)?,
+    };
+    let answer = if answerable && incoming.pass_acks {
+        let clone = reader.inner_mut().try_clone_box();
+        Some(clone.map_err(IncomingError::Answer)?)
+    } else {
+        None
+    };
+    let tracker = PassTracker::new(channels.len() as u32, answer);
+    let written = WrittenPages::new(&built.parts.memory);
+    let loaded = if channels.is_empty() {
+        read_sections(reader, &built, &written, Some(&tracker))?
+    } else {
+        read_with_channels(reader, &built, &written, &tracker, channels)?
+    };
     // Everything arrived and checked out: now change the VM.
     let restore_from = Instant::now();
     let read_ms = loaded
@@ -346,6 +371,90 @@ fn read_config(
     Ok(incoming)
 }
 
+/// The two ends agree on multifd, or the destination says how not.
+fn check_multifd(source_channels: u32, here: u32) -> Result<(), IncomingError> {
+    match (source_channels, here) {
+        (s, h) if s == h => Ok(()),
+        (s, 0) => Err(IncomingError::MultifdOffHere { source_channels: s }),
+        (0, h) => Err(IncomingError::MultifdOffThere { here: h }),
+        (s, h) => Err(IncomingError::ChannelCount {
+            source_channels: s,
+            here: h,
+        }),
+    }
+}
+
+/// multifd: one thread per channel puts its pages into guest memory
+/// while this one reads the main stream. The state is applied only once
+/// every channel's stream has ended; the first failure, on any of them,
+/// stops all.
+fn read_with_channels(
+    reader: &mut Reader,
+    machine: &builder::Machine,
+    written: &WrittenPages,
+    tracker: &PassTracker,
+    channels: Vec<Box<dyn Channel>>,
+) -> Result<Loaded, IncomingError> {
+    let memory = &machine.parts.memory;
+    let handles: Vec<Box<dyn Channel>> = channels
+        .iter()
+        .filter_map(|c| c.try_clone_box().ok())
+        .collect();
+    std::thread::scope(|s| {
+        let threads: Vec<_> = channels
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| {
+                std::thread::Builder::new()
+                    .name(format!("ferry-multifd-{index}"))
+                    .spawn_scoped(s, move || {
+                        let r = multifd::receive_channel(c, index, memory, written, tracker);
+                        if let Err(e) = &r {
+                            tracker.fail(&e.to_string());
+                        }
+                        r
+                    })
+            })
+            .collect();
+        let main = read_sections(reader, machine, written, None);
+        // A source that ended the main stream has ended every channel:
+        // one still going after a while never will.
+        let deadline = Instant::now() + multifd::CHANNEL_DEADLINE;
+        while main.is_ok()
+            && Instant::now() < deadline
+            && threads
+                .iter()
+                .any(|t| t.as_ref().is_ok_and(|t| !t.is_finished()))
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        multifd::shut(&handles);
+        let mut channel_error = None;
+        for t in threads {
+            let r = match t {
+                Ok(t) => t.join().unwrap_or_else(|_| {
+                    Err(IncomingError::Channel {
+                        index: usize::MAX,
+                        reason: "its thread panicked".into(),
+                    })
+                }),
+                Err(e) => Err(IncomingError::Answer(e)),
+            };
+            if let Err(e) = r {
+                channel_error.get_or_insert(e);
+            }
+        }
+        match (main, channel_error) {
+            (Ok(loaded), None) => Ok(loaded),
+            // A channel that failed first is the cause; after the main
+            // stream failed, the channels' errors are its consequence.
+            (_, Some(e)) if tracker.failed() => Err(e),
+            (Err(e), _) => Err(e),
+            (Ok(_), Some(e)) => Err(e),
+        }
+    })
+}
+
 /// Everything the stream says about the VM besides its RAM (which is in
 /// guest memory already), checked, not yet applied.
 struct Loaded {
@@ -363,7 +472,14 @@ struct Loaded {
 /// Reads the rest of the stream: RAM straight into guest memory, every
 /// other section checked — known, once each, a version this build reads —
 /// and kept for [`Loaded::apply`].
-fn read_sections(reader: &mut Reader, machine: &builder::Machine) -> Result<Loaded, IncomingError> {
+/// `tracker`: the RAM passes are on this stream, and each one's end is
+/// told to the source.
+fn read_sections(
+    reader: &mut Reader,
+    machine: &builder::Machine,
+    written: &WrittenPages,
+    tracker: Option<&PassTracker>,
+) -> Result<Loaded, IncomingError> {
     let parts = &machine.parts;
     let device_names: BTreeSet<String> = parts
         .devices
@@ -380,9 +496,14 @@ fn read_sections(reader: &mut Reader, machine: &builder::Machine) -> Result<Load
     // SAFETY: the machine was just built: no vCPU has run, no device is
     // active, nothing but the sink touches guest memory until the loop
     // below is done with it.
-    let mut sink = unsafe { GuestRamSink::new(&parts.memory) };
+    let mut sink = unsafe { GuestRamSink::new(&parts.memory, written) };
     loop {
         let section = reader.next_section_with_ram(&mut sink)?;
+        if section.kind == SectionKind::Pass {
+            if let Some(t) = tracker {
+                t.ended(section.pass()?.0).map_err(IncomingError::Answer)?;
+            }
+        }
         if matches!(section.kind, SectionKind::Ram | SectionKind::Pass) {
             // Already in guest memory.
             reader.recycle(section);

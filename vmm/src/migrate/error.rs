@@ -56,6 +56,16 @@ pub enum MigrateError {
     Cancelled,
     #[error("backend-transfer hands over file descriptors, which only a unix: migration can carry (not {0}:)")]
     BackendTransferNeedsUnix(&'static str),
+    #[error("the multifd capability needs a tcp: or unix: URI (not {0}:)")]
+    MultifdNeedsSocket(&'static str),
+    #[error("cannot open multifd channels: {0}")]
+    Channels(#[source] TransportError),
+    #[error("multifd channel {index}: {source}")]
+    ChannelFailed {
+        index: usize,
+        #[source]
+        source: Box<MigrateError>,
+    },
 }
 
 fn throttle_note(percent: u64) -> String {
@@ -145,6 +155,16 @@ pub enum IncomingError {
     RunState(#[from] IllegalTransition),
     #[error("cannot acknowledge the migration: {0}")]
     Ack(#[source] io::Error),
+    #[error("the source uses multifd with {source_channels} channels, but the multifd capability is off here: set it (and multifd-channels {source_channels}) on both ends")]
+    MultifdOffHere { source_channels: u32 },
+    #[error("the multifd capability is on here ({here} channels) but off on the source: set it on both ends")]
+    MultifdOffThere { here: u32 },
+    #[error("multifd-channels is {source_channels} on the source but {here} here: set the same on both ends")]
+    ChannelCount { source_channels: u32, here: u32 },
+    #[error("only {got} of the {expected} multifd channels connected in time")]
+    ChannelsMissing { expected: u32, got: u32 },
+    #[error("multifd channel {index}: {reason}")]
+    Channel { index: usize, reason: String },
 }
 
 impl From<VmmError> for IncomingError {

@@ -88,9 +88,9 @@ pub struct MigrationJob {
     /// `migrate-continue` came (or a cancel): the `pre-switchover` wait
     /// ends.
     go_on: (Mutex<bool>, Condvar),
-    /// A second handle on the connection, so a cancel can unblock the
-    /// thread's writes.
-    channel: Mutex<Option<Box<dyn migration::Channel>>>,
+    /// A second handle on each connection (the main one and any multifd
+    /// channels), so a cancel can unblock the threads' writes.
+    channels: Mutex<Vec<Box<dyn migration::Channel>>>,
     /// Bytes put on the wire so far, counted as they are written, so
     /// `query-migrate` moves during a pass, not only between passes.
     wire_bytes: AtomicU64,
@@ -115,7 +115,7 @@ impl MigrationJob {
                 error: None,
             }),
             cancel: AtomicBool::new(false),
-            channel: Mutex::new(None),
+            channels: Mutex::new(Vec::new()),
             wire_bytes: AtomicU64::new(0),
         }
     }
@@ -138,9 +138,7 @@ impl MigrationJob {
         }
         self.emit(MigrationStatus::Cancelling);
         self.cancel.store(true, Ordering::SeqCst);
-        if let Some(c) = devices::bus::lock(&self.channel).as_ref() {
-            let _ = c.shutdown();
-        }
+        self.shut_channels();
         self.wake();
     }
 
@@ -204,12 +202,21 @@ impl MigrationJob {
         !self.cancelled()
     }
 
-    pub fn set_channel(&self, channel: Option<Box<dyn migration::Channel>>) {
-        *devices::bus::lock(&self.channel) = channel;
+    /// Keeps a handle on one more connection of the migration.
+    pub fn add_channel(&self, channel: Option<Box<dyn migration::Channel>>) {
+        devices::bus::lock(&self.channels).extend(channel);
     }
 
-    pub fn forget_channel(&self) {
-        *devices::bus::lock(&self.channel) = None;
+    /// Shuts every connection down: the threads writing or reading them
+    /// return at once (a cancel, or one channel failing the rest).
+    pub fn shut_channels(&self) {
+        for c in devices::bus::lock(&self.channels).iter() {
+            let _ = c.shutdown();
+        }
+    }
+
+    pub fn forget_channels(&self) {
+        devices::bus::lock(&self.channels).clear();
     }
 
     pub fn elapsed_ms(&self) -> u64 {

@@ -17,6 +17,7 @@ pub mod converge;
 pub mod dest;
 pub mod error;
 pub mod job;
+pub mod multifd;
 mod pagemap;
 pub mod params;
 pub mod qmp;
@@ -41,6 +42,16 @@ pub struct MigrationConfig {
     /// section as one descriptor message (issue #8).
     #[serde(default)]
     pub backend: Option<BackendHandover>,
+    /// multifd: the connections RAM travels on besides this one (0: RAM
+    /// on this one), and the session their hellos name.
+    #[serde(default)]
+    pub ram_channels: u32,
+    #[serde(default)]
+    pub session: u64,
+    /// The source waits for the destination's FERRYPAS after each pass
+    /// (see [`ack`]); an older source does not, and is not sent one.
+    #[serde(default)]
+    pub pass_acks: bool,
 }
 
 /// What a local migration hands over: one TAP descriptor per NIC, in NIC

@@ -47,6 +47,11 @@ pub struct MigrationParameters {
     pub tls_creds: String,
     pub tls_hostname: String,
     pub tls_authz: String,
+    /// QEMU's `multifd` capability: guest RAM travels over
+    /// `multifd_channels` connections of its own besides the main one.
+    /// Both ends must have it, with the same count.
+    pub multifd: bool,
+    pub multifd_channels: u64,
 }
 
 impl Default for MigrationParameters {
@@ -71,6 +76,10 @@ impl Default for MigrationParameters {
             tls_creds: String::new(),
             tls_hostname: String::new(),
             tls_authz: String::new(),
+            multifd: false,
+            // QEMU's default, and this project's machine's core count:
+            // one sending and one receiving thread per channel.
+            multifd_channels: 2,
         }
     }
 }
@@ -85,6 +94,7 @@ const CAPABILITIES: &[(&str, Flag)] = &[
     ("pause-before-switchover", |p| {
         &mut p.pause_before_switchover
     }),
+    ("multifd", |p| &mut p.multifd),
 ];
 
 /// QEMU 7.2's other capabilities: Ferry knows them and does not do them.
@@ -101,7 +111,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "release-ram",
     "block",
     "return-path",
-    "multifd",
     "dirty-bitmaps",
     "postcopy-blocktime",
     "late-block-activate",
@@ -147,6 +156,7 @@ const PARAMETERS: &[(&str, Setter, u64, u64)] = &[
         99,
     ),
     ("max-cpu-throttle", |p| &mut p.max_cpu_throttle, 1, 99),
+    ("multifd-channels", |p| &mut p.multifd_channels, 1, 255),
 ];
 
 type Text = fn(&mut MigrationParameters) -> &mut String;
@@ -157,6 +167,15 @@ const TEXT_PARAMETERS: &[(&str, Text)] = &[
 ];
 
 impl MigrationParameters {
+    /// Connections RAM travels on besides the main one: 0 without multifd.
+    pub fn ram_channels(&self) -> u32 {
+        if self.multifd {
+            self.multifd_channels as u32
+        } else {
+            0
+        }
+    }
+
     /// The announce schedule these parameters describe.
     pub fn announce(&self) -> net::AnnounceParams {
         net::AnnounceParams {
@@ -357,6 +376,7 @@ mod tests {
                 { "capability": "auto-converge", "state": false },
                 { "capability": "events", "state": true },
                 { "capability": "pause-before-switchover", "state": true },
+                { "capability": "multifd", "state": false },
             ])
         );
         let mixed = caps(

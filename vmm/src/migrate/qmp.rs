@@ -53,6 +53,7 @@ pub const COMMANDS: &[CommandSpec] = &[
             ArgSpec::optional("cpu-throttle-initial", ArgType::Int),
             ArgSpec::optional("cpu-throttle-increment", ArgType::Int),
             ArgSpec::optional("max-cpu-throttle", ArgType::Int),
+            ArgSpec::optional("multifd-channels", ArgType::Int),
             ArgSpec::optional("tls-creds", ArgType::Any),
             ArgSpec::optional("tls-hostname", ArgType::Any),
             ArgSpec::optional("tls-authz", ArgType::Any),

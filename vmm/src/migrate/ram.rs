@@ -3,6 +3,7 @@
 //! sending pages as zero or data runs; applying runs on the destination.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use migration::{OutsideMemory, RamSectionWriter, StreamError, PAGE_SIZE};
@@ -28,12 +29,6 @@ pub enum RamError {
     },
     #[error(transparent)]
     Stream(#[from] StreamError),
-    #[error("reading guest memory at {gpa:#x}: {source}")]
-    Read {
-        gpa: u64,
-        #[source]
-        source: vm_memory::GuestMemoryError,
-    },
     #[error("cancelled")]
     Cancelled,
 }
@@ -113,13 +108,12 @@ pub struct SentPages {
     pub data: u64,
 }
 
-/// One guest page, copied out of guest memory: read once from there (a
-/// page is read from RAM once, then checked and copied on from cache —
-/// checking it in guest memory first and copying it after read the
-/// check's part twice, measured 1.8x slower on pages that are zero but
-/// for one word).
-#[repr(C, align(64))]
-struct PageBuf([u8; PAGE_SIZE]);
+impl std::ops::AddAssign for SentPages {
+    fn add_assign(&mut self, other: Self) {
+        self.zero += other.zero;
+        self.data += other.data;
+    }
+}
 
 /// Whether `page` is all zero; looks at 256 bytes at a time, so a page
 /// with data near its start costs little.
@@ -128,179 +122,176 @@ fn is_zero(page: &[u8]) -> bool {
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
-/// Dirty-bitmap words looked at together: one pagemap read covers them.
+/// Dirty-bitmap words looked at together: one pagemap read covers them,
+/// and the channels of a multifd migration take work in these units
+/// (4096 pages, 16 MiB of guest memory).
 const CHUNK_WORDS: usize = 64;
 
-/// Longest run handed to the writer at once.
-const MAX_RUN_PAGES: u64 = 1 << 20;
-
-/// Consecutive zero pages, waiting to be written as one run.
-#[derive(Clone, Copy)]
-struct ZeroRun {
-    gpa: u64,
-    pages: u64,
+/// The chunks of a dirty set that have pages to send, handed out one at a
+/// time to whichever channel asks next: channels that find more zero or
+/// untouched memory simply take more chunks.
+pub struct ChunkQueue<'a> {
+    set: &'a DirtyPages,
+    /// (region, chunk) pairs with at least one page set.
+    chunks: Vec<(usize, usize)>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
-/// Adds `pages` (at most 64) zero pages to the pending run, or writes the
-/// pending run and starts a new one.
-fn push_zeros<W: Write>(
-    ram: &mut RamSectionWriter<'_, W>,
-    pending: &mut Option<ZeroRun>,
-    sent: &mut SentPages,
-    gpa: u64,
-    pages: u64,
-) -> Result<(), RamError> {
-    if let Some(run) = pending.as_mut() {
-        if run.gpa + run.pages * PAGE == gpa && run.pages + pages <= MAX_RUN_PAGES {
-            run.pages += pages;
-            return Ok(());
+impl<'a> ChunkQueue<'a> {
+    pub fn new(set: &'a DirtyPages) -> Self {
+        let mut chunks = Vec::new();
+        for (r, bits) in set.regions.iter().enumerate() {
+            for (c, chunk) in bits.chunks(CHUNK_WORDS).enumerate() {
+                if chunk.iter().any(|&w| w != 0) {
+                    chunks.push((r, c));
+                }
+            }
+        }
+        Self {
+            set,
+            chunks,
+            next: std::sync::atomic::AtomicUsize::new(0),
         }
     }
-    flush_zeros(ram, pending, sent)?;
-    *pending = Some(ZeroRun { gpa, pages });
-    Ok(())
-}
 
-fn flush_zeros<W: Write>(
-    ram: &mut RamSectionWriter<'_, W>,
-    pending: &mut Option<ZeroRun>,
-    sent: &mut SentPages,
-) -> Result<(), RamError> {
-    if let Some(run) = pending.take() {
-        // MAX_RUN_PAGES fits a u32.
-        ram.zero_pages(run.gpa, run.pages as u32)?;
-        sent.zero += run.pages;
+    fn claim(&self) -> Option<(usize, usize, &'a [u64])> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let &(r, c) = self.chunks.get(i)?;
+        let bits = self.set.regions.get(r)?;
+        let words = bits.get(c * CHUNK_WORDS..)?;
+        Some((r, c, &words[..words.len().min(CHUNK_WORDS)]))
     }
-    Ok(())
 }
 
-/// Sends the pages of `set` as runs: all-zero pages without data, the
-/// others with their contents, consecutive pages of a kind as one run.
-/// Pages of private anonymous memory that were never touched are zero
-/// without being read (see [`Pagemap`](super::pagemap::Pagemap)). `cancelled` is polled between
-/// chunks.
+/// Sends pages of `queue`'s set as runs until the queue is empty: all-zero
+/// pages without data, the others with their contents, consecutive pages
+/// of a kind as one run. Pages of private anonymous memory that were
+/// never touched are zero without being read (see
+/// [`Pagemap`](super::pagemap::Pagemap)). Several channels may call this
+/// with one queue at once, each with its own writer. `cancelled` is
+/// polled between chunks.
 pub fn send_pages<W: Write>(
     ram: &mut RamSectionWriter<'_, W>,
     memory: &GuestMemoryMmap,
-    set: &DirtyPages,
+    queue: &ChunkQueue<'_>,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<SentPages, RamError> {
     let mut sent = SentPages::default();
     let mut pagemap = Pagemap::open();
     let mut touched = Vec::with_capacity(CHUNK_WORDS);
-    let mut buf = Box::new(PageBuf([0; PAGE_SIZE]));
-    for (region, bits) in memory.iter().zip(&set.regions) {
+    let regions: Vec<_> = memory.iter().collect();
+    while let Some((r, c, chunk)) = queue.claim() {
+        if cancelled() {
+            return Err(RamError::Cancelled);
+        }
+        let Some(region) = regions.get(r) else {
+            continue;
+        };
         let base = region.start_addr().0;
         let host = region.as_ptr();
         let region_pages = (region.len() / PAGE) as usize;
         let mmap: &MmapRegion<_> = region;
-        let anonymous = private_anonymous(mmap);
-        let mut pending = None;
-        for (c, chunk) in bits.chunks(CHUNK_WORDS).enumerate() {
-            if chunk.iter().all(|&w| w == 0) {
-                continue;
-            }
-            if cancelled() {
-                return Err(RamError::Cancelled);
-            }
-            let first_word = c * CHUNK_WORDS;
-            // Never more words than the region has pages for: the bitmap
-            // of a region whose size is not a multiple of 64 pages ends
-            // in a partial word.
-            let words = chunk
-                .len()
-                .min((region_pages - first_word * 64).div_ceil(64));
-            let known = match pagemap.as_mut() {
-                Some(pm) if anonymous => {
-                    // SAFETY: only the address is computed, inside the region.
-                    let addr = unsafe { host.add(first_word * 64 * PAGE_SIZE) } as usize;
-                    match pm.touched(addr, words, &mut touched) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            log::debug!("pagemap read failed ({e}): every page is read");
-                            pagemap = None;
-                            false
-                        }
+        let first_word = c * CHUNK_WORDS;
+        // Never more words than the region has pages for: the bitmap of a
+        // region whose size is not a multiple of 64 pages ends in a
+        // partial word.
+        let words = chunk
+            .len()
+            .min((region_pages - first_word * 64).div_ceil(64));
+        let known = match pagemap.as_mut() {
+            Some(pm) if private_anonymous(mmap) => {
+                // SAFETY: only the address is computed, inside the region.
+                let addr = unsafe { host.add(first_word * 64 * PAGE_SIZE) } as usize;
+                match pm.touched(addr, words, &mut touched) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::debug!("pagemap read failed ({e}): every page is read");
+                        pagemap = None;
+                        false
                     }
                 }
-                _ => false,
+            }
+            _ => false,
+        };
+        for (i, &word) in chunk.iter().enumerate().take(words) {
+            let first_page = (first_word + i) * 64;
+            // Only the region's pages (a last, partial word).
+            let left = region_pages.saturating_sub(first_page);
+            let mut word = if left >= 64 {
+                word
+            } else {
+                word & ((1u64 << left) - 1)
             };
-            for (i, &word) in chunk.iter().enumerate() {
-                let first_page = (first_word + i) * 64;
-                // Only the region's pages (a last, partial word).
-                let left = region_pages.saturating_sub(first_page);
-                let mut word = if left >= 64 {
-                    word
-                } else {
-                    word & ((1u64 << left) - 1)
-                };
-                let untouched = match touched.get(i) {
-                    Some(t) if known => !t,
-                    _ => 0,
-                };
-                while word != 0 {
-                    let bit = word.trailing_zeros();
-                    let page = first_page + bit as usize;
-                    let gpa = base + page as u64 * PAGE;
-                    if untouched >> bit & 1 != 0 {
-                        // Consecutive never-touched pages: zero, unread.
-                        let n = ((word & untouched) >> bit).trailing_ones();
-                        push_zeros(ram, &mut pending, &mut sent, gpa, n.into())?;
-                        word &= if n == 64 {
-                            0
-                        } else {
-                            !(((1u64 << n) - 1) << bit)
-                        };
+            let untouched = match touched.get(i) {
+                Some(t) if known => !t,
+                _ => 0,
+            };
+            while word != 0 {
+                let bit = word.trailing_zeros();
+                let page = first_page + bit as usize;
+                let gpa = base + page as u64 * PAGE;
+                if untouched >> bit & 1 != 0 {
+                    // Consecutive never-touched pages: zero, unread.
+                    let n = ((word & untouched) >> bit).trailing_ones();
+                    ram.zero_pages(gpa, n)?;
+                    sent.zero += u64::from(n);
+                    word &= if n == 64 {
+                        0
                     } else {
-                        // The guest may be writing the page (live
-                        // passes): a torn copy only decides how this copy
-                        // travels; the write is in the dirty log and the
-                        // page goes again in the next pass.
-                        region
-                            .read_slice(&mut buf.0, MemoryRegionAddress(page as u64 * PAGE))
-                            .map_err(|source| RamError::Read { gpa, source })?;
-                        if is_zero(&buf.0) {
-                            push_zeros(ram, &mut pending, &mut sent, gpa, 1)?;
-                        } else {
-                            flush_zeros(ram, &mut pending, &mut sent)?;
-                            // Adjacent data pages extend one run.
-                            ram.data_pages(gpa, &buf.0)?;
-                            sent.data += 1;
-                        }
-                        word &= word - 1;
+                        !(((1u64 << n) - 1) << bit)
+                    };
+                } else {
+                    // The guest may be writing the page (live passes): a
+                    // torn copy only decides how this copy travels; the
+                    // write is in the dirty log and the page goes again in
+                    // the next pass. The page is read once, into the
+                    // section, and checked for zero there.
+                    let at = MemoryRegionAddress(page as u64 * PAGE);
+                    let data = ram.page_or_zero(gpa, |dst| {
+                        region.read_slice(dst, at).map_err(std::io::Error::other)?;
+                        Ok(is_zero(dst))
+                    })?;
+                    if data {
+                        sent.data += 1;
+                    } else {
+                        sent.zero += 1;
                     }
+                    word &= word - 1;
                 }
             }
         }
-        flush_zeros(ram, &mut pending, &mut sent)?;
     }
     Ok(sent)
 }
 
 /// Pages the destination has written so far: a zero run over a page never
 /// written costs nothing (fresh memory is zero), over one written before
-/// it must clear it.
+/// it must clear it. Shared by the channels of a multifd migration, which
+/// write disjoint pages of one pass at once (neighbouring pages share a
+/// word, hence the atomics).
 pub struct WrittenPages {
-    bits: Vec<u64>,
+    bits: Vec<AtomicU64>,
 }
 
 impl WrittenPages {
     pub fn new(memory: &GuestMemoryMmap) -> Self {
         let pages = memory.last_addr().0 / PAGE + 1;
         Self {
-            bits: vec![0; (pages as usize).div_ceil(64)],
+            bits: (0..(pages as usize).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
 
     /// Sets (`on`) or clears the bits of pages `first..first + count`;
     /// calls `was_set` with each page whose bit was set before.
-    fn mark_range(&mut self, first: u64, count: u64, on: bool, mut was_set: impl FnMut(u64)) {
+    fn mark_range(&self, first: u64, count: u64, on: bool, mut was_set: impl FnMut(u64)) {
         let end = first + count;
         let mut page = first;
         while page < end {
             let (w, b) = ((page / 64) as usize, page % 64);
             let n = (64 - b).min(end - page);
-            let Some(word) = self.bits.get_mut(w) else {
+            let Some(word) = self.bits.get(w) else {
                 return;
             };
             let mask = if n == 64 {
@@ -308,12 +299,12 @@ impl WrittenPages {
             } else {
                 ((1u64 << n) - 1) << b
             };
-            let mut before = *word & mask;
-            if on {
-                *word |= mask;
+            let old = if on {
+                word.fetch_or(mask, Ordering::Relaxed)
             } else {
-                *word &= !mask;
-            }
+                word.fetch_and(!mask, Ordering::Relaxed)
+            };
+            let mut before = old & mask;
             while before != 0 {
                 was_set(w as u64 * 64 + u64::from(before.trailing_zeros()));
                 before &= before - 1;
@@ -331,7 +322,7 @@ impl WrittenPages {
 /// only pages an earlier run wrote ([`WrittenPages`]).
 pub struct GuestRamSink<'a> {
     memory: &'a GuestMemoryMmap,
-    written: WrittenPages,
+    written: &'a WrittenPages,
 }
 
 impl<'a> GuestRamSink<'a> {
@@ -340,12 +331,12 @@ impl<'a> GuestRamSink<'a> {
     /// # Safety
     /// Nothing else may read or write `memory` while the sink is in use:
     /// no vCPU has run and no device is active (an incoming VM being
-    /// loaded). The sink hands out `&mut` slices of it.
-    pub unsafe fn new(memory: &'a GuestMemoryMmap) -> Self {
-        Self {
-            memory,
-            written: WrittenPages::new(memory),
-        }
+    /// loaded). The sink hands out `&mut` slices of it. Several sinks
+    /// sharing `written` may be used at once only for disjoint pages: the
+    /// channels of one pass (a page is in a pass once, and the source
+    /// starts a pass only once the destination has taken in the last).
+    pub unsafe fn new(memory: &'a GuestMemoryMmap, written: &'a WrittenPages) -> Self {
+        Self { memory, written }
     }
 
     /// The host address of `pages` pages from `gpa`, all in one region.
@@ -398,8 +389,9 @@ impl migration::RamSink for GuestRamSink<'_> {
         }
         // SAFETY: `len` bytes from `host` lie inside one mapped region of
         // guest memory, which outlives the sink (host_range); nothing else
-        // touches guest memory while the sink is in use (`new`), and the
-        // slice borrows the sink mutably, so no two slices coexist.
+        // touches guest memory while the sink is in use (`new`), the slice
+        // borrows the sink mutably, so no two of its slices coexist, and
+        // other sinks in use at once write other pages (`new`).
         Ok(unsafe { std::slice::from_raw_parts_mut(host, len) })
     }
 }
@@ -450,7 +442,8 @@ mod tests {
 
         let mut w = migration::StreamWriter::new(Vec::new()).unwrap();
         let mut ram = w.ram();
-        let sent = send_pages(&mut ram, &mem, &DirtyPages::all(&mem), &|| false).unwrap();
+        let all = DirtyPages::all(&mem);
+        let sent = send_pages(&mut ram, &mem, &ChunkQueue::new(&all), &|| false).unwrap();
         ram.finish().unwrap();
         let bytes = w.finish().unwrap();
         assert_eq!(sent.data, written.len() as u64);
@@ -509,7 +502,8 @@ mod tests {
         ram.finish().unwrap();
         let bytes = w.finish().unwrap();
         // SAFETY: nothing else uses `mem`.
-        let mut sink = unsafe { GuestRamSink::new(&mem) };
+        let written = WrittenPages::new(&mem);
+        let mut sink = unsafe { GuestRamSink::new(&mem, &written) };
         let mut r = migration::StreamReader::new(&bytes[..]).unwrap();
         while r.next_section_with_ram(&mut sink).unwrap().kind != migration::SectionKind::End {}
         let mut page = [1u8; PAGE_SIZE];
@@ -526,7 +520,8 @@ mod tests {
         ram.finish().unwrap();
         let bytes = w.finish().unwrap();
         // SAFETY: as above.
-        let mut sink = unsafe { GuestRamSink::new(&mem) };
+        let written = WrittenPages::new(&mem);
+        let mut sink = unsafe { GuestRamSink::new(&mem, &written) };
         let mut r = migration::StreamReader::new(&bytes[..]).unwrap();
         let e = r.next_section_with_ram(&mut sink).unwrap_err();
         assert_eq!(

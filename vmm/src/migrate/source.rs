@@ -31,7 +31,7 @@ use crate::builder::VmParts;
 use crate::control::VmControl;
 use crate::runstate::RunState;
 use crate::state::{saveable_msrs, VcpuState, VmState};
-use migration::{Channel, MigrationUri, SectionKind, StreamWriter, PAGE_SIZE};
+use migration::{Bandwidth, Channel, MigrationUri, SectionKind, StreamWriter, PAGE_SIZE};
 
 pub use super::error::MigrateError;
 
@@ -73,13 +73,15 @@ fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: 
         phases: Phases::default(),
         logging: false,
         to_file: matches!(uri, MigrationUri::File(_)),
+        channels: Vec::new(),
+        ended_channel_bytes: 0,
     };
     let result = out.migrate(&uri, before);
     let status = match result {
         Ok(()) => out.completed(&uri),
         Err(e) => out.failed(&uri, e),
     };
-    job.forget_channel();
+    job.forget_channels();
     job.set_status(status);
     if status == MigrationStatus::Completed && out.logging {
         // The guest runs on the destination: not part of the migration's
@@ -108,6 +110,10 @@ struct Outgoing<'a> {
     logging: bool,
     /// A snapshot: nobody answers.
     to_file: bool,
+    /// multifd: the streams RAM goes on (empty: on the main one).
+    channels: Vec<Writer<'a>>,
+    /// Bytes of the channels already ended.
+    ended_channel_bytes: u64,
 }
 
 /// How long each step of the stop-and-copy phase took.
@@ -209,6 +215,11 @@ impl<'a> Outgoing<'a> {
         } else {
             None
         };
+        let ram_channels = self.params.ram_channels();
+        if ram_channels > 0 && self.to_file {
+            return Err(MigrateError::MultifdNeedsSocket(uri.scheme()));
+        }
+        let session = super::multifd::new_session();
         let channel = migration::connect(uri).map_err(MigrateError::Connect)?;
         if !self.to_file {
             channel
@@ -218,20 +229,24 @@ impl<'a> Outgoing<'a> {
                     source,
                 })?;
         }
-        self.job.set_channel(channel.try_clone_box().ok());
+        self.job.add_channel(channel.try_clone_box().ok());
         let channel = Counted {
             inner: channel,
             job: self.job,
         };
         let mut w = StreamWriter::new(channel)?;
-        if self.params.max_bandwidth > 0 {
-            w.set_max_bandwidth(Some(self.params.max_bandwidth));
-        }
+        // One limit for the whole migration, over all its channels.
+        let bandwidth =
+            (self.params.max_bandwidth > 0).then(|| Bandwidth::new(self.params.max_bandwidth));
+        w.set_bandwidth(bandwidth.clone());
         let config = MigrationConfig {
             machine: parts.machine.clone(),
             nets: parts.nets_desc.clone(),
             announce: self.params.announce(),
             backend: handover,
+            ram_channels,
+            session,
+            pass_acks: !self.to_file,
         };
         w.write_json(SectionKind::Config, CONFIG_SECTION, CONFIG_VERSION, &config)?;
         if !self.to_file {
@@ -244,7 +259,7 @@ impl<'a> Outgoing<'a> {
             match read_answer(w.inner_mut()).map_err(MigrateError::NoAck)? {
                 Answer::Go => {}
                 Answer::Nak(reason) => return Err(MigrateError::Refused(reason)),
-                Answer::Ack => {
+                Answer::Ack | Answer::PassDone(_) => {
                     return Err(MigrateError::OutOfTurn {
                         got: "ACK",
                         when: "before the stream ended",
@@ -252,7 +267,117 @@ impl<'a> Outgoing<'a> {
                 }
             }
         }
+        if ram_channels > 0 {
+            self.open_channels(uri, session, ram_channels, bandwidth)?;
+        }
         Ok((w, handover))
+    }
+
+    /// multifd: the RAM channels, after the destination's GO (it accepts
+    /// them only then), each with its hello and stream header.
+    fn open_channels(
+        &mut self,
+        uri: &MigrationUri,
+        session: u64,
+        count: u32,
+        bandwidth: Option<Bandwidth>,
+    ) -> Result<(), MigrateError> {
+        let channels = super::multifd::connect_channels(uri, session, count, IO_TIMEOUT)
+            .map_err(MigrateError::Channels)?;
+        for channel in channels {
+            self.job.add_channel(channel.try_clone_box().ok());
+            let mut w = StreamWriter::new(Counted {
+                inner: channel,
+                job: self.job,
+            })?;
+            w.set_bandwidth(bandwidth.clone());
+            self.channels.push(w);
+        }
+        log::info!("migration: RAM over {count} multifd channels");
+        Ok(())
+    }
+
+    /// Sends the pages of `set` as pass `pass`: on the main stream, or
+    /// split among the multifd channels (each ends its part with the pass
+    /// marker). A channel that fails shuts the others, so none is left
+    /// blocked on a destination that stopped reading.
+    fn send_pass(
+        &mut self,
+        w: &mut Writer<'a>,
+        set: &DirtyPages,
+        pass: u64,
+        cancellable: bool,
+    ) -> Result<ram::SentPages, MigrateError> {
+        let memory = &self.parts().memory;
+        let job = self.job;
+        let cancelled = move || cancellable && job.cancelled();
+        let queue = ram::ChunkQueue::new(set);
+        if self.channels.is_empty() {
+            let mut ram = w.ram();
+            let sent = ram::send_pages(&mut ram, memory, &queue, &cancelled)?;
+            ram.finish()?;
+            w.write_pass_end(pass as u32, sent.zero + sent.data)?;
+            return Ok(sent);
+        }
+        let results: Vec<Result<ram::SentPages, MigrateError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .channels
+                .iter_mut()
+                .map(|cw| {
+                    let (queue, cancelled) = (&queue, &cancelled);
+                    s.spawn(move || {
+                        let part = (|| {
+                            let mut ram = cw.ram();
+                            let sent = ram::send_pages(&mut ram, memory, queue, cancelled)?;
+                            ram.finish()?;
+                            cw.write_pass_end(pass as u32, sent.zero + sent.data)?;
+                            cw.flush()?;
+                            Ok(sent)
+                        })();
+                        if part.is_err() {
+                            job.shut_channels();
+                        }
+                        part
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(Err(MigrateError::Cancelled)))
+                .collect()
+        });
+        let mut sent = ram::SentPages::default();
+        for (index, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(part) => sent += part,
+                Err(e) if job.cancelled() => return Err(e),
+                Err(e) => {
+                    return Err(MigrateError::ChannelFailed {
+                        index,
+                        source: Box::new(e),
+                    })
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Waits for the destination to say it has every page of `pass`.
+    fn await_pass(&self, w: &mut Writer<'a>, pass: u64) -> Result<(), MigrateError> {
+        loop {
+            match read_answer(w.inner_mut()).map_err(MigrateError::NoAck)? {
+                Answer::PassDone(p) if u64::from(p) == pass => return Ok(()),
+                // An earlier pass's, late: the wait is for this one.
+                Answer::PassDone(p) if u64::from(p) < pass => {}
+                Answer::Nak(reason) => return Err(MigrateError::Refused(reason)),
+                _ => {
+                    return Err(MigrateError::OutOfTurn {
+                        got: "GO or ACK",
+                        when: "during the RAM passes",
+                    })
+                }
+            }
+        }
     }
 
     /// Phase 2: passes over guest memory while the guest runs, until what
@@ -260,7 +385,6 @@ impl<'a> Outgoing<'a> {
     /// the passes made.
     fn live_passes(&mut self, w: &mut Writer<'a>) -> Result<(DirtyPages, u64), MigrateError> {
         let parts = self.parts();
-        let cancelled = || self.job.cancelled();
         self.logging = true;
         ram::set_dirty_logging(parts, true)?;
         // Start from a clean log: what was dirtied before is sent now.
@@ -275,17 +399,19 @@ impl<'a> Outgoing<'a> {
                 self.job.emit_pass(pass);
             }
             let start = Instant::now();
-            let bytes_before = w.bytes_written();
-            let mut ram = w.ram();
-            let sent = ram::send_pages(&mut ram, &parts.memory, &set, &cancelled)?;
-            ram.finish()?;
-            w.write_pass_end(pass as u32, sent.zero + sent.data)?;
-            // On the wire now, not in the channel's buffer: what the
-            // destination has by the stop, it need not take in while the
-            // guest is down.
+            let bytes_before = self.bytes_written(w);
+            let sent = self.send_pass(w, &set, pass, true)?;
+            // On the wire now, not in the channel's buffer; and, once the
+            // destination says so, in its guest memory: what it has by the
+            // stop, it need not take in while the guest is down, and the
+            // pass's time is that of the whole path, all channels
+            // together, not of filling socket buffers.
             w.flush()?;
+            if !self.to_file {
+                self.await_pass(w, pass)?;
+            }
             let took = start.elapsed();
-            let pass_bytes = w.bytes_written() - bytes_before;
+            let pass_bytes = self.bytes_written(w) - bytes_before;
             let link = mbytes_per_sec(pass_bytes, took);
             set = ram::take_dirty(parts)?;
             let dirty = set.count();
@@ -394,12 +520,18 @@ impl<'a> Outgoing<'a> {
             if pass > 1 {
                 self.job.emit_pass(pass);
             }
-            let mut ram = w.ram();
-            let sent = ram::send_pages(&mut ram, &parts.memory, &set, &|| false)?;
-            ram.finish()?;
-            w.write_pass_end(pass as u32, sent.zero + sent.data)?;
+            let sent = self.send_pass(&mut w, &set, pass, false)?;
             self.account(&w, sent, 0, pass);
             self.phases.mark("last pass");
+        }
+        // The channels end before the state goes: the destination loads
+        // the state once every channel's stream has ended.
+        for (index, cw) in std::mem::take(&mut self.channels).into_iter().enumerate() {
+            self.ended_channel_bytes += cw.bytes_written();
+            cw.finish().map_err(|e| MigrateError::ChannelFailed {
+                index,
+                source: Box::new(e.into()),
+            })?;
         }
         w.write_json(
             SectionKind::VmState,
@@ -431,7 +563,7 @@ impl<'a> Outgoing<'a> {
             &global,
         )?;
         self.phases.mark("devices");
-        let transferred = w.bytes_written();
+        let transferred = self.bytes_written(&w);
         let channel = w.finish()?.inner;
         self.phases.mark("end+flush");
         self.job.update(|i| i.ram.transferred = transferred);
@@ -450,14 +582,18 @@ impl<'a> Outgoing<'a> {
                 what: "set the acknowledgement's timeout",
                 source,
             })?;
-        match read_answer(&mut channel).map_err(MigrateError::NoAck)? {
-            Answer::Ack => {}
-            Answer::Nak(reason) => return Err(MigrateError::Refused(reason)),
-            Answer::Go => {
-                return Err(MigrateError::OutOfTurn {
-                    got: "GO",
-                    when: "twice",
-                })
+        loop {
+            match read_answer(&mut channel).map_err(MigrateError::NoAck)? {
+                Answer::Ack => break,
+                // The last pass's: the ACK follows.
+                Answer::PassDone(_) => {}
+                Answer::Nak(reason) => return Err(MigrateError::Refused(reason)),
+                Answer::Go => {
+                    return Err(MigrateError::OutOfTurn {
+                        got: "GO",
+                        when: "twice",
+                    })
+                }
             }
         }
         self.acked_at = Some(Instant::now());
@@ -465,8 +601,15 @@ impl<'a> Outgoing<'a> {
         Ok(())
     }
 
+    /// Bytes of every stream of the migration: the main one and the
+    /// channels'.
+    fn bytes_written(&self, w: &Writer<'_>) -> u64 {
+        let channels: u64 = self.channels.iter().map(|c| c.bytes_written()).sum();
+        w.bytes_written() + channels + self.ended_channel_bytes
+    }
+
     fn account(&self, w: &Writer<'_>, sent: ram::SentPages, remaining: u64, pass: u64) {
-        let transferred = w.bytes_written();
+        let transferred = self.bytes_written(w);
         self.job.update(|i| {
             i.ram.transferred = transferred;
             i.ram.duplicate += sent.zero;
