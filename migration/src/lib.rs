@@ -19,6 +19,7 @@ pub mod persist;
 mod ram;
 mod reader;
 pub mod scm;
+pub mod snapshot;
 mod throttle;
 mod transport;
 mod uri;

@@ -66,7 +66,7 @@ impl Bandwidth {
 
     /// Accounts `bytes` and sleeps until the rate allows them; the other
     /// holders are not held up meanwhile.
-    pub(crate) fn wait(&self, bytes: usize) {
+    pub fn wait(&self, bytes: usize) {
         let sleep = match self.0.lock() {
             Ok(mut t) => t.reserve(bytes),
             Err(poisoned) => poisoned.into_inner().reserve(bytes),

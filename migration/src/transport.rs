@@ -365,7 +365,7 @@ impl Stream {
 }
 
 /// A buffered channel over one of the three transports.
-struct StreamChannel {
+pub(crate) struct StreamChannel {
     stream: Stream,
     rbuf: Vec<u8>,
     rpos: usize,
@@ -376,6 +376,11 @@ struct StreamChannel {
 }
 
 impl StreamChannel {
+    /// A channel over an open file, from its current position.
+    pub(crate) fn file(file: File) -> Self {
+        Self::new(Stream::File(file))
+    }
+
     fn new(stream: Stream) -> Self {
         Self {
             stream,

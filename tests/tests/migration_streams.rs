@@ -25,6 +25,13 @@ fn snapshot() -> &'static [u8] {
         let vm = FerryVm::spawn("streams-src", &spec, None);
         vm.console.expect(READY, T);
         let file = std::env::temp_dir().join(format!("ferry-streams-{}.fm", std::process::id()));
+        // The plain stream in the file, as on the wire (not the file form
+        // whose RAM is mapped: its map header has tests of its own).
+        vm.execute(
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{ "capability": "mapped-ram", "state": false }] }),
+        )
+        .expect("mapped-ram off");
         vm.execute(
             "migrate",
             json!({ "uri": format!("file:{}", file.display()) }),
@@ -152,4 +159,43 @@ fn wrong_magic_future_version_unknown_section() {
     bad.extend(&unknown);
     bad.extend(&s[after_config..]);
     assert_refused("unknown", &bad, &["unknown", "bogus"]);
+}
+
+/// The file form (RAM mapped on restore) refuses a damaged map header or
+/// a file cut short of its stream with one line too.
+#[test]
+fn file_form_cut_short_or_with_a_bad_map() {
+    if !can_run("file_form_cut_short_or_with_a_bad_map") {
+        return;
+    }
+    let mut spec = VmSpec::probe(&Cmdline::new().heartbeat_ms(100).pattern(5, "4M").build());
+    spec.memory = "64M".into();
+    let vm = FerryVm::spawn("file-form-src", &spec, None);
+    vm.console.expect(READY, T);
+    let file = std::env::temp_dir().join(format!("ferry-file-form-{}.fm", std::process::id()));
+    vm.execute(
+        "migrate",
+        json!({ "uri": format!("file:{}", file.display()) }),
+    )
+    .expect("migrate");
+    let info = wait_migration(&vm, T);
+    assert_eq!(info["status"], "completed", "{info}");
+    let bytes = std::fs::read(&file).expect("read snapshot");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(&bytes[..8], b"FERRYMAP");
+    // Inside the RAM image: shorter than the map says.
+    assert_refused(
+        "file-short",
+        &bytes[..1 << 20],
+        &["snapshot map header", "shorter"],
+    );
+    let mut bad = bytes.clone();
+    bad[30] ^= 0x40;
+    assert_refused("file-map-crc", &bad, &["snapshot map header", "checksum"]);
+    // The stream after the image cut short: the stream's own refusal.
+    assert_refused(
+        "file-stream-cut",
+        &bytes[..bytes.len() - 10],
+        &["truncated"],
+    );
 }

@@ -70,6 +70,8 @@ pub struct HostBackends {
     pub memfd: Option<File>,
     /// Per NIC, an already open TAP (received), else `None`: open by name.
     pub taps: Vec<Option<net::Tap>>,
+    /// Guest RAM to map privately from a snapshot file's RAM image.
+    pub image: Option<(File, migration::snapshot::ImageLayout)>,
 }
 
 /// A built machine: its shared parts and its vCPUs, not yet running.
@@ -132,9 +134,10 @@ pub fn build(
         (None, MemoryBackend::Memfd) => Some(memory::create_memfd(machine.memory_bytes)?),
         (None, MemoryBackend::Anonymous) => None,
     };
-    let memory = match &memfd {
-        Some(file) => memory::map_memfd(file, machine.memory_bytes)?,
-        None => memory::create_guest_memory(machine.memory_bytes)?,
+    let memory = match (&memfd, &host.image) {
+        (Some(file), _) => memory::map_memfd(file, machine.memory_bytes)?,
+        (None, Some((file, layout))) => memory::map_image(file, layout, machine.memory_bytes)?,
+        (None, None) => memory::create_guest_memory(machine.memory_bytes)?,
     };
     memory::register_with_kvm(&vm_fd, &memory, 0)?;
 

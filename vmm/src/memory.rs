@@ -24,6 +24,14 @@ pub enum MemoryError {
     Memfd(#[source] std::io::Error),
     #[error("the memfd received holds {have} bytes, the guest needs {need}")]
     MemfdTooSmall { have: u64, need: u64 },
+    #[error("the snapshot's RAM image has regions {image:?}, a guest of {size} bytes has {need:?} (gpa, bytes)")]
+    ImageLayout {
+        size: u64,
+        image: Vec<(u64, u64)>,
+        need: Vec<(u64, u64)>,
+    },
+    #[error("cannot map the snapshot's RAM image: {0}")]
+    MapImage(#[source] vm_memory::mmap::MmapRegionError),
 }
 
 /// The RAM ranges of a guest with `size` bytes: below the MMIO gap first,
@@ -139,6 +147,47 @@ pub fn map_memfd(file: &File, size: u64) -> Result<GuestMemoryMmap, MemoryError>
     }
     GuestMemoryMmap::from_ranges_with_files(ranges)
         .map_err(|source| MemoryError::Map { size, source })
+}
+
+/// Guest RAM mapped from a snapshot file's RAM image, privately: the
+/// guest starts at once and each page comes from the page cache when
+/// first touched; what the guest writes is its own (copy on write), the
+/// file never changes. The layout must be exactly the guest's.
+pub fn map_image(
+    file: &File,
+    layout: &migration::snapshot::ImageLayout,
+    size: u64,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let need: Vec<(u64, u64)> = ram_ranges(size).iter().map(|&(a, l)| (a.0, l)).collect();
+    let image: Vec<(u64, u64)> = layout.regions.iter().map(|r| (r.gpa, r.len)).collect();
+    if image != need {
+        return Err(MemoryError::ImageLayout { size, image, need });
+    }
+    let mut regions = Vec::new();
+    for r in &layout.regions {
+        let clone = file.try_clone().map_err(MemoryError::Memfd)?;
+        let len = r.len as usize;
+        let mapping = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
+            len,
+            <vm_memory::bitmap::AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(len),
+        )
+        .with_file_offset(FileOffset::new(clone, r.offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(MemoryError::MapImage)?;
+        let region = vm_memory::GuestRegionMmap::new(mapping, GuestAddress(r.gpa)).ok_or(
+            MemoryError::Map {
+                size,
+                source: vm_memory::mmap::FromRangesError::InvalidGuestRegion,
+            },
+        )?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map {
+        size,
+        source: e.into(),
+    })
 }
 
 /// Registers every region with KVM as memory slot 0, 1, ...

@@ -173,10 +173,7 @@ impl Vm {
         if arrival.requested() {
             return Err(quit(arriving));
         }
-        let channel = listener.accept().map_err(|source| IncomingError::Accept {
-            uri: uri.clone(),
-            source,
-        })?;
+        let (channel, image) = accept(&listener)?;
         arrival.watch(&*channel);
         // The destination's own job, for `query-migrate` and (with `events`
         // set here) MIGRATION: QEMU 7.2's destination says `setup` as it
@@ -189,22 +186,23 @@ impl Vm {
         job.set_status(MigrationStatus::Active);
         let answerable = listener.as_raw_fd().is_some();
         let params = lock(&configured.migrations).params.clone();
-        let (mut vm, was_running, mut reader) =
-            match receive(channel, config, &params, &listener, answerable, &arrival) {
-                Ok(loaded) => loaded,
-                Err(_) if arrival.requested() => return Err(quit(arriving)),
-                Err(e) => {
-                    job.update(|i| {
-                        i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
-                        i.error = Some(e.to_string());
-                    });
-                    job.set_status(MigrationStatus::Failed);
-                    if let Some(a) = arriving {
-                        a.flush();
-                    }
-                    return Err(e.into());
+        let (mut vm, was_running, mut reader) = match receive(
+            channel, image, config, &params, &listener, answerable, &arrival,
+        ) {
+            Ok(loaded) => loaded,
+            Err(_) if arrival.requested() => return Err(quit(arriving)),
+            Err(e) => {
+                job.update(|i| {
+                    i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
+                    i.error = Some(e.to_string());
+                });
+                job.set_status(MigrationStatus::Failed);
+                if let Some(a) = arriving {
+                    a.flush();
                 }
-            };
+                return Err(e.into());
+            }
+        };
         // QMP moves to the VM before the acknowledgement: once the source
         // says completed, nobody is told `inmigrate`.
         if let Some(a) = arriving {
@@ -249,6 +247,7 @@ type Reader = StreamReader<Box<dyn Channel>>;
 /// is refused to the source (NAK).
 fn receive(
     channel: Box<dyn Channel>,
+    image: Option<Image>,
     config: &IncomingConfig,
     params: &MigrationParameters,
     listener: &Listener,
@@ -256,7 +255,7 @@ fn receive(
     arrival: &Arrival,
 ) -> Result<(Vm, bool, Reader), IncomingError> {
     let mut reader = StreamReader::new(channel)?;
-    match load(&mut reader, config, params, listener, answerable) {
+    match load(&mut reader, image, config, params, listener, answerable) {
         Ok((vm, was_running)) => Ok((vm, was_running, reader)),
         Err(e) => {
             if answerable && !arrival.requested() {
@@ -265,6 +264,33 @@ fn receive(
             Err(e)
         }
     }
+}
+
+/// A snapshot file's RAM image, to map.
+type Image = (std::fs::File, migration::snapshot::ImageLayout);
+
+/// The source's connection; for a snapshot in the file form, its stream
+/// (after the RAM image) and the image.
+fn accept(listener: &Listener) -> Result<(Box<dyn Channel>, Option<Image>), IncomingError> {
+    let uri = listener.local_addr();
+    if let migration::MigrationUri::File(path) = listener.local_uri() {
+        if let Some((file, layout)) = migration::snapshot::open(&path)? {
+            let channel = migration::snapshot::stream_of(&file, &layout).map_err(|source| {
+                IncomingError::Accept {
+                    uri,
+                    source: migration::TransportError::Open {
+                        uri: path.display().to_string(),
+                        source,
+                    },
+                }
+            })?;
+            return Ok((channel, Some((file, layout))));
+        }
+    }
+    let channel = listener
+        .accept()
+        .map_err(|source| IncomingError::Accept { uri, source })?;
+    Ok((channel, None))
 }
 
 /// Blocks until the source connects (`file:` needs no wait) or a QMP
@@ -281,6 +307,7 @@ fn wait_for_source(listener: &Listener, arrival: &Arrival) -> Result<(), Incomin
 /// source.
 fn load(
     reader: &mut Reader,
+    image: Option<Image>,
     config: &IncomingConfig,
     params: &MigrationParameters,
     listener: &Listener,
@@ -293,7 +320,10 @@ fn load(
     let machine = &incoming.machine;
     let nets = apply_overrides(&incoming.nets, &config.nets)?;
     let runstate = Arc::new(Mutex::new(RunStateMachine::new(RunState::Inmigrate)));
-    let host = receive_backends(reader, incoming.backend, nets.len(), answerable)?;
+    let mut host = receive_backends(reader, incoming.backend, nets.len(), answerable)?;
+    let lease = image.as_ref().and_then(|(f, _)| f.try_clone().ok());
+    let mapped = image.is_some();
+    host.image = image;
     let built = builder::build(machine, &nets, &config.serial, kvm_kind(), host)?;
     check_xsave_size(&built.parts.kvm)?;
     if answerable {
@@ -322,9 +352,13 @@ fn load(
         .state_from
         .map_or(0.0, |t| (restore_from - t).as_secs_f64() * 1e3);
     let was_running = loaded.apply(&built)?;
+    if let Some(file) = lease {
+        super::snapshot::guard_image(&file, built.parts.memory.clone());
+    }
     devices::bus::lock(&runstate).transition(RunState::PrelaunchMigrate)?;
     log::info!(
-        "incoming migration loaded: {} bytes, {} sections; state sections read in {read_ms:.2} ms, restored in {:.2} ms",
+        "incoming migration loaded{}: {} bytes, {} sections; state sections read in {read_ms:.2} ms, restored in {:.2} ms",
+        if mapped { " (RAM mapped from the snapshot)" } else { "" },
         reader.bytes_read(),
         reader.sections_read(),
         restore_from.elapsed().as_secs_f64() * 1e3

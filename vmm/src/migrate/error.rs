@@ -60,6 +60,10 @@ pub enum MigrateError {
     MultifdNeedsSocket(&'static str),
     #[error("cannot open multifd channels: {0}")]
     Channels(#[source] TransportError),
+    #[error(transparent)]
+    Snapshot(#[from] migration::snapshot::SnapshotError),
+    #[error("writing the snapshot's RAM image: {0}")]
+    Image(#[source] io::Error),
     #[error("multifd channel {index}: {source}")]
     ChannelFailed {
         index: usize,
@@ -165,6 +169,8 @@ pub enum IncomingError {
     ChannelsMissing { expected: u32, got: u32 },
     #[error("multifd channel {index}: {reason}")]
     Channel { index: usize, reason: String },
+    #[error(transparent)]
+    Snapshot(#[from] migration::snapshot::SnapshotError),
 }
 
 impl From<VmmError> for IncomingError {

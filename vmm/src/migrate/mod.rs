@@ -22,6 +22,7 @@ mod pagemap;
 pub mod params;
 pub mod qmp;
 pub mod ram;
+pub mod snapshot;
 pub mod source;
 pub mod throttle;
 

@@ -52,6 +52,10 @@ pub struct MigrationParameters {
     /// Both ends must have it, with the same count.
     pub multifd: bool,
     pub multifd_channels: u64,
+    /// QEMU 9's `mapped-ram`: a `file:` snapshot lays guest RAM out at
+    /// fixed offsets so a restore maps it (migration::snapshot). On by
+    /// default in Ferry (QEMU's is off): a restore then runs at once.
+    pub mapped_ram: bool,
 }
 
 impl Default for MigrationParameters {
@@ -80,6 +84,7 @@ impl Default for MigrationParameters {
             // QEMU's default, and this project's machine's core count:
             // one sending and one receiving thread per channel.
             multifd_channels: 2,
+            mapped_ram: true,
         }
     }
 }
@@ -95,6 +100,7 @@ const CAPABILITIES: &[(&str, Flag)] = &[
         &mut p.pause_before_switchover
     }),
     ("multifd", |p| &mut p.multifd),
+    ("mapped-ram", |p| &mut p.mapped_ram),
 ];
 
 /// QEMU 7.2's other capabilities: Ferry knows them and does not do them.
@@ -377,6 +383,7 @@ mod tests {
                 { "capability": "events", "state": true },
                 { "capability": "pause-before-switchover", "state": true },
                 { "capability": "multifd", "state": false },
+                { "capability": "mapped-ram", "state": true },
             ])
         );
         let mixed = caps(

@@ -31,6 +31,8 @@ pub enum RamError {
     Stream(#[from] StreamError),
     #[error("cancelled")]
     Cancelled,
+    #[error("writing the snapshot's RAM image: {0}")]
+    Image(#[source] std::io::Error),
 }
 
 /// Turns KVM's dirty logging on or off for every memory slot.
@@ -163,6 +165,32 @@ impl<'a> ChunkQueue<'a> {
     }
 }
 
+/// Where [`send_pages`] puts pages: a stream's RAM sections, or a
+/// snapshot file's RAM image ([`super::snapshot::ImagePages`]).
+pub trait PageOut {
+    /// `pages` zero pages from `gpa`.
+    fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), RamError>;
+    /// One page at `gpa`, read by `fill` into the place it goes; `fill`
+    /// says whether it was all zero (it then goes as a zero page).
+    /// Returns whether it went as data.
+    fn page_or_zero<F>(&mut self, gpa: u64, fill: F) -> Result<bool, RamError>
+    where
+        F: FnOnce(&mut [u8]) -> std::io::Result<bool>;
+}
+
+impl<W: Write> PageOut for RamSectionWriter<'_, W> {
+    fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), RamError> {
+        Ok(RamSectionWriter::zero_pages(self, gpa, pages)?)
+    }
+
+    fn page_or_zero<F>(&mut self, gpa: u64, fill: F) -> Result<bool, RamError>
+    where
+        F: FnOnce(&mut [u8]) -> std::io::Result<bool>,
+    {
+        Ok(RamSectionWriter::page_or_zero(self, gpa, fill)?)
+    }
+}
+
 /// Sends pages of `queue`'s set as runs until the queue is empty: all-zero
 /// pages without data, the others with their contents, consecutive pages
 /// of a kind as one run. Pages of private anonymous memory that were
@@ -170,8 +198,8 @@ impl<'a> ChunkQueue<'a> {
 /// [`Pagemap`](super::pagemap::Pagemap)). Several channels may call this
 /// with one queue at once, each with its own writer. `cancelled` is
 /// polled between chunks.
-pub fn send_pages<W: Write>(
-    ram: &mut RamSectionWriter<'_, W>,
+pub fn send_pages<O: PageOut>(
+    ram: &mut O,
     memory: &GuestMemoryMmap,
     queue: &ChunkQueue<'_>,
     cancelled: &dyn Fn() -> bool,

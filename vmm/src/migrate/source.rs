@@ -31,7 +31,9 @@ use crate::builder::VmParts;
 use crate::control::VmControl;
 use crate::runstate::RunState;
 use crate::state::{saveable_msrs, VcpuState, VmState};
+use migration::snapshot::{self, ImageLayout, SnapshotFile};
 use migration::{Bandwidth, Channel, MigrationUri, SectionKind, StreamWriter, PAGE_SIZE};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 pub use super::error::MigrateError;
 
@@ -74,7 +76,9 @@ fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: 
         logging: false,
         to_file: matches!(uri, MigrationUri::File(_)),
         channels: Vec::new(),
-        ended_channel_bytes: 0,
+        other_bytes: 0,
+        image: None,
+        bandwidth: None,
     };
     let result = out.migrate(&uri, before);
     let status = match result {
@@ -112,8 +116,13 @@ struct Outgoing<'a> {
     to_file: bool,
     /// multifd: the streams RAM goes on (empty: on the main one).
     channels: Vec<Writer<'a>>,
-    /// Bytes of the channels already ended.
-    ended_channel_bytes: u64,
+    /// Bytes of the channels already ended, and of pages written to a
+    /// snapshot's RAM image.
+    other_bytes: u64,
+    /// A snapshot in the file form: its RAM image takes the pages.
+    image: Option<SnapshotFile>,
+    /// `max-bandwidth` for everything the migration writes.
+    bandwidth: Option<Bandwidth>,
 }
 
 /// How long each step of the stop-and-copy phase took.
@@ -220,7 +229,22 @@ impl<'a> Outgoing<'a> {
             return Err(MigrateError::MultifdNeedsSocket(uri.scheme()));
         }
         let session = super::multifd::new_session();
-        let channel = migration::connect(uri).map_err(MigrateError::Connect)?;
+        let channel = match uri {
+            MigrationUri::File(path)
+                if self.params.mapped_ram && handover.is_none() && snapshot::mappable(path) =>
+            {
+                let regions: Vec<(u64, u64)> = parts
+                    .memory
+                    .iter()
+                    .map(|r| (r.start_addr().0, r.len()))
+                    .collect();
+                let (file, channel) =
+                    SnapshotFile::create(path, ImageLayout::for_regions(&regions))?;
+                self.image = Some(file);
+                channel
+            }
+            _ => migration::connect(uri).map_err(MigrateError::Connect)?,
+        };
         if !self.to_file {
             channel
                 .set_timeouts(Some(IO_TIMEOUT), Some(IO_TIMEOUT))
@@ -239,6 +263,7 @@ impl<'a> Outgoing<'a> {
         let bandwidth =
             (self.params.max_bandwidth > 0).then(|| Bandwidth::new(self.params.max_bandwidth));
         w.set_bandwidth(bandwidth.clone());
+        self.bandwidth = bandwidth.clone();
         let config = MigrationConfig {
             machine: parts.machine.clone(),
             nets: parts.nets_desc.clone(),
@@ -312,6 +337,17 @@ impl<'a> Outgoing<'a> {
         let job = self.job;
         let cancelled = move || cancellable && job.cancelled();
         let queue = ram::ChunkQueue::new(set);
+        if let Some(image) = &self.image {
+            let mut out =
+                super::snapshot::ImagePages::new(image, pass == 1, self.bandwidth.clone());
+            let sent = ram::send_pages(&mut out, memory, &queue, &cancelled)?;
+            out.finish()?;
+            let bytes = sent.data * PAGE_SIZE as u64;
+            self.other_bytes += bytes;
+            job.add_wire_bytes(bytes);
+            w.write_pass_end(pass as u32, sent.zero + sent.data)?;
+            return Ok(sent);
+        }
         if self.channels.is_empty() {
             let mut ram = w.ram();
             let sent = ram::send_pages(&mut ram, memory, &queue, &cancelled)?;
@@ -527,7 +563,7 @@ impl<'a> Outgoing<'a> {
         // The channels end before the state goes: the destination loads
         // the state once every channel's stream has ended.
         for (index, cw) in std::mem::take(&mut self.channels).into_iter().enumerate() {
-            self.ended_channel_bytes += cw.bytes_written();
+            self.other_bytes += cw.bytes_written();
             cw.finish().map_err(|e| MigrateError::ChannelFailed {
                 index,
                 source: Box::new(e.into()),
@@ -574,6 +610,10 @@ impl<'a> Outgoing<'a> {
     /// from now on. A file needs none.
     fn await_ack(&mut self, mut channel: Box<dyn Channel>) -> Result<(), MigrateError> {
         if self.to_file {
+            // Complete: the snapshot replaces the file at the path.
+            if let Some(image) = self.image.take() {
+                image.commit()?;
+            }
             return Ok(());
         }
         channel
@@ -605,7 +645,7 @@ impl<'a> Outgoing<'a> {
     /// channels'.
     fn bytes_written(&self, w: &Writer<'_>) -> u64 {
         let channels: u64 = self.channels.iter().map(|c| c.bytes_written()).sum();
-        w.bytes_written() + channels + self.ended_channel_bytes
+        w.bytes_written() + channels + self.other_bytes
     }
 
     fn account(&self, w: &Writer<'_>, sent: ram::SentPages, remaining: u64, pass: u64) {
