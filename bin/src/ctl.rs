@@ -51,6 +51,14 @@ pub struct CtlArgs {
     /// The command's arguments, key=value or key:=JSON.
     #[arg(value_name = "ARG")]
     pub args: Vec<String>,
+    /// `migrate`, `migrate-continue`: once the migration has ended, draw
+    /// its timeline (passes, dirty rate, throttle, downtime, the
+    /// destination's resume and announce) as an SVG picture.
+    #[arg(long, value_name = "FILE.svg")]
+    pub timeline: Option<PathBuf>,
+    /// The same timeline's data, as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    pub timeline_json: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +67,8 @@ enum CtlError {
     Usage(String),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error("timeline: {0}")]
+    Timeline(String),
 }
 
 pub fn run(args: CtlArgs) -> ExitCode {
@@ -121,23 +131,71 @@ fn ctl(args: CtlArgs) -> Result<(), CtlError> {
                 client.execute("migrate-set-parameters", Some(p))?;
             }
             client.execute("migrate", Some(arguments))?;
-            follow(&mut client)
+            follow(&mut client, &args)
         }
         // After a `pre-switchover` stop: continue, and follow to the end.
         "migrate-continue" if !args.json => {
             client.execute("migrate-continue", Some(arguments))?;
-            follow(&mut client)
+            follow(&mut client, &args)
         }
         command => one_shot(&mut client, command, arguments, args.json),
     }
 }
 
-fn follow(client: &mut QmpClient) -> Result<(), CtlError> {
+/// Follows the migration to its end (or a `pre-switchover` stop), then
+/// writes the timeline files asked for; a migration that failed or was
+/// cancelled is an error (after its timeline).
+fn follow(client: &mut QmpClient, args: &CtlArgs) -> Result<(), CtlError> {
     use crate::progress::Followed;
     match crate::progress::follow_migration(client)? {
-        Followed::Completed | Followed::Paused => Ok(()),
-        Followed::Ended => Err(CtlError::Usage("migration did not complete".into())),
+        Followed::Completed => draw_timeline(client, args),
+        Followed::Paused => {
+            if args.timeline.is_some() || args.timeline_json.is_some() {
+                eprintln!("ferry: the migration waits in pre-switchover: ask for the timeline with migrate-continue");
+            }
+            Ok(())
+        }
+        Followed::Ended => {
+            draw_timeline(client, args)?;
+            Err(CtlError::Usage("migration did not complete".into()))
+        }
     }
+}
+
+/// How long to wait for the destination's part of the timeline.
+const TIMELINE_WAIT: Duration = Duration::from_secs(6);
+
+/// Writes the timeline files asked for, once the timeline is complete
+/// (the destination reported, or the source stopped waiting for it).
+fn draw_timeline(client: &mut QmpClient, args: &CtlArgs) -> Result<(), CtlError> {
+    if args.timeline.is_none() && args.timeline_json.is_none() {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + TIMELINE_WAIT;
+    let value = loop {
+        let v = client.execute("x-ferry-query-migrate-timeline", None)?;
+        if v["complete"].as_bool() == Some(true) || std::time::Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let t: timeline::Timeline =
+        serde_json::from_value(value).map_err(|e| CtlError::Timeline(e.to_string()))?;
+    let write = |path: &PathBuf, text: String| {
+        std::fs::write(path, text)
+            .map_err(|e| CtlError::Timeline(format!("{}: {e}", path.display())))
+    };
+    if let Some(p) = &args.timeline_json {
+        write(p, t.to_json())?;
+    }
+    if let Some(p) = &args.timeline {
+        write(
+            p,
+            timeline::svg(&t).map_err(|e| CtlError::Timeline(e.to_string()))?,
+        )?;
+        eprintln!("timeline: {}", p.display());
+    }
+    Ok(())
 }
 
 /// `--qmp` takes a plain path, or the spec `ferry run --qmp` was given so

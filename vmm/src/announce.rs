@@ -70,6 +70,39 @@ pub struct AnnounceLog {
     /// The longest time one batch of frames took.
     pub longest_batch: Duration,
     pub first_round_at: Option<Instant>,
+    /// What went out when, for a migration's timeline: the first
+    /// [`MAX_EVENTS`], then only counted.
+    pub events: Vec<AnnounceEvent>,
+    pub events_left_out: u64,
+}
+
+/// Events kept in [`AnnounceLog::events`].
+pub const MAX_EVENTS: usize = 4096;
+
+/// One announce event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnnounceEvent {
+    pub at: Instant,
+    pub nic: String,
+    /// `rarp`, `guest-asked`, `guest-acked`, `guest` (an identity the
+    /// guest sent from after it was asked).
+    pub kind: &'static str,
+    pub identity: Option<net::Identity>,
+}
+
+impl AnnounceLog {
+    fn event(&mut self, nic: &str, kind: &'static str, identity: Option<net::Identity>) {
+        if self.events.len() < MAX_EVENTS {
+            self.events.push(AnnounceEvent {
+                at: Instant::now(),
+                nic: nic.to_string(),
+                kind,
+                identity,
+            });
+        } else {
+            self.events_left_out += 1;
+        }
+    }
 }
 
 /// A NIC as the announcer sees it: any model behind `net::Nic`.
@@ -107,6 +140,11 @@ impl Announcer {
             timer,
             log: AnnounceLog::default(),
         })
+    }
+
+    /// Nothing scheduled or queued: every announce asked for is done.
+    pub fn idle(&self) -> bool {
+        self.schedules.is_empty() && self.outbox.is_empty()
     }
 
     pub fn log(&self) -> AnnounceLog {
@@ -184,6 +222,7 @@ impl Announcer {
         s.mark = dev.mark_senders();
         if dev.ask_guest_to_announce() {
             self.log.guest_requests += 1;
+            self.log.event(dev.id(), "guest-asked", None);
             s.waiting_since = Some(now);
             s.next_due = None;
         } else {
@@ -211,8 +250,11 @@ impl Announcer {
             return;
         };
         let dev = lock(nic);
-        let announced: std::collections::HashSet<net::Identity> =
-            dev.senders_since(s.mark).into_iter().collect();
+        let since = dev.senders_since(s.mark);
+        for id in &since {
+            self.log.event(dev.id(), "guest", Some(*id));
+        }
+        let announced: std::collections::HashSet<net::Identity> = since.into_iter().collect();
         let (plan, left_out) = dev.rarp_plan();
         let silent: Vec<net::Identity> = plan
             .into_iter()
@@ -241,8 +283,12 @@ impl Announcer {
             let Some(n) = self.nets.get(nic) else {
                 continue;
             };
-            match lock(n).send_raw(&net::rarp::rarp_frame(mac, vlan)) {
-                Ok(()) => self.log.rarp_frames += 1,
+            let mut dev = lock(n);
+            match dev.send_raw(&net::rarp::rarp_frame(mac, vlan)) {
+                Ok(()) => {
+                    self.log.rarp_frames += 1;
+                    self.log.event(dev.id(), "rarp", Some((mac, vlan)));
+                }
                 Err(e) => log::debug!("announce: RARP for {mac} on {vlan:?}: {e}"),
             }
         }
@@ -278,6 +324,10 @@ impl Announcer {
     /// the schedule's pause.
     fn acked(&mut self, nic: usize) {
         let now = Instant::now();
+        if let Some(n) = self.nets.get(nic) {
+            let id = lock(n).id().to_string();
+            self.log.event(&id, "guest-acked", None);
+        }
         for s in self
             .schedules
             .iter_mut()

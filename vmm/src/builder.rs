@@ -59,6 +59,8 @@ pub struct VmParts {
     /// Guest RAM's memfd, when RAM is memfd-backed (handed over in a local
     /// migration).
     pub memfd: Option<File>,
+    /// When the guest first ran (a migration's destination reports it).
+    pub started_at: std::sync::OnceLock<std::time::Instant>,
 }
 
 /// Host resources a machine may be given instead of making its own: a
@@ -184,6 +186,7 @@ pub fn build(
             exit,
             ged,
             memfd,
+            started_at: std::sync::OnceLock::new(),
         },
         vcpus,
     })

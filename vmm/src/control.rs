@@ -170,6 +170,7 @@ impl VmControl {
             a.start(crate::announce::MIGRATION_SCHEDULE, &nics, params);
         }
         self.run_vcpus();
+        let _ = self.parts.started_at.set(std::time::Instant::now());
         drop(rs);
         self.emitter.emit("RESUME", None);
         Ok(())

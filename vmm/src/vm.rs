@@ -38,6 +38,10 @@ pub struct Vm {
     pub(crate) announce: Option<net::AnnounceParams>,
     /// What QMP set up before the VM arrived (parameters, objects).
     pub(crate) configured: Configured,
+    /// The source asked for the destination's report, and where it goes
+    /// (crate::migrate::report).
+    pub(crate) report_wanted: bool,
+    pub(crate) report_to: Option<crate::migrate::report::ReportTo>,
 }
 
 /// Binds the control socket: a bad --qmp fails before anything is built.
@@ -76,6 +80,8 @@ impl Vm {
             start_paused: config.start_paused,
             announce: None,
             configured: Configured::default(),
+            report_wanted: false,
+            report_to: None,
         })
     }
 
@@ -138,6 +144,9 @@ impl Vm {
             announcer.clone(),
         ))));
         let announce = self.announce;
+        if let Some(to) = self.report_to.take() {
+            crate::migrate::report::spawn(to, announcer.clone(), parts.clone());
+        }
         let make_control = |emitter: &EventEmitter| {
             for net in &parts.nets {
                 let emitter = emitter.clone();

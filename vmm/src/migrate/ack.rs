@@ -19,6 +19,9 @@ const GO: &[u8; 8] = b"FERRYGO!";
 const ACK: &[u8; 8] = b"FERRYACK";
 const NAK: &[u8; 8] = b"FERRYNAK";
 const PASS: &[u8; 8] = b"FERRYPAS";
+const REPORT: &[u8; 8] = b"FERRYRPT";
+/// Largest report the source reads.
+const MAX_REPORT: usize = 1 << 20;
 const MAX_REASON: usize = 4096;
 
 pub fn send_go(w: &mut impl Write) -> io::Result<()> {
@@ -39,6 +42,17 @@ pub fn send_pass_done(w: &mut impl Write, pass: u32) -> io::Result<()> {
     w.flush()
 }
 
+/// After the ACK, when the source asked for it (`report`): what the
+/// destination did once it had the guest, as JSON (the source's
+/// timeline).
+pub fn send_report(w: &mut impl Write, json: &[u8]) -> io::Result<()> {
+    let json = &json[..json.len().min(MAX_REPORT)];
+    w.write_all(REPORT)?;
+    w.write_all(&(json.len() as u32).to_le_bytes())?;
+    w.write_all(json)?;
+    w.flush()
+}
+
 pub fn send_nak(w: &mut impl Write, reason: &str) -> io::Result<()> {
     let reason = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
     w.write_all(NAK)?;
@@ -55,6 +69,8 @@ pub enum Answer {
     Nak(String),
     /// Every page of this pass is in guest memory.
     PassDone(u32),
+    /// The destination's report (JSON).
+    Report(Vec<u8>),
 }
 
 /// Reads the destination's answer. A closed connection or anything else
@@ -68,6 +84,17 @@ pub fn read_answer(r: &mut impl Read) -> io::Result<Answer> {
     if &tag == GO {
         return Ok(Answer::Go);
     }
+    if &tag == REPORT {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len)?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_REPORT {
+            return Err(io::Error::other(format!("a report of {len} bytes")));
+        }
+        let mut json = vec![0u8; len];
+        r.read_exact(&mut json)?;
+        return Ok(Answer::Report(json));
+    }
     if &tag == PASS {
         let mut pass = [0u8; 4];
         r.read_exact(&mut pass)?;
@@ -75,7 +102,7 @@ pub fn read_answer(r: &mut impl Read) -> io::Result<Answer> {
     }
     if &tag != NAK {
         return Err(io::Error::other(format!(
-            "destination answered {tag:02x?}, not FERRYGO!/FERRYACK/FERRYNAK/FERRYPAS"
+            "destination answered {tag:02x?}, not FERRYGO!/FERRYACK/FERRYNAK/FERRYPAS/FERRYRPT"
         )));
     }
     let mut len = [0u8; 4];

@@ -222,10 +222,17 @@ impl Vm {
             }
             return Err(VmmError::QuitWhileArriving);
         }
+        let bytes = reader.bytes_read();
         if answerable {
             send_ack(reader.inner_mut()).map_err(IncomingError::Ack)?;
+            if vm.report_wanted {
+                // The connection stays open for the report.
+                vm.report_to = Some(super::report::ReportTo {
+                    channel: reader.into_inner(),
+                    acked: Instant::now(),
+                });
+            }
         }
-        let bytes = reader.bytes_read();
         job.update(|i| {
             i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
             i.ram.transferred = bytes;
@@ -372,6 +379,8 @@ fn load(
         start_paused: config.start_paused,
         announce: Some(incoming.announce),
         configured: Configured::default(),
+        report_wanted: incoming.report,
+        report_to: None,
     };
     Ok((vm, was_running))
 }

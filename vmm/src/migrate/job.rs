@@ -94,6 +94,8 @@ pub struct MigrationJob {
     /// Bytes put on the wire so far, counted as they are written, so
     /// `query-migrate` moves during a pass, not only between passes.
     wire_bytes: AtomicU64,
+    /// What happened when (`x-ferry-query-migrate-timeline`).
+    timeline: Mutex<timeline::Timeline>,
 }
 
 impl MigrationJob {
@@ -117,6 +119,7 @@ impl MigrationJob {
             cancel: AtomicBool::new(false),
             channels: Mutex::new(Vec::new()),
             wire_bytes: AtomicU64::new(0),
+            timeline: Mutex::new(timeline::Timeline::default()),
         }
     }
 
@@ -229,6 +232,28 @@ impl MigrationJob {
 
     pub fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
         f(&mut devices::bus::lock(&self.info));
+    }
+
+    /// Milliseconds since the migration started: the timeline's axis.
+    pub fn now_ms(&self) -> f64 {
+        self.ms_at(Instant::now())
+    }
+
+    pub fn ms_at(&self, t: Instant) -> f64 {
+        let started = devices::bus::lock(&self.info).started;
+        t.saturating_duration_since(started).as_secs_f64() * 1e3
+    }
+
+    pub fn record(&self, f: impl FnOnce(&mut timeline::Timeline)) {
+        f(&mut devices::bus::lock(&self.timeline));
+    }
+
+    pub fn timeline(&self) -> timeline::Timeline {
+        let mut t = devices::bus::lock(&self.timeline).clone();
+        if !t.complete {
+            t.status = self.status().name().into();
+        }
+        t
     }
 
     pub fn status(&self) -> MigrationStatus {

@@ -22,6 +22,7 @@ mod pagemap;
 pub mod params;
 pub mod qmp;
 pub mod ram;
+pub mod report;
 pub mod snapshot;
 pub mod source;
 pub mod throttle;
@@ -53,6 +54,10 @@ pub struct MigrationConfig {
     /// (see [`ack`]); an older source does not, and is not sent one.
     #[serde(default)]
     pub pass_acks: bool,
+    /// The source reads the destination's report after the ACK (see
+    /// [`report`]).
+    #[serde(default)]
+    pub report: bool,
 }
 
 /// What a local migration hands over: one TAP descriptor per NIC, in NIC

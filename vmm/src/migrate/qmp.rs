@@ -38,6 +38,7 @@ pub const COMMANDS: &[CommandSpec] = &[
         ],
     ),
     CommandSpec::no_args("query-migrate"),
+    CommandSpec::no_args("x-ferry-query-migrate-timeline"),
     CommandSpec::new(
         "migrate-set-parameters",
         &[
@@ -203,6 +204,14 @@ impl Migrations {
                 (None, Some(a)) => json!({ "socket-address": [a] }),
                 (None, None) => json!({}),
             }),
+            // Ferry's own: the last migration's timeline (the timeline
+            // crate's JSON), `{}` before any.
+            "x-ferry-query-migrate-timeline" => match self.job() {
+                Some(j) => {
+                    serde_json::to_value(j.timeline()).map_err(|e| QmpError::generic(e.to_string()))
+                }
+                None => Ok(json!({})),
+            },
             "migrate-set-parameters" => done(self.params.apply(args)),
             "query-migrate-parameters" => Ok(self.params.to_qmp()),
             "migrate-set-capabilities" => done(self.refuse_if_active().and_then(|()| {

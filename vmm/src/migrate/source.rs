@@ -64,6 +64,10 @@ pub fn spawn(
 
 fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: Arc<MigrationJob>) {
     let before = control.state();
+    job.record(|t| {
+        t.uri = uri.to_string();
+        t.channels = params.ram_channels();
+    });
     job.emit(MigrationStatus::Setup);
     let mut out = Outgoing {
         control: &control,
@@ -79,6 +83,7 @@ fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: 
         other_bytes: 0,
         image: None,
         bandwidth: None,
+        after_ack: None,
     };
     let result = out.migrate(&uri, before);
     let status = match result {
@@ -92,6 +97,41 @@ fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: 
         // times any more (re-registering big memory slots takes a while).
         out.dirty_logging_off();
     }
+    if let Some(channel) = out.after_ack.take() {
+        collect_report(&job, channel);
+    }
+    job.record(|t| t.complete = true);
+}
+
+/// How long the source waits, after the ACK, for the destination's
+/// report of its resume and announce (for the timeline only).
+const REPORT_WAIT: Duration = Duration::from_secs(4);
+
+/// The destination's report, put on the timeline's axis: its times are
+/// from its ACK, which the source took at `resume_ms`.
+fn collect_report(job: &MigrationJob, mut channel: Box<dyn Channel>) {
+    if channel.set_timeouts(Some(REPORT_WAIT), None).is_err() {
+        return;
+    }
+    let report = match read_answer(&mut channel) {
+        Ok(Answer::Report(bytes)) => bytes,
+        Ok(_) | Err(_) => {
+            log::debug!("migration: no report from the destination");
+            return;
+        }
+    };
+    let Ok(mut dest) = serde_json::from_slice::<timeline::Destination>(&report) else {
+        log::debug!("migration: the destination's report does not parse");
+        return;
+    };
+    job.record(|t| {
+        let base = t.resume_ms.unwrap_or(0.0);
+        dest.resumed_ms = dest.resumed_ms.map(|r| r + base);
+        for f in &mut dest.announce {
+            f.at_ms += base;
+        }
+        t.destination = Some(dest);
+    });
 }
 
 struct Outgoing<'a> {
@@ -123,6 +163,9 @@ struct Outgoing<'a> {
     image: Option<SnapshotFile>,
     /// `max-bandwidth` for everything the migration writes.
     bandwidth: Option<Bandwidth>,
+    /// The main connection after the ACK: the destination's report comes
+    /// on it.
+    after_ack: Option<Box<dyn Channel>>,
 }
 
 /// How long each step of the stop-and-copy phase took.
@@ -272,6 +315,7 @@ impl<'a> Outgoing<'a> {
             ram_channels,
             session,
             pass_acks: !self.to_file,
+            report: !self.to_file,
         };
         w.write_json(SectionKind::Config, CONFIG_SECTION, CONFIG_VERSION, &config)?;
         if !self.to_file {
@@ -284,7 +328,7 @@ impl<'a> Outgoing<'a> {
             match read_answer(w.inner_mut()).map_err(MigrateError::NoAck)? {
                 Answer::Go => {}
                 Answer::Nak(reason) => return Err(MigrateError::Refused(reason)),
-                Answer::Ack | Answer::PassDone(_) => {
+                Answer::Ack | Answer::PassDone(_) | Answer::Report(_) => {
                     return Err(MigrateError::OutOfTurn {
                         got: "ACK",
                         when: "before the stream ended",
@@ -454,6 +498,21 @@ impl<'a> Outgoing<'a> {
             let dirty_bytes = dirty * PAGE_SIZE as u64;
             let expected_ms = dirty_bytes as f64 / (link.max(1.0) * 1e3);
             self.account(w, sent, dirty, pass);
+            let (start_ms, end_ms) = (self.job.ms_at(start), self.job.now_ms());
+            self.job.record(|t| {
+                t.passes.push(timeline::Pass {
+                    pass,
+                    start_ms,
+                    end_ms,
+                    bytes: pass_bytes,
+                    data_pages: sent.data,
+                    zero_pages: sent.zero,
+                    mbytes_per_sec: link,
+                    dirtied_pages: dirty,
+                    dirty_mbytes_per_sec: mbytes_per_sec(dirty_bytes, took),
+                    live: true,
+                })
+            });
             self.job.update(|i| {
                 i.expected_downtime_ms = expected_ms as u64;
                 i.ram.mbps = link * 8.0;
@@ -509,6 +568,13 @@ impl<'a> Outgoing<'a> {
                     }
                 }
                 self.job.update(|i| i.cpu_throttle_percentage = pct);
+                let at_ms = self.job.now_ms();
+                self.job.record(|t| {
+                    t.throttle.push(timeline::ThrottleStep {
+                        at_ms,
+                        percent: pct,
+                    })
+                });
             }
         }
         unreachable!("the pass counter does not run out")
@@ -523,6 +589,8 @@ impl<'a> Outgoing<'a> {
         self.control.stop_into(RunState::FinishMigrate)?;
         self.state_at_stop = from;
         self.stopped_at = Some(asked);
+        let stop_ms = self.job.ms_at(asked);
+        self.job.record(|t| t.stop_ms = Some(stop_ms));
         self.phases.start(asked);
         self.phases.mark("stop");
         if self.params.pause_before_switchover {
@@ -556,8 +624,26 @@ impl<'a> Outgoing<'a> {
             if pass > 1 {
                 self.job.emit_pass(pass);
             }
+            let start = Instant::now();
+            let bytes_before = self.bytes_written(&w);
             let sent = self.send_pass(&mut w, &set, pass, false)?;
             self.account(&w, sent, 0, pass);
+            let bytes = self.bytes_written(&w) - bytes_before;
+            let took = start.elapsed();
+            let (start_ms, end_ms) = (self.job.ms_at(start), self.job.now_ms());
+            self.job.record(|t| {
+                t.passes.push(timeline::Pass {
+                    pass,
+                    start_ms,
+                    end_ms,
+                    bytes,
+                    data_pages: sent.data,
+                    zero_pages: sent.zero,
+                    mbytes_per_sec: mbytes_per_sec(bytes, took),
+                    live: false,
+                    ..Default::default()
+                })
+            });
             self.phases.mark("last pass");
         }
         // The channels end before the state goes: the destination loads
@@ -628,16 +714,17 @@ impl<'a> Outgoing<'a> {
                 // The last pass's: the ACK follows.
                 Answer::PassDone(_) => {}
                 Answer::Nak(reason) => return Err(MigrateError::Refused(reason)),
-                Answer::Go => {
+                Answer::Go | Answer::Report(_) => {
                     return Err(MigrateError::OutOfTurn {
-                        got: "GO",
-                        when: "twice",
+                        got: "GO or a report",
+                        when: "before the ACK",
                     })
                 }
             }
         }
         self.acked_at = Some(Instant::now());
         self.phases.mark("ack");
+        self.after_ack = Some(channel);
         Ok(())
     }
 
@@ -689,6 +776,23 @@ impl<'a> Outgoing<'a> {
             downtime.unwrap_or_default().as_secs_f64() * 1e3,
             self.phases.summary()
         );
+        let resume_ms = self.job.ms_at(resumed);
+        let total_ms = self.job.now_ms();
+        self.job.record(|t| {
+            t.resume_ms = self.stopped_at.map(|_| resume_ms);
+            t.downtime_ms = downtime.map(|d| d.as_secs_f64() * 1e3);
+            t.total_ms = Some(total_ms);
+            t.phases = self
+                .phases
+                .steps
+                .iter()
+                .map(|(name, d)| timeline::Phase {
+                    name: (*name).into(),
+                    ms: d.as_secs_f64() * 1e3,
+                })
+                .collect();
+            t.status = MigrationStatus::Completed.name().into();
+        });
         let downtime = downtime.map(|d| d.as_millis() as u64);
         self.job.update(|i| {
             i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
@@ -720,6 +824,11 @@ impl<'a> Outgoing<'a> {
         } else {
             MigrationStatus::Failed
         };
+        let total_ms = self.job.now_ms();
+        self.job.record(|t| {
+            t.total_ms = Some(total_ms);
+            t.status = status.name().into();
+        });
         self.job.update(|i| {
             i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
             if status == MigrationStatus::Failed {
