@@ -56,6 +56,13 @@ impl TwoHosts {
             .expect("tc tbf on the migration link");
         }
     }
+
+    /// Takes the shaping of [`Self::shape`] off again.
+    pub fn unshape(&self) {
+        for (ns, dev) in [(&self.a, "vha"), (&self.b, "vhb")] {
+            let _ = ns.run(&["tc", "qdisc", "del", "dev", dev, "root"]);
+        }
+    }
 }
 
 /// Polls `query-migrate` on `vm` until the migration ends; returns the

@@ -51,6 +51,7 @@
 mod echo;
 mod guests;
 mod live;
+mod populated;
 mod sections;
 mod snapshot;
 mod table;
@@ -183,7 +184,12 @@ fn main() {
             "dirty" => sections::dirty(&mut env),
             "snapshot" => sections::snapshot(&mut env),
             "echo" => sections::echo_floor(&mut env),
-            other => eprintln!("unknown part {other:?} (idle, dirty, snapshot)"),
+            "populated" => populated::populated(&mut env),
+            "growth" => populated::growth(&mut env),
+            "slowlink" => populated::slow_link(&mut env),
+            other => eprintln!(
+                "unknown part {other:?} (idle, dirty, snapshot, echo, populated, growth, slowlink)"
+            ),
         }
     }
     println!();

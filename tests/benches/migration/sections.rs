@@ -9,7 +9,7 @@ use ferry_tests::vmms::Vmm;
 use crate::echo::EchoStream;
 use crate::guests::{cmdline, source};
 use crate::live::{live, Migration};
-use crate::snapshot::{restore, save, Restore, Save};
+use crate::snapshot::{restore, save, snapshot_cmdline, Restore, Save};
 use crate::table::{fmt, med, ratio, size_label};
 use crate::{Env, DOWNTIME_LIMIT_MS, QEMU_BOUND, SNAPSHOT_HEARTBEAT_MS};
 
@@ -167,11 +167,29 @@ pub fn dirty(env: &mut Env) {
     }
 }
 
+/// FERRY_BENCH_SNAPSHOTS=1024,1024/768M,8192/6G (guest MiB, / what it
+/// holds) picks the rows.
 pub fn snapshot(env: &mut Env) {
-    let mib = 1024;
+    let picked =
+        std::env::var("FERRY_BENCH_SNAPSHOTS").unwrap_or_else(|_| "1024,1024/768M,8192/6G".into());
+    for case in picked.split(',') {
+        let (mib, pattern) = match case.split_once('/') {
+            Some((m, p)) => (m, Some(p)),
+            None => (case, None),
+        };
+        let Ok(mib) = mib.trim().parse::<u32>() else {
+            continue;
+        };
+        snapshot_rows(env, mib, pattern);
+    }
+}
+
+fn snapshot_rows(env: &mut Env, mib: u32, pattern: Option<&str>) {
     let dir = std::env::temp_dir();
+    let cmd = snapshot_cmdline(pattern);
     let mut saves: Vec<(Vmm, Save)> = Vec::new();
     let mut restores: Vec<(Vmm, Restore)> = Vec::new();
+    let mut dds = Vec::new();
     for run in 0..env.runs {
         for vmm in env.order(run) {
             let file: PathBuf = dir.join(format!(
@@ -179,36 +197,52 @@ pub fn snapshot(env: &mut Env) {
                 std::process::id(),
                 vmm.name()
             ));
-            let s = save(env, vmm, mib, &file);
-            let r = restore(env, vmm, mib, &file);
+            let s = save(env, vmm, mib, &file, &cmd);
+            let r = restore(env, vmm, mib, &file, &cmd);
             if env.verbose {
-                eprintln!("[snapshot {}] {s:?} {r:?}", vmm.name());
+                eprintln!(
+                    "[snapshot {} MiB {pattern:?} {}] {s:?} {r:?}",
+                    mib,
+                    vmm.name()
+                );
+            }
+            if vmm == Vmm::Ferry {
+                dds.push(crate::snapshot::dd_ms(&file, s.file_bytes as u64));
             }
             let _ = std::fs::remove_file(&file);
             saves.push((vmm, s));
             restores.push((vmm, r));
         }
     }
+    let worst = |v: Vec<f64>| v.into_iter().fold(f64::NAN, f64::max);
+    let all = |vmm: Vmm, f: fn(&Restore) -> f64| -> Vec<f64> {
+        restores
+            .iter()
+            .filter(|r| r.0 == vmm)
+            .map(|r| f(&r.1))
+            .collect()
+    };
     println!();
     println!(
-        "Snapshot of an idle 1 GiB guest and restore into a new process on host B; medians of {} \
-         runs. Ferry: migrate file: / run --incoming file:. QEMU: migrate exec:cat > FILE / \
-         -incoming exec:cat FILE. Restore times from the spawn of the process (file in the page \
-         cache); first heartbeat: the guest beats every {SNAPSHOT_HEARTBEAT_MS} ms.",
-        env.runs
+        "Snapshot of a {} guest{} and restore into a new process on host B; {} runs (median,          worst). Ferry: migrate file: (the file form, RAM mapped on restore) / run --incoming          file:. QEMU: migrate exec:cat > FILE / -incoming exec:cat FILE. Restore times from the          spawn of the process (file in the page cache); first heartbeat: the guest beats every          {SNAPSHOT_HEARTBEAT_MS} ms. dd: writing Ferry's file's bytes with dd (page cache) in the          same runs: {}.",
+        size_label(mib),
+        pattern.map_or(" (idle)".to_string(), |p| format!(" holding {p}")),
+        env.runs,
+        fmt(ferry_tests::bench_net::median(dds.clone()), "ms"),
     );
     println!();
-    println!("| VMM | save: total time | save: guest stopped | file size | restore: to QMP running | restore: to first heartbeat |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| VMM | save: total time | save: guest stopped | on disk | restore: to QMP running | restore: to first heartbeat (median) | (worst) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for vmm in &env.vmms {
         println!(
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             vmm.name(),
             fmt(med(&saves, *vmm, |s| s.total_ms), "ms"),
             fmt(med(&saves, *vmm, |s| s.downtime_ms), "ms"),
             fmt(med(&saves, *vmm, |s| s.file_bytes), "B"),
             fmt(med(&restores, *vmm, |r| r.running_ms), "ms"),
             fmt(med(&restores, *vmm, |r| r.heartbeat_ms), "ms"),
+            fmt(worst(all(*vmm, |r| r.heartbeat_ms)), "ms"),
         );
     }
     if env.vmms.len() == 2 {
@@ -217,7 +251,7 @@ pub fn snapshot(env: &mut Env) {
             ratio(med(&restores, Vmm::Ferry, f), med(&restores, Vmm::Qemu, f))
         };
         println!(
-            "| Ferry/QEMU | {} | {} | {} | {} | {} |",
+            "| Ferry/QEMU | {} | {} | {} | {} | {} | |",
             rs(|s| s.total_ms),
             rs(|s| s.downtime_ms),
             rs(|s| s.file_bytes),

@@ -22,6 +22,30 @@ use crate::guests::{cmdline, phase_lines, source};
 use crate::live::num;
 use crate::{verbose, Env, MIGRATION_TIMEOUT, SNAPSHOT_HEARTBEAT_MS};
 
+/// Seconds `dd` takes to write `bytes` to a new file beside `file` (the
+/// page cache, as the snapshot: no fsync): the disk's speed for the
+/// bytes a snapshot holds.
+pub fn dd_ms(file: &Path, bytes: u64) -> f64 {
+    let out = file.with_extension("dd");
+    let _ = std::fs::remove_file(&out);
+    let t0 = Instant::now();
+    let ok = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", out.display()))
+        .args(["bs=1M", &format!("count={}", bytes >> 20)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    let _ = std::fs::remove_file(&out);
+    if ok {
+        ms
+    } else {
+        f64::NAN
+    }
+}
+
 /// What a snapshot save measured.
 #[derive(Clone, Debug, Default)]
 pub struct Save {
@@ -37,10 +61,19 @@ pub struct Restore {
     pub heartbeat_ms: f64,
 }
 
-pub fn save(env: &mut Env, vmm: Vmm, mib: u32, file: &Path) -> Save {
+/// The snapshot guest's command line: heartbeats every
+/// [`SNAPSHOT_HEARTBEAT_MS`], holding `pattern` if given.
+pub fn snapshot_cmdline(pattern: Option<&str>) -> String {
+    let base = cmdline(SNAPSHOT_HEARTBEAT_MS, None);
+    match pattern {
+        Some(p) => format!("{base} probe.pattern=13,{p}"),
+        None => base,
+    }
+}
+
+pub fn save(env: &mut Env, vmm: Vmm, mib: u32, file: &Path, cmd: &str) -> Save {
     let _ = std::fs::remove_file(file);
-    let cmd = cmdline(SNAPSHOT_HEARTBEAT_MS, None);
-    let mut src = source(vmm, &env.hosts, mib, &cmd, None);
+    let mut src = source(vmm, &env.hosts, mib, cmd, None);
     std::thread::sleep(Duration::from_millis(500));
     let uri = match vmm {
         Vmm::Ferry => format!("file:{}", file.display()),
@@ -62,21 +95,23 @@ pub fn save(env: &mut Env, vmm: Vmm, mib: u32, file: &Path) -> Save {
         std::thread::sleep(Duration::from_millis(20));
         eprint!("{}", phase_lines(&src));
     }
+    use std::os::unix::fs::MetadataExt;
     Save {
         total_ms: num(&info["total-time"]),
         downtime_ms: num(&info["downtime"]),
-        file_bytes: std::fs::metadata(file).map_or(f64::NAN, |m| m.len() as f64),
+        // What the file takes on disk (Ferry's is sparse).
+        file_bytes: std::fs::metadata(file).map_or(f64::NAN, |m| (m.blocks() * 512) as f64),
     }
 }
 
-pub fn restore(env: &Env, vmm: Vmm, mib: u32, file: &Path) -> Restore {
+pub fn restore(env: &Env, vmm: Vmm, mib: u32, file: &Path, cmd: &str) -> Restore {
     let dir = std::env::temp_dir().join(format!("ferry-migbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let qmp = dir.join(format!("{}-restore.sock", vmm.name()));
     let _ = std::fs::remove_file(&qmp);
     let cmd = match vmm {
         Vmm::Ferry => ferry_restore(env, file, &qmp),
-        Vmm::Qemu => qemu_restore(env, mib, file, &qmp),
+        Vmm::Qemu => qemu_restore(env, mib, file, &qmp, cmd),
     };
     let r = time_restore(cmd, &qmp, vmm.name());
     let _ = std::fs::remove_dir_all(&dir);
@@ -99,7 +134,7 @@ fn ferry_restore(env: &Env, file: &Path, qmp: &Path) -> Command {
 
 /// QEMU on host B with the machine of `Qemu::spawn` (QEMU needs it
 /// described again), `-incoming exec:cat FILE`.
-fn qemu_restore(env: &Env, mib: u32, file: &Path, qmp: &Path) -> Command {
+fn qemu_restore(env: &Env, mib: u32, file: &Path, qmp: &Path, cmd: &str) -> Command {
     let net = GuestNet {
         ns: &env.hosts.b,
         tap: B_TAP,
@@ -109,7 +144,7 @@ fn qemu_restore(env: &Env, mib: u32, file: &Path, qmp: &Path) -> Command {
         "-incoming".to_string(),
         format!("exec:cat {}", file.display()),
     ];
-    qemu_config(&net, mib, &cmdline(SNAPSHOT_HEARTBEAT_MS, None), &extra).command(qmp)
+    qemu_config(&net, mib, cmd, &extra).command(qmp)
 }
 
 /// Runs `cmd` (already set up) and times QMP `running` and the first

@@ -186,7 +186,7 @@ impl Vm {
         job.set_status(MigrationStatus::Active);
         let answerable = listener.as_raw_fd().is_some();
         let params = lock(&configured.migrations).params.clone();
-        let (mut vm, was_running, mut reader) = match receive(
+        let (mut vm, was_running, mut reader, _kept) = match receive(
             channel, image, config, &params, &listener, answerable, &arrival,
         ) {
             Ok(loaded) => loaded,
@@ -249,6 +249,9 @@ impl Vm {
 /// The stream as the destination reads it.
 type Reader = StreamReader<Box<dyn Channel>>;
 
+/// What is freed only after the ACK: the multifd channels' readers.
+type Kept = Vec<multifd::ChannelReader>;
+
 /// The stream on `channel`, loaded: the VM (in prelaunch-migrate),
 /// whether it ran on the source, and the reader, to answer on. A failure
 /// is refused to the source (NAK).
@@ -260,10 +263,10 @@ fn receive(
     listener: &Listener,
     answerable: bool,
     arrival: &Arrival,
-) -> Result<(Vm, bool, Reader), IncomingError> {
+) -> Result<(Vm, bool, Reader, Kept), IncomingError> {
     let mut reader = StreamReader::new(channel)?;
     match load(&mut reader, image, config, params, listener, answerable) {
-        Ok((vm, was_running)) => Ok((vm, was_running, reader)),
+        Ok((vm, was_running, kept)) => Ok((vm, was_running, reader, kept)),
         Err(e) => {
             if answerable && !arrival.requested() {
                 let _ = send_nak(reader.inner_mut(), &e.to_string());
@@ -319,7 +322,7 @@ fn load(
     params: &MigrationParameters,
     listener: &Listener,
     answerable: bool,
-) -> Result<(Vm, bool), IncomingError> {
+) -> Result<(Vm, bool, Kept), IncomingError> {
     let incoming = read_config(reader, config)?;
     if answerable {
         check_multifd(incoming.ram_channels, params.ram_channels())?;
@@ -346,9 +349,12 @@ fn load(
     } else {
         None
     };
-    let tracker = PassTracker::new(channels.len() as u32, answer);
+    // Anonymous memory only: a memfd's pages are the source's, a mapped
+    // snapshot's the file's.
+    let huge = (!mapped && built.parts.memfd.is_none()).then(|| built.parts.memory.clone());
+    let tracker = PassTracker::new(channels.len() as u32, answer, huge);
     let written = WrittenPages::new(&built.parts.memory);
-    let loaded = if channels.is_empty() {
+    let mut loaded = if channels.is_empty() {
         read_sections(reader, &built, &written, Some(&tracker))?
     } else {
         read_with_channels(reader, &built, &written, &tracker, channels)?
@@ -358,6 +364,7 @@ fn load(
     let read_ms = loaded
         .state_from
         .map_or(0.0, |t| (restore_from - t).as_secs_f64() * 1e3);
+    let kept = std::mem::take(&mut loaded.kept);
     let was_running = loaded.apply(&built)?;
     if let Some(file) = lease {
         super::snapshot::guard_image(&file, built.parts.memory.clone());
@@ -382,7 +389,7 @@ fn load(
         report_wanted: incoming.report,
         report_to: None,
     };
-    Ok((vm, was_running))
+    Ok((vm, was_running, kept))
 }
 
 /// The config section, first in every stream, checked against this
@@ -444,10 +451,15 @@ fn read_with_channels(
         .filter_map(|c| c.try_clone_box().ok())
         .collect();
     std::thread::scope(|s| {
+        // Each channel's thread says when it is done: the wait for them
+        // is on the stopped guest's path, no polling.
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let count = channels.len();
         let threads: Vec<_> = channels
             .into_iter()
             .enumerate()
             .map(|(index, c)| {
+                let done = done_tx.clone();
                 std::thread::Builder::new()
                     .name(format!("ferry-multifd-{index}"))
                     .spawn_scoped(s, move || {
@@ -455,24 +467,27 @@ fn read_with_channels(
                         if let Err(e) = &r {
                             tracker.fail(&e.to_string());
                         }
+                        let _ = done.send(());
                         r
                     })
             })
             .collect();
+        drop(done_tx);
         let main = read_sections(reader, machine, written, None);
         // A source that ended the main stream has ended every channel:
         // one still going after a while never will.
-        let deadline = Instant::now() + multifd::CHANNEL_DEADLINE;
-        while main.is_ok()
-            && Instant::now() < deadline
-            && threads
-                .iter()
-                .any(|t| t.as_ref().is_ok_and(|t| !t.is_finished()))
-        {
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        if main.is_ok() {
+            let deadline = Instant::now() + multifd::CHANNEL_DEADLINE;
+            for _ in 0..count {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if done_rx.recv_timeout(left).is_err() {
+                    break;
+                }
+            }
         }
         multifd::shut(&handles);
         let mut channel_error = None;
+        let mut kept = Vec::new();
         for t in threads {
             let r = match t {
                 Ok(t) => t.join().unwrap_or_else(|_| {
@@ -483,12 +498,18 @@ fn read_with_channels(
                 }),
                 Err(e) => Err(IncomingError::Answer(e)),
             };
-            if let Err(e) = r {
-                channel_error.get_or_insert(e);
+            match r {
+                Ok(reader) => kept.push(reader),
+                Err(e) => {
+                    channel_error.get_or_insert(e);
+                }
             }
         }
         match (main, channel_error) {
-            (Ok(loaded), None) => Ok(loaded),
+            (Ok(mut loaded), None) => {
+                loaded.kept = kept;
+                Ok(loaded)
+            }
             // A channel that failed first is the cause; after the main
             // stream failed, the channels' errors are its consequence.
             (_, Some(e)) if tracker.failed() => Err(e),
@@ -510,6 +531,7 @@ struct Loaded {
     /// When the first section after the RAM came: the source's guest has
     /// been stopped since about then.
     state_from: Option<Instant>,
+    kept: Kept,
 }
 
 /// Reads the rest of the stream: RAM straight into guest memory, every
@@ -535,6 +557,7 @@ fn read_sections(
         vcpus: BTreeMap::new(),
         devices: BTreeMap::new(),
         state_from: None,
+        kept: Vec::new(),
     };
     // SAFETY: the machine was just built: no vCPU has run, no device is
     // active, nothing but the sink touches guest memory until the loop

@@ -177,6 +177,9 @@ fn readable(listener: &Listener, timeout: Duration) -> bool {
 /// main connection itself) the count is 1.
 pub struct PassTracker {
     channels: u32,
+    /// Guest memory backed by huge pages until the first pass is in
+    /// (memory::advise_huge_pages).
+    huge_for_pass_1: Option<GuestMemoryMmap>,
     answer: Option<Mutex<Box<dyn Channel>>>,
     state: Mutex<(u32, u32)>,
     failed: std::sync::atomic::AtomicBool,
@@ -185,9 +188,17 @@ pub struct PassTracker {
 impl PassTracker {
     /// `answer`: where `FERRYPAS` goes; `None` (a file, or a source that
     /// did not ask) says nothing.
-    pub fn new(channels: u32, answer: Option<Box<dyn Channel>>) -> Self {
+    pub fn new(
+        channels: u32,
+        answer: Option<Box<dyn Channel>>,
+        huge_for_pass_1: Option<GuestMemoryMmap>,
+    ) -> Self {
+        if let Some(m) = &huge_for_pass_1 {
+            crate::memory::advise_huge_pages(m);
+        }
         Self {
             channels: channels.max(1),
+            huge_for_pass_1,
             answer: answer.map(Mutex::new),
             state: Mutex::new((0, 0)),
             failed: std::sync::atomic::AtomicBool::new(false),
@@ -204,6 +215,11 @@ impl PassTracker {
             s.1 += 1;
             s.1 == self.channels
         };
+        if done && pass == 1 {
+            if let Some(m) = &self.huge_for_pass_1 {
+                crate::memory::advise_small_pages(m);
+            }
+        }
         match (&self.answer, done) {
             (Some(a), true) => send_pass_done(&mut *devices::bus::lock(a), pass),
             _ => Ok(()),
@@ -229,6 +245,9 @@ impl PassTracker {
     }
 }
 
+/// A channel's stream as the destination reads it.
+pub type ChannelReader = StreamReader<Box<dyn Channel>>;
+
 /// Destination, one thread per channel: reads the channel's stream into
 /// guest memory until its end.
 pub fn receive_channel(
@@ -237,7 +256,7 @@ pub fn receive_channel(
     memory: &GuestMemoryMmap,
     written: &WrittenPages,
     tracker: &PassTracker,
-) -> Result<u64, IncomingError> {
+) -> Result<ChannelReader, IncomingError> {
     let fail = |e: IncomingError| IncomingError::Channel {
         index,
         reason: e.to_string(),
@@ -260,7 +279,9 @@ pub fn receive_channel(
                     .ended(pass)
                     .map_err(|e| fail(IncomingError::Answer(e)))?;
             }
-            SectionKind::End => return Ok(reader.bytes_read()),
+            // The reader (its buffers) is freed after the ACK, not on the
+            // stopped guest's path.
+            SectionKind::End => return Ok(reader),
             kind => {
                 return Err(fail(IncomingError::UnknownSection {
                     kind,

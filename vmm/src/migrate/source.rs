@@ -97,8 +97,8 @@ fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: 
         // times any more (re-registering big memory slots takes a while).
         out.dirty_logging_off();
     }
-    if let Some(channel) = out.after_ack.take() {
-        collect_report(&job, channel);
+    if let Some(mut w) = out.after_ack.take().filter(|_| !out.to_file) {
+        collect_report(&job, &mut *w.inner_mut().inner);
     }
     job.record(|t| t.complete = true);
 }
@@ -109,7 +109,7 @@ const REPORT_WAIT: Duration = Duration::from_secs(4);
 
 /// The destination's report, put on the timeline's axis: its times are
 /// from its ACK, which the source took at `resume_ms`.
-fn collect_report(job: &MigrationJob, mut channel: Box<dyn Channel>) {
+fn collect_report(job: &MigrationJob, mut channel: &mut dyn Channel) {
     if channel.set_timeouts(Some(REPORT_WAIT), None).is_err() {
         return;
     }
@@ -163,9 +163,11 @@ struct Outgoing<'a> {
     image: Option<SnapshotFile>,
     /// `max-bandwidth` for everything the migration writes.
     bandwidth: Option<Bandwidth>,
-    /// The main connection after the ACK: the destination's report comes
-    /// on it.
-    after_ack: Option<Box<dyn Channel>>,
+    /// The main stream after the ACK: the destination's report comes on
+    /// its connection. (Kept, with the channels' writers, until the
+    /// migration's end: freeing their buffers is no work for the stopped
+    /// guest to wait for.)
+    after_ack: Option<Writer<'a>>,
 }
 
 /// How long each step of the stop-and-copy phase took.
@@ -648,13 +650,13 @@ impl<'a> Outgoing<'a> {
         }
         // The channels end before the state goes: the destination loads
         // the state once every channel's stream has ended.
-        for (index, cw) in std::mem::take(&mut self.channels).into_iter().enumerate() {
-            self.other_bytes += cw.bytes_written();
-            cw.finish().map_err(|e| MigrateError::ChannelFailed {
+        for (index, cw) in self.channels.iter_mut().enumerate() {
+            cw.end().map_err(|e| MigrateError::ChannelFailed {
                 index,
                 source: Box::new(e.into()),
             })?;
         }
+        self.phases.mark("channels end");
         w.write_json(
             SectionKind::VmState,
             VM_SECTION,
@@ -686,22 +688,24 @@ impl<'a> Outgoing<'a> {
         )?;
         self.phases.mark("devices");
         let transferred = self.bytes_written(&w);
-        let channel = w.finish()?.inner;
+        w.end()?;
         self.phases.mark("end+flush");
         self.job.update(|i| i.ram.transferred = transferred);
-        self.await_ack(channel)
+        self.await_ack(w)
     }
 
     /// Phase 4: over a socket, the destination's ACK: it runs the guest
     /// from now on. A file needs none.
-    fn await_ack(&mut self, mut channel: Box<dyn Channel>) -> Result<(), MigrateError> {
+    fn await_ack(&mut self, mut w: Writer<'a>) -> Result<(), MigrateError> {
         if self.to_file {
             // Complete: the snapshot replaces the file at the path.
             if let Some(image) = self.image.take() {
                 image.commit()?;
             }
+            self.after_ack = Some(w);
             return Ok(());
         }
+        let channel = &mut w.inner_mut().inner;
         channel
             .set_timeouts(Some(ACK_TIMEOUT), Some(IO_TIMEOUT))
             .map_err(|source| MigrateError::Channel {
@@ -709,7 +713,7 @@ impl<'a> Outgoing<'a> {
                 source,
             })?;
         loop {
-            match read_answer(&mut channel).map_err(MigrateError::NoAck)? {
+            match read_answer(channel).map_err(MigrateError::NoAck)? {
                 Answer::Ack => break,
                 // The last pass's: the ACK follows.
                 Answer::PassDone(_) => {}
@@ -724,7 +728,7 @@ impl<'a> Outgoing<'a> {
         }
         self.acked_at = Some(Instant::now());
         self.phases.mark("ack");
-        self.after_ack = Some(channel);
+        self.after_ack = Some(w);
         Ok(())
     }
 
