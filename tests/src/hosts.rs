@@ -26,11 +26,16 @@ pub struct TwoHosts {
 impl TwoHosts {
     pub fn new(test: &str) -> TwoHosts {
         let hosts = TwoHosts::linked(test);
-        for (ns, tap) in [(&hosts.a, A_TAP), (&hosts.b, B_TAP)] {
+        hosts.add_taps();
+        hosts
+    }
+
+    /// Each host's TAP for the guest, host side 198.18.0.1/24.
+    pub fn add_taps(&self) {
+        for (ns, tap) in [(&self.a, A_TAP), (&self.b, B_TAP)] {
             ns.add_tap(tap).expect("tap");
             ns.add_addr(tap, "198.18.0.1/24").expect("tap addr");
         }
-        hosts
     }
 
     /// Only the two namespaces and the migration link between them; the

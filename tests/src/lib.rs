@@ -4,6 +4,7 @@
 
 pub mod announce;
 pub mod bench_net;
+pub mod delayline;
 pub mod ferry;
 pub mod host;
 pub mod hosts;

@@ -41,6 +41,16 @@
 //! FERRY_BENCH_VERBOSE=1 Ferry runs with FERRY_LOG=info and its log lines
 //! on the stop-and-copy phases are printed.
 //!
+//! - guests that hold data (FERRY_BENCH_PARTS=populated): 4 GiB holding
+//!   2 GiB (FERRY_BENCH_POPULATED=4096/2G,8192/6G), over the unshaped veth
+//!   and one shaped to 10 Gbit/s (FERRY_BENCH_LINKS=veth,10gbit), each VMM
+//!   on one stream and with multifd (FERRY_BENCH_CHANNELS, default 2), the
+//!   destination configured through `-incoming defer` as libvirt does; the
+//!   pattern is verified after every run; iperf3 on the same path in the
+//!   same runs; median and worst; one run's timeline drawn. `growth`:
+//!   total time against populated bytes and downtime against guest size.
+//!   `slowlink`: a 1 GiB guest dirtying 50 MB/s over 1 Gbit/s, 2 ms RTT.
+//!
 //! Layout: [`guests`] starts the probe on either host, [`live`] runs and
 //! measures one migration, [`echo`] is the UDP stream that sees its
 //! downtime from outside, [`snapshot`] saves to and restores from a file,
@@ -118,7 +128,7 @@ fn loadavg() -> String {
 
 /// Permanent neighbour entries for the guest on both hosts' TAPs, so the
 /// echo stream needs no ARP on either side of the move.
-fn pin_guest_neighbour(hosts: &TwoHosts) {
+pub(crate) fn pin_guest_neighbour(hosts: &TwoHosts) {
     for (ns, tap) in [(&hosts.a, A_TAP), (&hosts.b, B_TAP)] {
         ns.run(&[
             "ip",

@@ -488,6 +488,7 @@ fn read_with_channels(
         multifd::shut(&handles);
         let mut channel_error = None;
         let mut kept = Vec::new();
+        let mut state = Vec::new();
         for t in threads {
             let r = match t {
                 Ok(t) => t.join().unwrap_or_else(|_| {
@@ -499,7 +500,10 @@ fn read_with_channels(
                 Err(e) => Err(IncomingError::Answer(e)),
             };
             match r {
-                Ok(reader) => kept.push(reader),
+                Ok((reader, sections)) => {
+                    kept.push(reader);
+                    state.extend(sections);
+                }
                 Err(e) => {
                     channel_error.get_or_insert(e);
                 }
@@ -507,6 +511,14 @@ fn read_with_channels(
         }
         match (main, channel_error) {
             (Ok(mut loaded), None) => {
+                // With multifd the state comes on channel 0 (its
+                // connection is warm; the main one sat idle through the
+                // passes and TCP would restart it slowly).
+                let names = device_names(machine);
+                for section in state {
+                    loaded.state_from.get_or_insert_with(Instant::now);
+                    loaded.take(section, &names, machine.parts.machine.vcpus)?;
+                }
                 loaded.kept = kept;
                 Ok(loaded)
             }
@@ -546,11 +558,7 @@ fn read_sections(
     tracker: Option<&PassTracker>,
 ) -> Result<Loaded, IncomingError> {
     let parts = &machine.parts;
-    let device_names: BTreeSet<String> = parts
-        .devices
-        .iter()
-        .map(|d| devices::bus::lock(d).section_name())
-        .collect();
+    let device_names = device_names(machine);
     let mut loaded = Loaded {
         vm: None,
         global: None,
@@ -576,26 +584,51 @@ fn read_sections(
             continue;
         }
         loaded.state_from.get_or_insert_with(Instant::now);
+        if section.kind == SectionKind::End {
+            return Ok(loaded);
+        }
+        loaded.take(section, &device_names, parts.machine.vcpus)?;
+    }
+}
+
+/// The names of the machine's device sections.
+fn device_names(machine: &builder::Machine) -> BTreeSet<String> {
+    machine
+        .parts
+        .devices
+        .iter()
+        .map(|d| devices::bus::lock(d).section_name())
+        .collect()
+}
+
+impl Loaded {
+    /// Keeps one state section — known, once, a version this build reads
+    /// — for [`Self::apply`].
+    fn take(
+        &mut self,
+        section: Section,
+        device_names: &BTreeSet<String>,
+        vcpus: u8,
+    ) -> Result<(), IncomingError> {
         let duplicate = || IncomingError::Duplicate {
             name: section.name.clone(),
             offset: section.offset,
         };
         match section.kind {
-            SectionKind::End => return Ok(loaded),
             SectionKind::VmState if section.name == GLOBAL_SECTION => {
                 section.check_version(GLOBAL_VERSION)?;
-                if loaded.global.replace(section.json()?).is_some() {
+                if self.global.replace(section.json()?).is_some() {
                     return Err(duplicate());
                 }
             }
             SectionKind::VmState if section.name == VM_SECTION => {
                 section.check_version(VM_VERSION)?;
-                if loaded.vm.replace(section.json()?).is_some() {
+                if self.vm.replace(section.json()?).is_some() {
                     return Err(duplicate());
                 }
             }
             SectionKind::Vcpu => {
-                let Some(id) = vcpu_of(&section.name, parts.machine.vcpus) else {
+                let Some(id) = vcpu_of(&section.name, vcpus) else {
                     return Err(IncomingError::UnknownSection {
                         kind: section.kind,
                         name: section.name,
@@ -603,15 +636,15 @@ fn read_sections(
                     });
                 };
                 section.check_version(VCPU_VERSION)?;
-                if loaded.vcpus.insert(id, section.json()?).is_some() {
+                if self.vcpus.insert(id, section.json()?).is_some() {
                     return Err(duplicate());
                 }
             }
             SectionKind::Device if device_names.contains(&section.name) => {
-                if loaded.devices.contains_key(&section.name) {
+                if self.devices.contains_key(&section.name) {
                     return Err(duplicate());
                 }
-                loaded.devices.insert(section.name.clone(), section);
+                self.devices.insert(section.name.clone(), section);
             }
             kind => {
                 return Err(IncomingError::UnknownSection {
@@ -621,6 +654,7 @@ fn read_sections(
                 })
             }
         }
+        Ok(())
     }
 }
 

@@ -648,8 +648,16 @@ impl<'a> Outgoing<'a> {
             });
             self.phases.mark("last pass");
         }
-        // The channels end before the state goes: the destination loads
-        // the state once every channel's stream has ended.
+        // The state goes on channel 0 with multifd (see multifd.rs), then
+        // the channels end: the destination loads the state once every
+        // channel's stream has ended.
+        let (control, state_at_stop) = (self.control, self.state_at_stop);
+        let phases = &mut self.phases;
+        let sw = match self.channels.first_mut() {
+            Some(c) => c,
+            None => &mut w,
+        };
+        save_state(sw, control, state_at_stop, phases)?;
         for (index, cw) in self.channels.iter_mut().enumerate() {
             cw.end().map_err(|e| MigrateError::ChannelFailed {
                 index,
@@ -657,36 +665,7 @@ impl<'a> Outgoing<'a> {
             })?;
         }
         self.phases.mark("channels end");
-        w.write_json(
-            SectionKind::VmState,
-            VM_SECTION,
-            VM_VERSION,
-            &VmState::save(&parts.vm_fd)?,
-        )?;
-        self.phases.mark("vm state");
-        for (id, vcpu) in parts.vcpus.iter().enumerate() {
-            let id = id as u8;
-            let p = self.control.parts.clone();
-            let state = vcpu
-                .run_on_vcpu(VCPU_SAVE_TIMEOUT, move |fd| {
-                    VcpuState::save(id, fd, &saveable_msrs(&p.kvm, fd)?)
-                })
-                .ok_or(MigrateError::VcpuSave(id))??;
-            w.write_json(SectionKind::Vcpu, &vcpu_section(id), VCPU_VERSION, &state)?;
-        }
-        self.phases.mark("vcpus");
-        for device in &parts.devices {
-            w.write_state(&*devices::bus::lock(device))?;
-        }
-        // QEMU's global state: a guest paused here arrives paused.
-        let global = GlobalState::of(self.state_at_stop);
-        w.write_json(
-            SectionKind::VmState,
-            GLOBAL_SECTION,
-            GLOBAL_VERSION,
-            &global,
-        )?;
-        self.phases.mark("devices");
+
         let transferred = self.bytes_written(&w);
         w.end()?;
         self.phases.mark("end+flush");
@@ -841,6 +820,47 @@ impl<'a> Outgoing<'a> {
         });
         status
     }
+}
+
+/// The VM, vCPU and device state and the global state, onto `w`.
+fn save_state(
+    w: &mut Writer<'_>,
+    control: &VmControl,
+    state_at_stop: RunState,
+    phases: &mut Phases,
+) -> Result<(), MigrateError> {
+    let parts = &control.parts;
+    w.write_json(
+        SectionKind::VmState,
+        VM_SECTION,
+        VM_VERSION,
+        &VmState::save(&parts.vm_fd)?,
+    )?;
+    phases.mark("vm state");
+    for (id, vcpu) in parts.vcpus.iter().enumerate() {
+        let id = id as u8;
+        let p = control.parts.clone();
+        let state = vcpu
+            .run_on_vcpu(VCPU_SAVE_TIMEOUT, move |fd| {
+                VcpuState::save(id, fd, &saveable_msrs(&p.kvm, fd)?)
+            })
+            .ok_or(MigrateError::VcpuSave(id))??;
+        w.write_json(SectionKind::Vcpu, &vcpu_section(id), VCPU_VERSION, &state)?;
+    }
+    phases.mark("vcpus");
+    for device in &parts.devices {
+        w.write_state(&*devices::bus::lock(device))?;
+    }
+    // QEMU's global state: a guest paused here arrives paused.
+    let global = GlobalState::of(state_at_stop);
+    w.write_json(
+        SectionKind::VmState,
+        GLOBAL_SECTION,
+        GLOBAL_VERSION,
+        &global,
+    )?;
+    phases.mark("devices");
+    Ok(())
 }
 
 /// Sends the TAP descriptors (and the memfd) as one descriptor message.
