@@ -233,7 +233,11 @@ fn rows(env: &mut Env, variants: &[Variant], mib: u32, pattern: &str, link: &str
         .max(1);
     let mut runs: Vec<(Variant, Run)> = Vec::new();
     let mut links: Vec<(f64, f64)> = Vec::new();
-    let shot = std::env::temp_dir().join(format!("ferry-timeline-{mib}-{link}"));
+    let slug: String = link
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let shot = std::env::temp_dir().join(format!("ferry-timeline-{mib}-{slug}"));
     // The link's figure before the migrations, not between them (see
     // the settling pause in migrate_populated).
     for _ in 0..3 {

@@ -184,6 +184,17 @@ pub fn snapshot(env: &mut Env) {
     }
 }
 
+/// "768M", "6G" in bytes.
+fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.chars().last()? {
+        'K' => (&text[..text.len() - 1], 10),
+        'M' => (&text[..text.len() - 1], 20),
+        'G' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    digits.parse::<u64>().ok().map(|n| n << shift)
+}
+
 fn snapshot_rows(env: &mut Env, mib: u32, pattern: Option<&str>) {
     let dir = std::env::temp_dir();
     let cmd = snapshot_cmdline(pattern);
@@ -197,7 +208,15 @@ fn snapshot_rows(env: &mut Env, mib: u32, pattern: Option<&str>) {
                 std::process::id(),
                 vmm.name()
             ));
-            let s = save(env, vmm, mib, &file, &cmd);
+            let held = pattern.and_then(parse_size);
+            let s = save(
+                env,
+                vmm,
+                mib,
+                &file,
+                &cmd,
+                held.filter(|_| vmm == Vmm::Ferry),
+            );
             let r = restore(env, vmm, mib, &file, &cmd);
             if env.verbose {
                 eprintln!(
@@ -207,7 +226,7 @@ fn snapshot_rows(env: &mut Env, mib: u32, pattern: Option<&str>) {
                 );
             }
             if vmm == Vmm::Ferry {
-                dds.push(crate::snapshot::dd_ms(&file, s.file_bytes as u64));
+                dds.push(s.dd_ms);
             }
             let _ = std::fs::remove_file(&file);
             saves.push((vmm, s));
@@ -224,7 +243,7 @@ fn snapshot_rows(env: &mut Env, mib: u32, pattern: Option<&str>) {
     };
     println!();
     println!(
-        "Snapshot of a {} guest{} and restore into a new process on host B; {} runs (median,          worst). Ferry: migrate file: (the file form, RAM mapped on restore) / run --incoming          file:. QEMU: migrate exec:cat > FILE / -incoming exec:cat FILE. Restore times from the          spawn of the process (file in the page cache); first heartbeat: the guest beats every          {SNAPSHOT_HEARTBEAT_MS} ms. dd: writing Ferry's file's bytes with dd (page cache) in the          same runs: {}.",
+ "Snapshot of a {} guest{} and restore into a new process on host B; {} runs (median, worst). Ferry: migrate file: (the file form, RAM mapped on restore) / run --incoming file:. QEMU: migrate exec:cat > FILE / -incoming exec:cat FILE. Restore times from the spawn of the process (file in the page cache); first heartbeat: the guest beats every {SNAPSHOT_HEARTBEAT_MS} ms. dd: writing the bytes the guest holds with dd (page cache), just before each Ferry save: {}.",
         size_label(mib),
         pattern.map_or(" (idle)".to_string(), |p| format!(" holding {p}")),
         env.runs,

@@ -52,6 +52,8 @@ pub struct Save {
     pub total_ms: f64,
     pub downtime_ms: f64,
     pub file_bytes: f64,
+    /// `dd` writing the bytes the guest holds, just before the save.
+    pub dd_ms: f64,
 }
 
 /// What a restore measured, from the spawn of the process.
@@ -71,10 +73,21 @@ pub fn snapshot_cmdline(pattern: Option<&str>) -> String {
     }
 }
 
-pub fn save(env: &mut Env, vmm: Vmm, mib: u32, file: &Path, cmd: &str) -> Save {
+/// Saves a snapshot of a guest with `cmd`; with `dd_bytes`, first times
+/// `dd` writing that many bytes beside the file, under the same
+/// conditions (the guest running, the same memory state) as the save.
+pub fn save(
+    env: &mut Env,
+    vmm: Vmm,
+    mib: u32,
+    file: &Path,
+    cmd: &str,
+    dd_bytes: Option<u64>,
+) -> Save {
     let _ = std::fs::remove_file(file);
     let mut src = source(vmm, &env.hosts, mib, cmd, None);
     std::thread::sleep(Duration::from_millis(500));
+    let dd_ms = dd_bytes.map_or(f64::NAN, |b| dd_ms(file, b));
     let uri = match vmm {
         Vmm::Ferry => format!("file:{}", file.display()),
         Vmm::Qemu => format!("exec:cat > {}", file.display()),
@@ -101,6 +114,7 @@ pub fn save(env: &mut Env, vmm: Vmm, mib: u32, file: &Path, cmd: &str) -> Save {
         downtime_ms: num(&info["downtime"]),
         // What the file takes on disk (Ferry's is sparse).
         file_bytes: std::fs::metadata(file).map_or(f64::NAN, |m| (m.blocks() * 512) as f64),
+        dd_ms,
     }
 }
 

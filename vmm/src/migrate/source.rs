@@ -37,6 +37,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 pub use super::error::MigrateError;
 
+/// Threads writing a snapshot's RAM image.
+const IMAGE_WRITERS: usize = 2;
 /// How long the source waits for a stuck peer before failing.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the destination may take to load the last state and answer.
@@ -384,10 +386,34 @@ impl<'a> Outgoing<'a> {
         let cancelled = move || cancellable && job.cancelled();
         let queue = ram::ChunkQueue::new(set);
         if let Some(image) = &self.image {
-            let mut out =
-                super::snapshot::ImagePages::new(image, pass == 1, self.bandwidth.clone());
-            let sent = ram::send_pages(&mut out, memory, &queue, &cancelled)?;
-            out.finish()?;
+            // Two writers (the cores of this project's machine): each
+            // page is read, checked and copied by one of them.
+            let bandwidth = &self.bandwidth;
+            let parts: Vec<Result<ram::SentPages, MigrateError>> = std::thread::scope(|s| {
+                let writers: Vec<_> = (0..IMAGE_WRITERS)
+                    .map(|_| {
+                        let (queue, cancelled) = (&queue, &cancelled);
+                        s.spawn(move || {
+                            let mut out = super::snapshot::ImagePages::new(
+                                image,
+                                pass == 1,
+                                bandwidth.clone(),
+                            );
+                            let sent = ram::send_pages(&mut out, memory, queue, cancelled)?;
+                            out.finish()?;
+                            Ok(sent)
+                        })
+                    })
+                    .collect();
+                writers
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or(Err(MigrateError::Cancelled)))
+                    .collect()
+            });
+            let mut sent = ram::SentPages::default();
+            for part in parts {
+                sent += part?;
+            }
             let bytes = sent.data * PAGE_SIZE as u64;
             self.other_bytes += bytes;
             job.add_wire_bytes(bytes);
