@@ -42,7 +42,7 @@
 //! on the stop-and-copy phases are printed.
 //!
 //! - guests that hold data (FERRY_BENCH_PARTS=populated): 4 GiB holding
-//!   2 GiB (FERRY_BENCH_POPULATED=4096/2G,8192/6G), over the unshaped veth
+//!   2 GiB (FERRY_BENCH_POPULATED=4096/2G,9216/6G), over the unshaped veth
 //!   and one shaped to 10 Gbit/s (FERRY_BENCH_LINKS=veth,10gbit), each VMM
 //!   on one stream and with multifd (FERRY_BENCH_CHANNELS, default 2), the
 //!   destination configured through `-incoming defer` as libvirt does; the
