@@ -16,33 +16,37 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
 
-/// A snapshot of a small probe guest, made once per test process.
+/// A snapshot of a small probe guest, made once per test process: the
+/// plain stream in the file, as on the wire (not the file form, whose
+/// map header has tests of its own).
 fn snapshot() -> &'static [u8] {
     static SNAPSHOT: OnceLock<Vec<u8>> = OnceLock::new();
-    SNAPSHOT.get_or_init(|| {
-        let mut spec = VmSpec::probe(&Cmdline::new().heartbeat_ms(100).pattern(5, "4M").build());
-        spec.memory = "64M".into();
-        let vm = FerryVm::spawn("streams-src", &spec, None);
-        vm.console.expect(READY, T);
-        let file = std::env::temp_dir().join(format!("ferry-streams-{}.fm", std::process::id()));
-        // The plain stream in the file, as on the wire (not the file form
-        // whose RAM is mapped: its map header has tests of its own).
-        vm.execute(
-            "migrate-set-capabilities",
-            json!({ "capabilities": [{ "capability": "mapped-ram", "state": false }] }),
-        )
-        .expect("mapped-ram off");
-        vm.execute(
-            "migrate",
-            json!({ "uri": format!("file:{}", file.display()) }),
-        )
-        .expect("migrate");
-        let info = wait_migration(&vm, T);
-        assert_eq!(info["status"], "completed", "{info}");
-        let bytes = std::fs::read(&file).expect("read snapshot");
-        let _ = std::fs::remove_file(&file);
-        bytes
-    })
+    SNAPSHOT.get_or_init(|| take_snapshot("streams", false))
+}
+
+/// The snapshot file of a small probe guest, in the file form with
+/// `mapped_ram` (the `mapped-ram` capability), else the plain stream.
+fn take_snapshot(name: &str, mapped_ram: bool) -> Vec<u8> {
+    let mut spec = VmSpec::probe(&Cmdline::new().heartbeat_ms(100).pattern(5, "4M").build());
+    spec.memory = "64M".into();
+    let vm = FerryVm::spawn(&format!("{name}-src"), &spec, None);
+    vm.console.expect(READY, T);
+    let file = std::env::temp_dir().join(format!("ferry-{name}-{}.fm", std::process::id()));
+    vm.execute(
+        "migrate-set-capabilities",
+        json!({ "capabilities": [{ "capability": "mapped-ram", "state": mapped_ram }] }),
+    )
+    .expect("mapped-ram");
+    vm.execute(
+        "migrate",
+        json!({ "uri": format!("file:{}", file.display()) }),
+    )
+    .expect("migrate");
+    let info = wait_migration(&vm, T);
+    assert_eq!(info["status"], "completed", "{info}");
+    let bytes = std::fs::read(&file).expect("read snapshot");
+    let _ = std::fs::remove_file(&file);
+    bytes
 }
 
 fn restore(test: &str, stream: &[u8]) -> (Option<i32>, String) {
@@ -168,20 +172,7 @@ fn file_form_cut_short_or_with_a_bad_map() {
     if !can_run("file_form_cut_short_or_with_a_bad_map") {
         return;
     }
-    let mut spec = VmSpec::probe(&Cmdline::new().heartbeat_ms(100).pattern(5, "4M").build());
-    spec.memory = "64M".into();
-    let vm = FerryVm::spawn("file-form-src", &spec, None);
-    vm.console.expect(READY, T);
-    let file = std::env::temp_dir().join(format!("ferry-file-form-{}.fm", std::process::id()));
-    vm.execute(
-        "migrate",
-        json!({ "uri": format!("file:{}", file.display()) }),
-    )
-    .expect("migrate");
-    let info = wait_migration(&vm, T);
-    assert_eq!(info["status"], "completed", "{info}");
-    let bytes = std::fs::read(&file).expect("read snapshot");
-    let _ = std::fs::remove_file(&file);
+    let bytes = take_snapshot("file-form", true);
     assert_eq!(&bytes[..8], b"FERRYMAP");
     // Inside the RAM image: shorter than the map says.
     assert_refused(

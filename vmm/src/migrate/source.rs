@@ -357,21 +357,7 @@ impl<'a> Outgoing<'a> {
             let dirty_bytes = dirty * PAGE_SIZE as u64;
             let expected_ms = dirty_bytes as f64 / (link.max(1.0) * 1e3);
             self.account(w, sent, dirty, pass);
-            let (start_ms, end_ms) = (self.job.ms_at(start), self.job.now_ms());
-            self.job.record(|t| {
-                t.passes.push(timeline::Pass {
-                    pass,
-                    start_ms,
-                    end_ms,
-                    bytes: pass_bytes,
-                    data_pages: sent.data,
-                    zero_pages: sent.zero,
-                    mbytes_per_sec: link,
-                    dirtied_pages: dirty,
-                    dirty_mbytes_per_sec: mbytes_per_sec(dirty_bytes, took),
-                    live: true,
-                })
-            });
+            self.record_pass(pass, start, took, pass_bytes, sent, Some(dirty));
             self.job.update(|i| {
                 i.expected_downtime_ms = expected_ms as u64;
                 i.ram.mbps = link * 8.0;
@@ -488,21 +474,7 @@ impl<'a> Outgoing<'a> {
             let sent = self.send_pass(&mut w, &set, pass, false)?;
             self.account(&w, sent, 0, pass);
             let bytes = self.bytes_written(&w) - bytes_before;
-            let took = start.elapsed();
-            let (start_ms, end_ms) = (self.job.ms_at(start), self.job.now_ms());
-            self.job.record(|t| {
-                t.passes.push(timeline::Pass {
-                    pass,
-                    start_ms,
-                    end_ms,
-                    bytes,
-                    data_pages: sent.data,
-                    zero_pages: sent.zero,
-                    mbytes_per_sec: mbytes_per_sec(bytes, took),
-                    live: false,
-                    ..Default::default()
-                })
-            });
+            self.record_pass(pass, start, start.elapsed(), bytes, sent, None);
             self.phases.mark("last pass");
         }
         // The state goes on channel 0 with multifd (see multifd.rs), then
@@ -566,6 +538,38 @@ impl<'a> Outgoing<'a> {
         self.phases.mark("ack");
         self.after_ack = Some(w);
         Ok(())
+    }
+
+    /// Puts pass `pass`, begun at `start` and `took` long, on the
+    /// timeline; `dirtied`: the pages the guest dirtied meanwhile, for a
+    /// live pass (None: the last one, the guest stopped).
+    fn record_pass(
+        &self,
+        pass: u64,
+        start: Instant,
+        took: Duration,
+        bytes: u64,
+        sent: ram::SentPages,
+        dirtied: Option<u64>,
+    ) {
+        let (start_ms, end_ms) = (self.job.ms_at(start), self.job.now_ms());
+        let (dirtied_pages, dirty_mbytes_per_sec) = dirtied.map_or((0, 0.0), |d| {
+            (d, mbytes_per_sec(d * PAGE_SIZE as u64, took))
+        });
+        self.job.record(|t| {
+            t.passes.push(timeline::Pass {
+                pass,
+                start_ms,
+                end_ms,
+                bytes,
+                data_pages: sent.data,
+                zero_pages: sent.zero,
+                mbytes_per_sec: mbytes_per_sec(bytes, took),
+                dirtied_pages,
+                dirty_mbytes_per_sec,
+                live: dirtied.is_some(),
+            })
+        });
     }
 
     /// Bytes of every stream of the migration: the main one and the
