@@ -307,6 +307,20 @@ impl MigrationParameters {
                     "Invalid parameter type for '{name}', expected: integer"
                 ))
             })?;
+            if *name == "multifd-channels" {
+                // QEMU 7.2's words: a uint8 in QAPI, then its own check
+                // (which names the field with underscores).
+                if v > 255 {
+                    return Err(QmpError::generic(
+                        "Parameter 'multifd-channels' expects uint8_t",
+                    ));
+                }
+                if v == 0 {
+                    return Err(QmpError::generic(
+                        "Parameter 'multifd_channels' expects a value between 1 and 255",
+                    ));
+                }
+            }
             if v < *min || v > *max {
                 return Err(QmpError::generic(format!(
                     "Parameter '{name}' expects a value between {min} and {max}"
@@ -351,6 +365,18 @@ mod tests {
         assert!(p.apply(&unknown).unwrap_err().desc.contains("unexpected"));
         let range: Map<String, Value> = serde_json::from_str(r#"{"announce-initial": 0}"#).unwrap();
         assert!(p.apply(&range).is_err());
+        // QEMU 7.2's texts, as it answers here.
+        for (v, desc) in [
+            (
+                0,
+                "Parameter 'multifd_channels' expects a value between 1 and 255",
+            ),
+            (256, "Parameter 'multifd-channels' expects uint8_t"),
+        ] {
+            let args: Map<String, Value> =
+                serde_json::from_str(&format!(r#"{{"multifd-channels": {v}}}"#)).unwrap();
+            assert_eq!(p.apply(&args).unwrap_err().desc, desc);
+        }
     }
 
     #[test]
