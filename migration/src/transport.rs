@@ -36,6 +36,11 @@ pub trait Channel: Read + Write + Send {
     /// Another handle on the same connection, with its own (empty)
     /// buffers: for [`Self::shutdown`] from another thread.
     fn try_clone_box(&self) -> io::Result<Box<dyn Channel>>;
+    /// The peer, for log lines: its address (`tcp:`) or its process
+    /// (`unix:`).
+    fn peer_name(&self) -> Option<String> {
+        None
+    }
     /// Whether [`Self::send_fds`] works here (`unix:` only).
     fn can_pass_fds(&self) -> bool {
         false
@@ -78,6 +83,8 @@ pub enum TransportError {
     NotASocket { uri: String },
     #[error("migration transport: {uri}: {why}")]
     Invalid { uri: String, why: &'static str },
+    #[error("migration transport: {uri}: refused a peer running as uid {uid} (pid {pid}): only this user or root may migrate to it")]
+    PeerRefused { uri: String, uid: u32, pid: i32 },
 }
 
 /// Opens the source side of a migration: connects (`tcp:`, `unix:`) or
@@ -179,7 +186,9 @@ impl Listener {
             }
             MigrationUri::Unix(path) => {
                 remove_stale_socket(path, &name)?;
-                let listener = UnixListener::bind(path).map_err(bind_err)?;
+                // Owner only (0600) whatever the umask; peers are checked
+                // as they connect (see `accept`).
+                let listener = net::unix::bind_private(path).map_err(bind_err)?;
                 let md = std::fs::symlink_metadata(path).map_err(bind_err)?;
                 ListenerKind::Unix {
                     listener,
@@ -215,7 +224,16 @@ impl Listener {
                 Stream::Tcp(s)
             }
             ListenerKind::Unix { listener, .. } => {
-                Stream::Unix(listener.accept().map_err(accept_err)?.0)
+                let (s, _) = listener.accept().map_err(accept_err)?;
+                let peer = net::unix::peer_cred(&s).map_err(accept_err)?;
+                if !peer.is_trusted() {
+                    return Err(TransportError::PeerRefused {
+                        uri: self.uri.to_string(),
+                        uid: peer.uid,
+                        pid: peer.pid,
+                    });
+                }
+                Stream::Unix(s)
             }
             ListenerKind::File(path) => {
                 Stream::File(File::open(path).map_err(|source| TransportError::Open {
@@ -470,6 +488,16 @@ impl Drop for StreamChannel {
 }
 
 impl Channel for StreamChannel {
+    fn peer_name(&self) -> Option<String> {
+        match &self.stream {
+            Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.to_string()),
+            Stream::Unix(s) => net::unix::peer_cred(s)
+                .ok()
+                .map(|c| format!("pid {} (uid {})", c.pid, c.uid)),
+            Stream::File(_) => None,
+        }
+    }
+
     fn shutdown(&self) -> io::Result<()> {
         match &self.stream {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),

@@ -9,6 +9,7 @@ pub mod nic;
 pub mod rarp;
 pub mod senders;
 pub mod tap;
+pub mod unix;
 
 pub use announce::AnnounceParams;
 pub use backend::{MemBackend, NetBackend};

@@ -182,7 +182,8 @@ impl QmpListener {
         staging.push(format!(".{}.tmp", std::process::id()));
         let staging = std::path::PathBuf::from(staging);
         let _ = fs::remove_file(&staging);
-        let listener = UnixListener::bind(&staging).map_err(bind_err)?;
+        // Owner only (0600) from the moment it exists, whatever the umask.
+        let listener = net::unix::bind_private(&staging).map_err(bind_err)?;
         if let Err(e) = fs::rename(&staging, &path) {
             let _ = fs::remove_file(&staging);
             return Err(bind_err(e));
