@@ -5,6 +5,7 @@
 pub mod acpi_ged;
 pub mod acpi_pm;
 pub mod bus;
+pub mod guest_log;
 pub mod legacy;
 pub mod virtio;
 

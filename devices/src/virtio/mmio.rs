@@ -107,6 +107,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     /// instead of the ioeventfd (they share the same eventfd).
     queue_evts: Vec<Arc<EventFd>>,
     state: MmioTransportState,
+    /// The guest's faults, logged at most once a second each.
+    guest_log: crate::guest_log::GuestLog,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -128,6 +130,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queues,
             queue_evts,
             state: MmioTransportState::default(),
+            guest_log: Default::default(),
         })
     }
 
@@ -184,7 +187,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             SHM_LEN_LOW | SHM_LEN_HIGH => u32::MAX,
             CONFIG_GENERATION => self.device.config_generation(),
             _ => {
-                log::debug!("virtio-mmio: read of write-only or unknown register {offset:#x}");
+                crate::guest_log!(
+                    self.guest_log,
+                    Debug,
+                    "virtio-mmio: read of write-only or unknown register {offset:#x}"
+                );
                 0
             }
         }
@@ -198,7 +205,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 if self.state.status & (status::FEATURES_OK | status::DRIVER_OK) != 0
                     || self.state.status & status::DRIVER == 0
                 {
-                    log::warn!(
+                    crate::guest_log!(
+                        self.guest_log,
+                        Warn,
                         "virtio-mmio: driver features written in status {:#x}, ignored",
                         self.state.status
                     );
@@ -208,7 +217,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 match self.state.driver_features_sel {
                     0 => *f = (*f & !0xffff_ffff) | u64::from(value),
                     1 => *f = (*f & 0xffff_ffff) | (u64::from(value) << 32),
-                    _ => log::debug!(
+                    _ => crate::guest_log!(
+                        self.guest_log,
+                        Debug,
                         "virtio-mmio: driver features word {} ignored",
                         self.state.driver_features_sel
                     ),
@@ -225,12 +236,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
                         log::error!("virtio-mmio: queue notify: {e}");
                     }
                 }
-                None => log::debug!("virtio-mmio: notify for queue {value} that does not exist"),
+                None => crate::guest_log!(
+                    self.guest_log,
+                    Debug,
+                    "virtio-mmio: notify for queue {value} that does not exist"
+                ),
             },
             INTERRUPT_ACK => self.interrupt.ack(value),
             STATUS => self.write_status(value),
             SHM_SEL => {}
-            _ => log::debug!(
+            _ => crate::guest_log!(
+                self.guest_log,
+                Debug,
                 "virtio-mmio: write {value:#x} to read-only or unknown register {offset:#x}"
             ),
         }
@@ -238,18 +255,26 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn write_queue_reg(&mut self, offset: u64, value: u32) {
         if !self.queue_config_allowed() {
-            log::warn!(
+            crate::guest_log!(
+                self.guest_log,
+                Warn,
                 "virtio-mmio: queue register {offset:#x} written in status {:#x}, ignored",
                 self.state.status
             );
             return;
         }
         let Some(q) = self.selected_queue() else {
-            log::debug!("virtio-mmio: queue register for a queue that does not exist");
+            crate::guest_log!(
+                self.guest_log,
+                Debug,
+                "virtio-mmio: queue register for a queue that does not exist"
+            );
             return;
         };
         if q.ready() && offset != QUEUE_READY {
-            log::warn!(
+            crate::guest_log!(
+                self.guest_log,
+                Warn,
                 "virtio-mmio: queue register {offset:#x} written while the queue is ready, ignored"
             );
             return;
@@ -257,7 +282,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match offset {
             QUEUE_NUM => {
                 if let Err(e) = q.try_set_size(value.min(u32::from(u16::MAX)) as u16) {
-                    log::warn!("virtio-mmio: queue size {value}: {e:?}");
+                    crate::guest_log!(
+                        self.guest_log,
+                        Warn,
+                        "virtio-mmio: queue size {value}: {e:?}"
+                    );
                 }
             }
             QUEUE_READY => q.set_ready(value == 1),
@@ -279,7 +308,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let old = self.state.status;
         // The driver may only add bits (besides resetting with 0).
         if value & old != old {
-            log::warn!("virtio-mmio: status {old:#x} -> {value:#x} clears bits, ignored");
+            crate::guest_log!(
+                self.guest_log,
+                Warn,
+                "virtio-mmio: status {old:#x} -> {value:#x} clears bits, ignored"
+            );
             return;
         }
         let added = value & !old;
@@ -289,7 +322,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             if wanted & !offered != 0 || wanted & (1 << VIRTIO_F_VERSION_1) == 0 {
                 // Leave FEATURES_OK clear: the driver reads it back and
                 // gives up (virtio 1.x, 3.1.1).
-                log::warn!("virtio-mmio: driver asked for features {wanted:#x} of {offered:#x} (VERSION_1 is required)");
+                crate::guest_log!(self.guest_log, Warn, "virtio-mmio: driver asked for features {wanted:#x} of {offered:#x} (VERSION_1 is required)");
                 self.state.status = value & !status::FEATURES_OK;
                 return;
             }
@@ -305,14 +338,22 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
-                log::warn!("virtio-mmio: queue {i} is not usable; device needs reset");
+                crate::guest_log!(
+                    self.guest_log,
+                    Warn,
+                    "virtio-mmio: queue {i} is not usable; device needs reset"
+                );
                 self.needs_reset();
                 return;
             }
             match Queue::try_from(q.state()) {
                 Ok(copy) => queues.push(copy),
                 Err(e) => {
-                    log::warn!("virtio-mmio: queue {i}: {e:?}; device needs reset");
+                    crate::guest_log!(
+                        self.guest_log,
+                        Warn,
+                        "virtio-mmio: queue {i}: {e:?}; device needs reset"
+                    );
                     self.needs_reset();
                     return;
                 }
@@ -322,7 +363,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .device
             .activate(self.mem.clone(), self.interrupt.clone(), queues)
         {
-            log::warn!("virtio-mmio: activation failed: {e}");
+            crate::guest_log!(self.guest_log, Warn, "virtio-mmio: activation failed: {e}");
             self.needs_reset();
         }
     }
@@ -387,7 +428,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// The device found the driver's rings unusable: tell the driver.
     pub fn set_needs_reset(&mut self, why: &str) {
-        log::warn!("virtio-mmio: device needs reset: {why}");
+        crate::guest_log!(
+            self.guest_log,
+            Warn,
+            "virtio-mmio: device needs reset: {why}"
+        );
         self.needs_reset();
     }
 
@@ -425,7 +470,9 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            log::debug!(
+            crate::guest_log!(
+                self.guest_log,
+                Debug,
                 "virtio-mmio: {}-byte read at {offset:#x} ignored",
                 data.len()
             );
@@ -441,7 +488,9 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::debug!(
+            crate::guest_log!(
+                self.guest_log,
+                Debug,
                 "virtio-mmio: {}-byte write at {offset:#x} ignored",
                 data.len()
             );

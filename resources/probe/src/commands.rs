@@ -129,13 +129,14 @@ fn run(probe: &mut Probe, tag: &str, name: &str, line: &str, args: &[&str]) -> O
         "pattern-verify" => pattern_verify(probe, tag, args),
         "udp-blast" => udp_blast(probe, args),
         "garp" => garp(probe, tag, args),
+        "mmio-write" => mmio_write(probe, tag, args),
         "workloads" => workloads_status(probe, tag),
         _ => Err("unknown command (try help)"),
     }
 }
 
 fn help(tag: &str) -> Outcome {
-    const COMMANDS: [&str; 15] = [
+    const COMMANDS: [&str; 16] = [
         "help",
         "echo TEXT",
         "uptime",
@@ -150,6 +151,7 @@ fn help(tag: &str) -> Outcome {
         "pattern-verify [SEED SIZE]",
         "udp-blast NIC SRC_IP DST_IP:PORT SIZE RATE COUNT | udp-blast NIC off",
         "garp NIC",
+        "mmio-write NIC OFFSET VALUE COUNT",
         "workloads",
     ];
     for c in COMMANDS {
@@ -436,6 +438,35 @@ fn garp(probe: &mut Probe, tag: &str, args: &[&str]) -> Outcome {
     let driver = nic.driver.as_mut().ok_or("that NIC is not up")?;
     let sent = nic.stack.send_garps(&mut driver.tx);
     println!("={} garp nic={} garps={}", tag, index, sent);
+    Ok(())
+}
+
+/// A misbehaving driver on purpose: writes VALUE to the NIC's register at
+/// OFFSET, COUNT times in a row (what a guest flooding the VMM with bad
+/// register writes does; the VMM's log must stay small).
+fn mmio_write(probe: &mut Probe, tag: &str, args: &[&str]) -> Outcome {
+    let [nic, offset, value, count] = args else {
+        return Err("usage: mmio-write NIC OFFSET VALUE COUNT");
+    };
+    let index = nic_index(probe, nic)?;
+    let spec = probe.nics[index].as_ref().ok_or("no such NIC")?.spec;
+    let offset = parse_number(offset).ok_or("bad OFFSET")?;
+    if offset % 4 != 0 || offset + 4 > spec.size {
+        return Err("OFFSET must be 4-aligned and inside the window");
+    }
+    let value = parse_number(value)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or("bad VALUE")?;
+    let count = parse_number(count)
+        .filter(|&c| c <= 10_000_000)
+        .ok_or("bad COUNT (at most 10000000)")?;
+    let register = (spec.base + offset) as *mut u32;
+    for _ in 0..count {
+        // SAFETY: inside the NIC's register window (checked above), which
+        // the identity map covers; the device decides what a write does.
+        unsafe { register.write_volatile(value) };
+    }
+    println!("={} mmio-write nic={} writes={}", tag, index, count);
     Ok(())
 }
 

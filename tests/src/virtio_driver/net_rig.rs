@@ -369,6 +369,9 @@ pub fn case(name: &str, features: u64, body: impl FnOnce(&mut Rig) + Send + 'sta
         return skip(name, "no /dev/net/tun");
     }
     let (tx, rx) = mpsc::channel();
+    // Every line, so each case can check the words of each refusal (the
+    // limit itself is tested in guest_log_limit.rs).
+    devices::guest_log::set_interval(Duration::ZERO);
     let worker = std::thread::spawn(move || {
         logcap::install();
         let mut rig = Rig::new(features);

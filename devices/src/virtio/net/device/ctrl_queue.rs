@@ -73,7 +73,12 @@ impl<B: NetBackend> Net<B> {
                 Ok(()) => VIRTIO_NET_OK as u8,
                 Err(e) => {
                     self.metrics.ctrl_errors += 1;
-                    log::info!("{}: control command refused: {e}", self.state.id);
+                    crate::guest_log!(
+                        self.guest_log,
+                        Info,
+                        "{}: control command refused: {e}",
+                        self.state.id
+                    );
                     VIRTIO_NET_ERR as u8
                 }
             };

@@ -139,6 +139,8 @@ pub struct Net<B: NetBackend = Tap> {
     /// has been asked about this NIC.
     rx_filter_notify_armed: bool,
     metrics: NetMetrics,
+    /// The guest's faults and requests, logged at most once a second each.
+    guest_log: crate::guest_log::GuestLog,
 }
 
 /// Called with the NIC's id when its guest changed the receive filter.
@@ -200,6 +202,7 @@ impl<B: NetBackend> Net<B> {
             rx_filter_notify: None,
             rx_filter_notify_armed: true,
             metrics: NetMetrics::default(),
+            guest_log: Default::default(),
         })
     }
 
@@ -287,7 +290,12 @@ impl<B: NetBackend> Net<B> {
 
     fn set_broken(&mut self, why: RingError) {
         if self.broken.is_none() {
-            log::warn!("{}: device needs reset: {why}", self.state.id);
+            crate::guest_log!(
+                self.guest_log,
+                Warn,
+                "{}: device needs reset: {why}",
+                self.state.id
+            );
             self.broken = Some(why);
         }
         self.active = None;
