@@ -12,6 +12,7 @@
 //! - [`MigrationUri`], [`connect`], [`Listener`], [`Channel`]: the
 //!   `tcp:`, `unix:` and `file:` transports, buffered, with file
 //!   descriptor passing on `unix:` ([`Channel::send_fds`]).
+//! - [`tls`]: TLS on a connected channel, with QEMU's credential files.
 //! - [`SavedState`]: what a device implements to travel in the stream.
 
 mod error;
@@ -21,6 +22,7 @@ mod reader;
 pub mod scm;
 pub mod snapshot;
 mod throttle;
+pub mod tls;
 mod transport;
 mod uri;
 mod writer;

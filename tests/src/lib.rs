@@ -14,5 +14,6 @@ pub mod probe;
 pub mod stream;
 pub mod switch;
 pub mod tiny;
+pub mod tlscerts;
 pub mod virtio_driver;
 pub mod vmms;
