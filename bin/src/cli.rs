@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// tap=NAME[,mac=MAC][,id=ID][,guest-announce=on|off].
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
+    /// An object, as QMP's object-add makes (repeatable; QEMU's syntax):
+    /// tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off].
+    #[arg(long = "object", value_name = "SPEC")]
+    pub objects: Vec<String>,
     /// QMP control socket: unix:PATH (QEMU's unix:PATH,server=on,wait=off
     /// is accepted too).
     #[arg(long, value_name = "unix:PATH")]
@@ -120,6 +124,10 @@ impl RunArgs {
         let serial = parse_serial(&self.serial)?;
         let memory = self.memory.as_deref().map(parse_memory).transpose()?;
         let cpus = self.cpus.map(parse_cpus).transpose()?;
+        let mut objects = vmm::objects::Objects::default();
+        for spec in &self.objects {
+            objects.add_from_cli(spec)?;
+        }
         if let Some(uri) = self.incoming {
             return Ok(Start::Incoming(IncomingConfig {
                 uri,
@@ -129,6 +137,7 @@ impl RunArgs {
                 serial,
                 qmp: self.qmp,
                 start_paused: self.paused,
+                objects,
             }));
         }
         let memory_backend = match self.memory_backend.as_str() {
@@ -157,6 +166,7 @@ impl RunArgs {
             qmp: self.qmp,
             start_paused: self.paused,
             memory_backend,
+            objects,
         }))
     }
 }

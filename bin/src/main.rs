@@ -28,10 +28,13 @@ fn main() -> ExitCode {
 }
 
 /// QEMU's single-dash spelling of the options an orchestrator passes
-/// (`-incoming defer`); clap knows only `--incoming`.
+/// (`-incoming defer`, `-object ...`); clap knows only `--incoming` and
+/// `--object`.
 fn qemu_spelling(arg: std::ffi::OsString) -> std::ffi::OsString {
     if arg == "-incoming" {
         "--incoming".into()
+    } else if arg == "-object" {
+        "--object".into()
     } else {
         arg
     }

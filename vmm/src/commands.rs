@@ -32,6 +32,16 @@ pub struct Configured {
     pub objects: Arc<Mutex<Objects>>,
 }
 
+impl Configured {
+    /// Starting from the command line's `--object`s.
+    pub fn with_objects(objects: Objects) -> Self {
+        Self {
+            objects: Arc::new(Mutex::new(objects)),
+            ..Self::default()
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct VmCommands {
     control: VmControl,
@@ -41,7 +51,11 @@ pub struct VmCommands {
 
 impl VmCommands {
     pub fn new(control: VmControl, configured: Configured) -> Self {
-        let migration = MigrationCommands::new(control.clone(), configured.migrations);
+        let migration = MigrationCommands::new(
+            control.clone(),
+            configured.migrations,
+            configured.objects.clone(),
+        );
         Self {
             control,
             migration,

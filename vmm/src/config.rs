@@ -115,6 +115,8 @@ pub struct VmConfig {
     pub start_paused: bool,
     /// `--memory-backend`.
     pub memory_backend: crate::memory::MemoryBackend,
+    /// `--object`: TLS credentials and the like, as `object-add` makes.
+    pub objects: crate::objects::Objects,
 }
 
 /// `ferry run --incoming`: the VM comes from a migration stream; only
@@ -130,6 +132,8 @@ pub struct IncomingConfig {
     pub serial: SerialConfig,
     pub qmp: Option<crate::qmp::QmpSocketSpec>,
     pub start_paused: bool,
+    /// `--object`.
+    pub objects: crate::objects::Objects,
 }
 
 /// Where an incoming migration comes from: a URI to listen on (or a

@@ -164,6 +164,16 @@ impl Objects {
         Ok(())
     }
 
+    /// `--object TYPE,id=ID,key=value,...` (QEMU's `-object`): the same
+    /// object as `object-add` makes, from QEMU's key=value syntax (`,,`
+    /// is a literal comma; booleans are on/off, yes/no or true/false).
+    /// Errors name the option as QEMU's do.
+    pub fn add_from_cli(&mut self, spec: &str) -> Result<(), String> {
+        let named = |e: String| format!("--object {spec}: {e}");
+        let args = parse_keyval(spec).map_err(named)?;
+        self.add(&args).map_err(|e| named(e.desc))
+    }
+
     /// `object-del`.
     pub fn remove(&mut self, id: &str) -> Result<(), QmpError> {
         self.by_id
@@ -187,6 +197,60 @@ impl Objects {
             _ => None,
         }
     }
+}
+
+/// QEMU's key=value list as `object-add`'s arguments: a first element
+/// without `=` is the type; values are typed by [`PROPERTIES`].
+fn parse_keyval(spec: &str) -> Result<Map<String, Value>, String> {
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut chars = spec.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                current.push(',');
+            } else {
+                items.push(std::mem::take(&mut current));
+            }
+        } else {
+            current.push(c);
+        }
+    }
+    items.push(current);
+    let mut args = Map::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None if i == 0 => ("qom-type".to_string(), item),
+            None => return Err(format!("Expected '=' after parameter '{item}'")),
+        };
+        let known =
+            matches!(key.as_str(), "qom-type" | "id") || PROPERTIES.iter().any(|p| p.1 == key);
+        if !known {
+            return Err(format!("Invalid parameter '{key}'"));
+        }
+        let is_bool = PROPERTIES
+            .iter()
+            .any(|p| p.1 == key && p.2 == ArgType::Bool);
+        let value = if is_bool {
+            match value.as_str() {
+                "on" | "yes" | "true" => Value::Bool(true),
+                "off" | "no" | "false" => Value::Bool(false),
+                _ => return Err(format!("Parameter '{key}' expects 'on' or 'off'")),
+            }
+        } else {
+            Value::String(value)
+        };
+        args.insert(key, value);
+    }
+    if !args.contains_key("qom-type") {
+        return Err("Parameter 'qom-type' is missing".into());
+    }
+    if !args.contains_key("id") {
+        return Err("Parameter 'id' is missing".into());
+    }
+    Ok(args)
 }
 
 #[cfg(test)]
@@ -262,6 +326,46 @@ mod tests {
             o.remove("auth0").unwrap_err().desc,
             "object 'auth0' not found"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn command_line_objects_use_qemus_syntax_and_words() {
+        let dir = std::env::temp_dir().join(format!("ferry-cli-obj-{}", std::process::id()));
+        let odd = dir.join("a,b");
+        std::fs::create_dir_all(&odd).unwrap();
+        std::fs::write(odd.join("ca-cert.pem"), "pem").unwrap();
+        let mut o = Objects::default();
+        let spec = format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client,verify-peer=off",
+            odd.display().to_string().replace(',', ",,")
+        );
+        o.add_from_cli(&spec).unwrap();
+        assert_eq!(
+            o.get("tls0"),
+            Some(&UserObject::TlsCredsX509 {
+                dir: odd.clone(),
+                endpoint: Endpoint::Client,
+                verify_peer: false,
+            })
+        );
+        for (spec, want) in [
+            (
+                "frob,id=t",
+                "Parameter 'qom-type' does not accept value 'frob'",
+            ),
+            ("tls-creds-x509,dir=/x", "Parameter 'id' is missing"),
+            ("tls-creds-x509,id=t,bogus=1", "Invalid parameter 'bogus'"),
+            (
+                "tls-creds-x509,id=t,verify-peer=1",
+                "Parameter 'verify-peer' expects 'on' or 'off'",
+            ),
+        ] {
+            assert_eq!(
+                o.add_from_cli(spec).unwrap_err(),
+                format!("--object {spec}: {want}")
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

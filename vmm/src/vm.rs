@@ -79,7 +79,7 @@ impl Vm {
             qmp: qmp.map(QmpEndpoint::Bound),
             start_paused: config.start_paused,
             announce: None,
-            configured: Configured::default(),
+            configured: Configured::with_objects(config.objects.clone()),
             report_wanted: false,
             report_to: None,
         })

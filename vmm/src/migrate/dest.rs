@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use migration::{Channel, Listener, Section, SectionKind, StreamReader};
 
@@ -36,19 +36,27 @@ mod channels;
 use channels::{check_multifd, read_with_channels};
 use devices::bus::lock;
 
-/// The NICs to build: the stream's, with this host's `--net` applied —
-/// by id when given, else by position. A `--net` may change only the TAP.
+/// The NICs to build: the stream's, each on the TAP this host's `--net`
+/// names — matched by id when given, else by position. A `--net` may
+/// change only the TAP, and every NIC needs one: the TAP names in the
+/// stream are the source's, never opened here. `handover`: the TAPs come
+/// as descriptors from a verified local peer (backend-transfer) instead.
 fn apply_overrides(
     stream: &[NetDescriptor],
     overrides: &[NetConfig],
+    handover: bool,
 ) -> Result<Vec<NetDescriptor>, IncomingError> {
     let mut nets = stream.to_vec();
+    let mut covered = vec![false; nets.len()];
     for (i, o) in overrides.iter().enumerate() {
         let target = match &o.id {
-            Some(id) => nets.iter_mut().find(|n| &n.id == id),
-            None => nets.get_mut(i),
+            Some(id) => nets.iter().position(|n| &n.id == id),
+            None => (i < nets.len()).then_some(i),
         };
-        let Some(n) = target else {
+        let Some(n) = target.map(|t| {
+            covered[t] = true;
+            &mut nets[t]
+        }) else {
             let net =
                 o.id.as_deref()
                     .map_or_else(|| format!("#{i}"), |id| format!("id={id}"));
@@ -66,6 +74,16 @@ fn apply_overrides(
             return Err(IncomingError::FeaturesChange { id });
         }
         n.tap = o.tap.clone();
+    }
+    if !handover {
+        if let Some(index) = covered.iter().position(|c| !c) {
+            let n = &nets[index];
+            return Err(IncomingError::NicWithoutNet {
+                id: n.id.clone(),
+                mac: n.mac,
+                index,
+            });
+        }
     }
     check_nets(&nets)?;
     Ok(nets)
@@ -126,7 +144,7 @@ impl Vm {
     /// on the URI QMP's `migrate-incoming` names) and returns the VM it
     /// carries, loaded and ready to run.
     pub fn incoming(config: &IncomingConfig) -> Result<Vm, VmmError> {
-        let configured = Configured::default();
+        let configured = Configured::with_objects(config.objects.clone());
         // Listen first: once the QMP socket exists, so does the listener
         // (supervisors and tests wait for the QMP socket).
         let listener = match &config.uri {
@@ -173,12 +191,38 @@ impl Vm {
         };
         let uri = listener.local_addr();
         log::info!("waiting for an incoming migration on {uri}");
-        wait_for_source(&listener, &arrival)?;
-        if arrival.requested() {
-            return Err(quit(arriving));
-        }
-        let (channel, image) = accept(&listener)?;
-        arrival.watch(&*channel);
+        let (mut reader, first, image, params, tls) = loop {
+            wait_for_source(&listener, &arrival)?;
+            if arrival.requested() {
+                return Err(quit(arriving));
+            }
+            // As in QEMU, the parameters when a source connects rule its
+            // connection: `tls-creds` set by QMP after `--incoming tcp:`
+            // began listening still apply.
+            let params = lock(&configured.migrations).params.clone();
+            let tls = super::tls::server(&lock(&configured.objects), &params)
+                .map_err(IncomingError::TlsSetup)?;
+            let door = Doorway {
+                listener: &listener,
+                tls: tls.as_ref(),
+                deadline: Duration::from_millis(params.incoming_timeout_ms),
+            };
+            match door.open() {
+                Ok((reader, first, image)) => break (reader, first, image, params, tls),
+                Err(Opening::Dropped(why)) => {
+                    log::warn!(
+                        "incoming migration on {uri}: dropped a connection: {why}; still listening"
+                    );
+                }
+                Err(Opening::Failed(e)) => return Err(e.into()),
+            }
+        };
+        arrival.watch(&**reader.inner_mut());
+        let door = Doorway {
+            listener: &listener,
+            tls: tls.as_ref(),
+            deadline: Duration::from_millis(params.incoming_timeout_ms),
+        };
         // The destination's own job, for `query-migrate` and (with `events`
         // set here) MIGRATION: QEMU 7.2's destination says `setup` as it
         // listens (for `defer`, `migrate-incoming` did), `active` as the
@@ -189,24 +233,22 @@ impl Vm {
         }
         job.set_status(MigrationStatus::Active);
         let answerable = listener.as_raw_fd().is_some();
-        let params = lock(&configured.migrations).params.clone();
-        let (mut vm, was_running, mut reader, _kept) = match receive(
-            channel, image, config, &params, &listener, answerable, &arrival,
-        ) {
-            Ok(loaded) => loaded,
-            Err(_) if arrival.requested() => return Err(quit(arriving)),
-            Err(e) => {
-                job.update(|i| {
-                    i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
-                    i.error = Some(e.to_string());
-                });
-                job.set_status(MigrationStatus::Failed);
-                if let Some(a) = arriving {
-                    a.flush();
+        let (mut vm, was_running, _kept) =
+            match receive(&mut reader, first, image, config, &params, &door, &arrival) {
+                Ok(loaded) => loaded,
+                Err(_) if arrival.requested() => return Err(quit(arriving)),
+                Err(e) => {
+                    job.update(|i| {
+                        i.total_time_ms = Some(i.started.elapsed().as_millis() as u64);
+                        i.error = Some(e.to_string());
+                    });
+                    job.set_status(MigrationStatus::Failed);
+                    if let Some(a) = arriving {
+                        a.flush();
+                    }
+                    return Err(e.into());
                 }
-                return Err(e.into());
-            }
-        };
+            };
         // QMP moves to the VM before the acknowledgement: once the source
         // says completed, nobody is told `inmigrate`.
         if let Some(a) = arriving {
@@ -256,55 +298,135 @@ type Reader = StreamReader<Box<dyn Channel>>;
 /// What is freed only after the ACK: the multifd channels' readers.
 type Kept = Vec<multifd::ChannelReader>;
 
-/// The stream on `channel`, loaded: the VM (in prelaunch-migrate),
-/// whether it ran on the source, and the reader, to answer on. A failure
-/// is refused to the source (NAK).
+/// The stream `reader` carries (its config section `first` read), loaded:
+/// the VM (in prelaunch-migrate) and whether it ran on the source. A
+/// failure is refused to the source (NAK).
 fn receive(
-    channel: Box<dyn Channel>,
+    reader: &mut Reader,
+    first: Section,
     image: Option<Image>,
     config: &IncomingConfig,
     params: &MigrationParameters,
-    listener: &Listener,
-    answerable: bool,
+    door: &Doorway,
     arrival: &Arrival,
-) -> Result<(Vm, bool, Reader, Kept), IncomingError> {
-    let mut reader = StreamReader::new(channel)?;
-    match load(&mut reader, image, config, params, listener, answerable) {
-        Ok((vm, was_running, kept)) => Ok((vm, was_running, reader, kept)),
-        Err(e) => {
-            if answerable && !arrival.requested() {
-                let _ = send_nak(reader.inner_mut(), &e.to_string());
-            }
-            Err(e)
+) -> Result<(Vm, bool, Kept), IncomingError> {
+    let answerable = door.listener.as_raw_fd().is_some();
+    load(reader, first, image, config, params, door).inspect_err(|e| {
+        if answerable && !arrival.requested() {
+            let _ = send_nak(reader.inner_mut(), &e.to_string());
         }
-    }
+    })
 }
 
 /// A snapshot file's RAM image, to map.
 type Image = (std::fs::File, migration::snapshot::ImageLayout);
 
-/// The source's connection; for a snapshot in the file form, its stream
-/// (after the RAM image) and the image.
-fn accept(listener: &Listener) -> Result<(Box<dyn Channel>, Option<Image>), IncomingError> {
-    let uri = listener.local_addr();
-    if let migration::MigrationUri::File(path) = listener.local_uri() {
-        if let Some((file, layout)) = migration::snapshot::open(&path)? {
-            let channel = migration::snapshot::stream_of(&file, &layout).map_err(|source| {
-                IncomingError::Accept {
-                    uri,
-                    source: migration::TransportError::Open {
-                        uri: path.display().to_string(),
-                        source,
-                    },
+/// Where sources come in: the listener, with `tls-creds` the TLS they
+/// must speak, and how long a connection may take to prove it is one.
+struct Doorway<'a> {
+    listener: &'a Listener,
+    tls: Option<&'a migration::tls::ServerTls>,
+    deadline: Duration,
+}
+
+/// Why a connection did not become the incoming migration.
+enum Opening {
+    /// Not a source (garbage, no TLS, a failed handshake, silence, a peer
+    /// of another user): dropped, and the destination listens on.
+    Dropped(String),
+    /// This end cannot go on (a file that is no snapshot, a listener that
+    /// fails).
+    Failed(IncomingError),
+}
+
+impl Doorway<'_> {
+    /// The next connection's stream, up to and including its config
+    /// section, within the deadline; for a snapshot in the file form, its
+    /// stream (after the RAM image) and the image.
+    fn open(&self) -> Result<(Reader, Section, Option<Image>), Opening> {
+        let uri = self.listener.local_addr();
+        if let migration::MigrationUri::File(path) = self.listener.local_uri() {
+            let failed = |e: IncomingError| Opening::Failed(e);
+            let mut image = None;
+            let channel = match migration::snapshot::open(&path).map_err(|e| failed(e.into()))? {
+                Some((file, layout)) => {
+                    let c = migration::snapshot::stream_of(&file, &layout).map_err(|source| {
+                        failed(IncomingError::Accept {
+                            uri: uri.clone(),
+                            source: migration::TransportError::Open {
+                                uri: path.display().to_string(),
+                                source,
+                            },
+                        })
+                    })?;
+                    image = Some((file, layout));
+                    c
                 }
-            })?;
-            return Ok((channel, Some((file, layout))));
+                None => self
+                    .listener
+                    .accept()
+                    .map_err(|source| failed(IncomingError::Accept { uri, source }))?,
+            };
+            let mut reader = StreamReader::new(channel).map_err(|e| failed(e.into()))?;
+            let first = reader.next_section().map_err(|e| failed(e.into()))?;
+            return Ok((reader, first, image));
         }
+        let channel = match self.listener.accept() {
+            Ok(c) => c,
+            Err(e @ migration::TransportError::PeerRefused { .. }) => {
+                return Err(Opening::Dropped(e.to_string()))
+            }
+            Err(source) => return Err(Opening::Failed(IncomingError::Accept { uri, source })),
+        };
+        let peer = channel.peer_name().unwrap_or_else(|| "a peer".into());
+        let dropped = |why: String| Opening::Dropped(format!("{peer}: {why}"));
+        let started = Instant::now();
+        channel
+            .set_timeouts(Some(self.deadline), Some(self.deadline))
+            .map_err(|e| dropped(e.to_string()))?;
+        let channel = match self.tls {
+            Some(tls) => migration::tls::accept(channel, tls, self.deadline, &peer)
+                .map_err(|e| dropped(e.to_string()))?,
+            None => channel,
+        };
+        // What is left of the deadline bounds the header and config.
+        let left = self.deadline.saturating_sub(started.elapsed());
+        let left = left.max(Duration::from_millis(1));
+        channel
+            .set_timeouts(Some(left), Some(left))
+            .map_err(|e| dropped(e.to_string()))?;
+        let mut reader = match StreamReader::new(channel) {
+            Ok(r) => r,
+            Err(e) => return Err(dropped(timed_out(e.to_string(), self.deadline))),
+        };
+        let first = match reader.next_section() {
+            Ok(s) => s,
+            Err(e) => {
+                let why = timed_out(e.to_string(), self.deadline);
+                let _ = send_nak(reader.inner_mut(), &why);
+                return Err(dropped(why));
+            }
+        };
+        // A source from here on: no deadline (it may pause, as before a
+        // switchover), and its refusals are final.
+        reader
+            .inner_mut()
+            .set_timeouts(None, None)
+            .map_err(|e| dropped(e.to_string()))?;
+        Ok((reader, first, None))
     }
-    let channel = listener
-        .accept()
-        .map_err(|source| IncomingError::Accept { uri, source })?;
-    Ok((channel, None))
+}
+
+/// An error that is a read timing out says so.
+fn timed_out(why: String, deadline: Duration) -> String {
+    if why.contains("timed out") || why.contains("temporarily unavailable") {
+        format!(
+            "no valid stream header and config within {} ms",
+            deadline.as_millis()
+        )
+    } else {
+        why
+    }
 }
 
 /// Blocks until the source connects (`file:` needs no wait) or a QMP
@@ -321,18 +443,19 @@ fn wait_for_source(listener: &Listener, arrival: &Arrival) -> Result<(), Incomin
 /// source.
 fn load(
     reader: &mut Reader,
+    first: Section,
     image: Option<Image>,
     config: &IncomingConfig,
     params: &MigrationParameters,
-    listener: &Listener,
-    answerable: bool,
+    door: &Doorway,
 ) -> Result<(Vm, bool, Kept), IncomingError> {
-    let incoming = read_config(reader, config)?;
+    let (listener, answerable) = (door.listener, door.listener.as_raw_fd().is_some());
+    let incoming = check_config(first, config)?;
     if answerable {
         check_multifd(incoming.ram_channels, params.ram_channels())?;
     }
     let machine = &incoming.machine;
-    let nets = apply_overrides(&incoming.nets, &config.nets)?;
+    let nets = apply_overrides(&incoming.nets, &config.nets, incoming.backend.is_some())?;
     let runstate = Arc::new(Mutex::new(RunStateMachine::new(RunState::Inmigrate)));
     let mut host = receive_backends(reader, incoming.backend, nets.len(), answerable)?;
     let lease = image.as_ref().and_then(|(f, _)| f.try_clone().ok());
@@ -345,7 +468,7 @@ fn load(
     }
     let channels = match incoming.ram_channels {
         0 => Vec::new(),
-        n => multifd::accept_channels(listener, incoming.session, n)?,
+        n => multifd::accept_channels(listener, incoming.session, n, door.tls)?,
     };
     let answer = if answerable && incoming.pass_acks {
         let clone = reader.inner_mut().try_clone_box();
@@ -398,11 +521,7 @@ fn load(
 
 /// The config section, first in every stream, checked against this
 /// host's command line.
-fn read_config(
-    reader: &mut Reader,
-    config: &IncomingConfig,
-) -> Result<MigrationConfig, IncomingError> {
-    let first = reader.next_section()?;
+fn check_config(first: Section, config: &IncomingConfig) -> Result<MigrationConfig, IncomingError> {
     if first.kind != SectionKind::Config || first.name != CONFIG_SECTION {
         return Err(IncomingError::ConfigNotFirst {
             kind: first.kind,

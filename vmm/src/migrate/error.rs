@@ -64,6 +64,10 @@ pub enum MigrateError {
     Snapshot(#[from] migration::snapshot::SnapshotError),
     #[error("writing the snapshot's RAM image: {0}")]
     Image(#[source] io::Error),
+    #[error("{0}")]
+    TlsSetup(String),
+    #[error(transparent)]
+    Tls(#[from] migration::tls::TlsError),
     #[error("multifd channel {index}: {source}")]
     ChannelFailed {
         index: usize,
@@ -171,6 +175,16 @@ pub enum IncomingError {
     Channel { index: usize, reason: String },
     #[error(transparent)]
     Snapshot(#[from] migration::snapshot::SnapshotError),
+    #[error("TLS: {0}")]
+    TlsSetup(String),
+    #[error(transparent)]
+    Tls(#[from] migration::tls::TlsError),
+    #[error("NIC {id} (MAC {mac}) has no --net here: add --net tap=NAME,id={id} (or one at position {index}); the destination opens only the TAPs its own command line names")]
+    NicWithoutNet {
+        id: String,
+        mac: net::MacAddr,
+        index: usize,
+    },
 }
 
 impl From<VmmError> for IncomingError {

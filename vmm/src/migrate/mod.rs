@@ -26,6 +26,7 @@ pub mod report;
 pub mod snapshot;
 pub mod source;
 pub mod throttle;
+pub mod tls;
 
 use serde::{Deserialize, Serialize};
 

@@ -94,10 +94,20 @@ pub fn connect_channels(
     session: u64,
     count: u32,
     timeout: Duration,
+    tls: Option<&migration::tls::ClientTls>,
 ) -> Result<Vec<Box<dyn Channel>>, migration::TransportError> {
     let mut channels = Vec::with_capacity(count as usize);
     for index in 0..count {
         let mut c = migration::connect(uri)?;
+        if let Some(tls) = tls {
+            let peer = format!("{uri} (multifd channel {index})");
+            c = migration::tls::connect(c, tls, timeout, &peer).map_err(|e| {
+                migration::TransportError::Connect {
+                    uri: peer.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                }
+            })?;
+        }
         let hello = Hello {
             session,
             index,
@@ -105,7 +115,10 @@ pub fn connect_channels(
         };
         let sent = c
             .set_timeouts(Some(timeout), Some(timeout))
-            .and_then(|()| c.write_all(&hello.encode()));
+            .and_then(|()| c.write_all(&hello.encode()))
+            // Now, not with the stream: over TLS the destination accepts
+            // (and handshakes) the next channel only after this hello.
+            .and_then(|()| c.flush());
         if let Err(source) = sent {
             return Err(migration::TransportError::Connect {
                 uri: format!("{uri} (multifd channel {index})"),
@@ -124,6 +137,7 @@ pub fn accept_channels(
     listener: &Listener,
     session: u64,
     count: u32,
+    tls: Option<&migration::tls::ServerTls>,
 ) -> Result<Vec<Box<dyn Channel>>, IncomingError> {
     let deadline = Instant::now() + CHANNEL_DEADLINE;
     let mut slots: Vec<Option<Box<dyn Channel>>> = (0..count).map(|_| None).collect();
@@ -136,13 +150,33 @@ pub fn accept_channels(
                 got: have,
             });
         }
-        let mut c = listener.accept().map_err(|source| IncomingError::Accept {
-            uri: listener.local_addr(),
-            source,
-        })?;
+        let c = match listener.accept() {
+            Ok(c) => c,
+            Err(e @ migration::TransportError::PeerRefused { .. }) => {
+                log::warn!("incoming migration: {e}");
+                continue;
+            }
+            Err(source) => {
+                return Err(IncomingError::Accept {
+                    uri: listener.local_addr(),
+                    source,
+                })
+            }
+        };
+        let handshake = left.min(Duration::from_secs(2));
+        let mut c = match tls {
+            None => c,
+            Some(tls) => match migration::tls::accept(c, tls, handshake, "a multifd channel") {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!("incoming migration: a multifd channel was dropped: {e}");
+                    continue;
+                }
+            },
+        };
         let mut b = [0u8; HELLO_LEN];
         let read = c
-            .set_timeouts(Some(left.min(Duration::from_secs(2))), None)
+            .set_timeouts(Some(handshake), None)
             .and_then(|()| c.read_exact(&mut b));
         let hello = read.ok().and_then(|()| Hello::decode(&b));
         let slot = hello

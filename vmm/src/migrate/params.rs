@@ -47,6 +47,11 @@ pub struct MigrationParameters {
     pub tls_creds: String,
     pub tls_hostname: String,
     pub tls_authz: String,
+    /// `x-incoming-timeout` (ms): how long a connection to a waiting
+    /// destination may take to finish its TLS handshake and send a valid
+    /// stream header and config before it is dropped (and the destination
+    /// listens on).
+    pub incoming_timeout_ms: u64,
     /// QEMU's `multifd` capability: guest RAM travels over
     /// `multifd_channels` connections of its own besides the main one.
     /// Both ends must have it, with the same count.
@@ -80,6 +85,7 @@ impl Default for MigrationParameters {
             tls_creds: String::new(),
             tls_hostname: String::new(),
             tls_authz: String::new(),
+            incoming_timeout_ms: 5000,
             multifd: false,
             // QEMU's default, and this project's machine's core count:
             // one sending and one receiving thread per channel.
@@ -143,6 +149,12 @@ const PARAMETERS: &[(&str, Setter, u64, u64)] = &[
     ("announce-rounds", |p| &mut p.announce_rounds, 0, 1000),
     ("announce-step", |p| &mut p.announce_step_ms, 0, 10_000),
     ("x-max-passes", |p| &mut p.max_passes, 1, 10_000),
+    (
+        "x-incoming-timeout",
+        |p| &mut p.incoming_timeout_ms,
+        100,
+        3_600_000,
+    ),
     (
         "throttle-trigger-threshold",
         |p| &mut p.throttle_trigger_threshold,
@@ -289,11 +301,8 @@ impl MigrationParameters {
                         )))
                     }
                 };
-                if !text.is_empty() {
-                    return Err(QmpError::generic(format!(
-                        "Parameter '{name}': TLS migration is not supported by this Ferry yet; only \"\" (no TLS) is accepted"
-                    )));
-                }
+                // As QEMU: the object is looked up when a migration starts.
+                let _ = name;
                 *field(&mut next) = text.to_string();
                 continue;
             }
@@ -380,14 +389,19 @@ mod tests {
     }
 
     #[test]
-    fn tls_parameters_are_cleared_as_libvirt_does_but_not_yet_set() {
+    fn tls_parameters_are_cleared_as_libvirt_does_and_set() {
         let mut p = MigrationParameters::default();
         let clear: Map<String, Value> =
             serde_json::from_str(r#"{"tls-creds": "", "tls-hostname": null}"#).unwrap();
         p.apply(&clear).unwrap();
         assert!(!p.announce_set);
-        let set: Map<String, Value> = serde_json::from_str(r#"{"tls-creds": "tls0"}"#).unwrap();
-        let e = p.apply(&set).unwrap_err();
+        let set: Map<String, Value> =
+            serde_json::from_str(r#"{"tls-creds": "tls0", "tls-hostname": "b.example"}"#).unwrap();
+        p.apply(&set).unwrap();
+        assert_eq!(p.to_qmp()["tls-creds"], "tls0");
+        assert_eq!(p.to_qmp()["tls-hostname"], "b.example");
+        let bad: Map<String, Value> = serde_json::from_str(r#"{"tls-creds": 7}"#).unwrap();
+        let e = p.apply(&bad).unwrap_err();
         assert!(e.desc.contains("tls-creds"), "{}", e.desc);
     }
 

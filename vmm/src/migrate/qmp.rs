@@ -49,6 +49,7 @@ pub const COMMANDS: &[CommandSpec] = &[
             ArgSpec::optional("announce-rounds", ArgType::Int),
             ArgSpec::optional("announce-step", ArgType::Int),
             ArgSpec::optional("x-max-passes", ArgType::Int),
+            ArgSpec::optional("x-incoming-timeout", ArgType::Int),
             ArgSpec::optional("backend-transfer", ArgType::Bool),
             ArgSpec::optional("throttle-trigger-threshold", ArgType::Int),
             ArgSpec::optional("cpu-throttle-initial", ArgType::Int),
@@ -233,13 +234,19 @@ impl Migrations {
 pub struct MigrationCommands {
     control: VmControl,
     migrations: SharedMigrations,
+    /// Where `tls-creds` is looked up as a migration starts.
+    objects: Arc<Mutex<crate::objects::Objects>>,
 }
 
 impl MigrationCommands {
     /// The announce schedule: this end's when an `announce-*` parameter
     /// was set here (before `migrate-incoming` too), else the control's
     /// (an incoming VM's: the source's, from the stream).
-    pub fn new(control: VmControl, migrations: SharedMigrations) -> Self {
+    pub fn new(
+        control: VmControl,
+        migrations: SharedMigrations,
+        objects: Arc<Mutex<crate::objects::Objects>>,
+    ) -> Self {
         {
             let mut m = lock(&migrations);
             if m.params.announce_set {
@@ -251,6 +258,7 @@ impl MigrationCommands {
         Self {
             control,
             migrations,
+            objects,
         }
     }
 
@@ -296,12 +304,15 @@ impl MigrationCommands {
             )));
         }
         let params = m.params.clone();
+        // A wrong or unreadable tls-creds fails the migration (not the
+        // command), as in QEMU.
+        let tls = super::tls::client(&lock(&self.objects), &params, &uri);
         let control = self.control.clone();
         let emitter = control.emitter.clone();
         m.begin(&emitter, |job| {
             // A new migration cancels an announce still in flight.
             lock(&control.announcer).cancel_all();
-            super::source::spawn(control, uri, params, job)
+            super::source::spawn(control, uri, params, tls, job)
         })?;
         Ok(json!({}))
     }

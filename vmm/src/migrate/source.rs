@@ -32,6 +32,7 @@ use crate::control::VmControl;
 use crate::runstate::RunState;
 use crate::state::{saveable_msrs, VcpuState, VmState};
 use migration::snapshot::{self, ImageLayout, SnapshotFile};
+use migration::tls::ClientTls;
 use migration::{Bandwidth, Channel, MigrationUri, SectionKind, StreamWriter, PAGE_SIZE};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -60,15 +61,22 @@ pub fn spawn(
     control: VmControl,
     uri: MigrationUri,
     params: MigrationParameters,
+    tls: Result<Option<ClientTls>, String>,
     job: Arc<MigrationJob>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("ferry-migrate".to_string())
-        .spawn(move || run(control, uri, params, job))
+        .spawn(move || run(control, uri, params, tls, job))
         .map(|_| ())
 }
 
-fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: Arc<MigrationJob>) {
+fn run(
+    control: VmControl,
+    uri: MigrationUri,
+    params: MigrationParameters,
+    tls: Result<Option<ClientTls>, String>,
+    job: Arc<MigrationJob>,
+) {
     let before = control.state();
     job.record(|t| {
         t.uri = uri.to_string();
@@ -90,8 +98,15 @@ fn run(control: VmControl, uri: MigrationUri, params: MigrationParameters, job: 
         image: None,
         bandwidth: None,
         after_ack: None,
+        tls: None,
     };
-    let result = out.migrate(&uri, before);
+    let result = match tls {
+        Ok(tls) => {
+            out.tls = tls;
+            out.migrate(&uri, before)
+        }
+        Err(e) => Err(MigrateError::TlsSetup(e)),
+    };
     let status = match result {
         Ok(()) => out.completed(&uri),
         Err(e) => out.failed(&uri, e),
@@ -143,6 +158,8 @@ struct Outgoing<'a> {
     /// migration's end: freeing their buffers is no work for the stopped
     /// guest to wait for.)
     after_ack: Option<Writer<'a>>,
+    /// `tls-creds`: every connection of the migration is TLS.
+    tls: Option<ClientTls>,
 }
 
 /// How long each step of the stop-and-copy phase took.
@@ -265,6 +282,7 @@ impl<'a> Outgoing<'a> {
             }
             _ => migration::connect(uri).map_err(MigrateError::Connect)?,
         };
+        let channel = self.secure(channel, uri)?;
         if !self.to_file {
             channel
                 .set_timeouts(Some(IO_TIMEOUT), Some(IO_TIMEOUT))

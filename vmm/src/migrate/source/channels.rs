@@ -8,6 +8,28 @@ use super::*;
 const IMAGE_WRITERS: usize = 2;
 
 impl<'a> Outgoing<'a> {
+    /// With `tls-creds`: the TLS handshake on the main connection.
+    pub(super) fn secure(
+        &self,
+        channel: Box<dyn Channel>,
+        uri: &MigrationUri,
+    ) -> Result<Box<dyn Channel>, MigrateError> {
+        let Some(tls) = &self.tls else {
+            return Ok(channel);
+        };
+        if self.params.backend_transfer {
+            return Err(MigrateError::TlsSetup(
+                "backend-transfer hands descriptors to a local peer, which TLS cannot carry: clear tls-creds for a local migration".into(),
+            ));
+        }
+        Ok(migration::tls::connect(
+            channel,
+            tls,
+            IO_TIMEOUT,
+            &uri.to_string(),
+        )?)
+    }
+
     /// multifd: the RAM channels, after the destination's GO (it accepts
     /// them only then), each with its hello and stream header.
     pub(super) fn open_channels(
@@ -17,8 +39,9 @@ impl<'a> Outgoing<'a> {
         count: u32,
         bandwidth: Option<Bandwidth>,
     ) -> Result<(), MigrateError> {
-        let channels = super::multifd::connect_channels(uri, session, count, IO_TIMEOUT)
-            .map_err(MigrateError::Channels)?;
+        let channels =
+            super::multifd::connect_channels(uri, session, count, IO_TIMEOUT, self.tls.as_ref())
+                .map_err(MigrateError::Channels)?;
         for channel in channels {
             self.job.add_channel(channel.try_clone_box().ok());
             let mut w = StreamWriter::new(Counted {
