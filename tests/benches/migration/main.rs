@@ -50,6 +50,9 @@
 //!   same runs; median and worst; one run's timeline drawn. `growth`:
 //!   total time against populated bytes and downtime against guest size.
 //!   `slowlink`: a 1 GiB guest dirtying 50 MB/s over 1 Gbit/s, 2 ms RTT.
+//! - TLS (FERRY_BENCH_PARTS=tls): the populated guest (4 GiB holding 2 GiB,
+//!   FERRY_BENCH_TLS_GUEST) over TLS and in plaintext, one stream and
+//!   multifd, both VMMs with the same certificates (see [`tls`]).
 //!
 //! Layout: [`guests`] starts the probe on either host, [`live`] runs and
 //! measures one migration, [`echo`] is the UDP stream that sees its
@@ -65,6 +68,7 @@ mod populated;
 mod sections;
 mod snapshot;
 mod table;
+mod tls;
 
 use std::time::{Duration, Instant};
 
@@ -197,8 +201,9 @@ fn main() {
             "populated" => populated::populated(&mut env),
             "growth" => populated::growth(&mut env),
             "slowlink" => populated::slow_link(&mut env),
+            "tls" => tls::tls(&mut env),
             other => eprintln!(
-                "unknown part {other:?} (idle, dirty, snapshot, echo, populated, growth, slowlink)"
+                "unknown part {other:?} (idle, dirty, snapshot, echo, populated, growth, slowlink, tls)"
             ),
         }
     }

@@ -27,13 +27,24 @@ use crate::{Env, MIGRATION_TIMEOUT};
 pub struct Variant {
     pub vmm: Vmm,
     pub channels: u32,
+    /// Over TLS (`tls-creds-x509` on both ends; see [`crate::tls`]).
+    pub tls: bool,
 }
 
 impl Variant {
+    pub fn new(vmm: Vmm, channels: u32) -> Self {
+        Self {
+            vmm,
+            channels,
+            tls: false,
+        }
+    }
+
     pub fn label(self) -> String {
+        let tls = if self.tls { ", TLS" } else { "" };
         match self.channels {
-            0 => format!("{} (one stream)", self.vmm.name()),
-            n => format!("{} multifd {n}", self.vmm.name()),
+            0 => format!("{} (one stream{tls})", self.vmm.name()),
+            n => format!("{} multifd {n}{tls}", self.vmm.name()),
         }
     }
 }
@@ -50,7 +61,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn gbytes_per_sec(&self) -> f64 {
+    pub fn gbytes_per_sec(&self) -> f64 {
         self.transferred / (self.total_ms * 1e6)
     }
 }
@@ -112,6 +123,9 @@ pub fn migrate_populated(
     let mut dst = destination(variant.vmm, &env.hosts, mib, &cmd, "defer");
     set_multifd(&mut src, variant.channels);
     set_multifd(&mut dst, variant.channels);
+    if variant.tls {
+        crate::tls::configure(&mut src, &mut dst);
+    }
     dst.exec("migrate-incoming", json!({ "uri": uri }))
         .expect("migrate-incoming");
     let t0 = Instant::now();
@@ -223,8 +237,15 @@ fn worst(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)
 }
 
-/// The rows of one guest on one link: every variant, interleaved.
-fn rows(env: &mut Env, variants: &[Variant], mib: u32, pattern: &str, link: &str) {
+/// The rows of one guest on one link: every variant, interleaved; the
+/// runs, for the caller's own comparisons.
+pub fn rows(
+    env: &mut Env,
+    variants: &[Variant],
+    mib: u32,
+    pattern: &str,
+    link: &str,
+) -> Vec<(Variant, Run)> {
     let streams = variants
         .iter()
         .map(|v| v.channels)
@@ -296,7 +317,7 @@ fn rows(env: &mut Env, variants: &[Variant], mib: u32, pattern: &str, link: &str
     for &f in variants.iter().filter(|v| v.vmm == Vmm::Ferry) {
         if let Some(&q) = variants
             .iter()
-            .find(|v| v.vmm == Vmm::Qemu && v.channels > 0)
+            .find(|v| v.vmm == Vmm::Qemu && v.channels > 0 && v.tls == f.tls)
         {
             println!(
                 "{} / {}: total {:.2}×",
@@ -306,6 +327,7 @@ fn rows(env: &mut Env, variants: &[Variant], mib: u32, pattern: &str, link: &str
             );
         }
     }
+    runs
 }
 
 /// FERRY_BENCH_POPULATED=4096/2G,9216/6G (guest MiB / pattern) and
@@ -317,8 +339,8 @@ pub fn populated(env: &mut Env) {
     let channels = crate::env_or("FERRY_BENCH_CHANNELS", 2u32);
     let mut variants = Vec::new();
     for &vmm in &env.vmms {
-        variants.push(Variant { vmm, channels: 0 });
-        variants.push(Variant { vmm, channels });
+        variants.push(Variant::new(vmm, 0));
+        variants.push(Variant::new(vmm, channels));
     }
     for link in links.split(',') {
         let shaped = link != "veth";
@@ -350,10 +372,7 @@ pub fn populated(env: &mut Env) {
 /// rate, the second not at all.
 pub fn growth(env: &mut Env) {
     let channels = crate::env_or("FERRY_BENCH_CHANNELS", 2u32);
-    let v = Variant {
-        vmm: Vmm::Ferry,
-        channels,
-    };
+    let v = Variant::new(Vmm::Ferry, channels);
     println!();
     println!(
         "Cost growth, {} over the unshaped link; {} runs each (median, worst), every run \
@@ -405,8 +424,8 @@ pub fn slow_link(env: &mut Env) {
     let channels = crate::env_or("FERRY_BENCH_CHANNELS", 2u32);
     let mut variants = Vec::new();
     for &vmm in &env.vmms {
-        variants.push(Variant { vmm, channels: 0 });
-        variants.push(Variant { vmm, channels });
+        variants.push(Variant::new(vmm, 0));
+        variants.push(Variant::new(vmm, channels));
     }
     let mut runs: Vec<(Variant, Run)> = Vec::new();
     for run in 0..env.runs {
