@@ -299,6 +299,30 @@ impl FerryVm {
     }
 
     /// Waits for ferry to exit by itself.
+    /// The exit status, if the process has ended.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// CPU time the thread named `comm` has spent in the kernel (for a
+    /// vCPU thread: running, or emulating, the guest).
+    pub fn thread_system_time(&self, comm: &str) -> Option<Duration> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid())).ok()?;
+        let ticks = unsafe_clock_ticks();
+        tasks.flatten().find_map(|t| {
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            if name.trim() != comm {
+                return None;
+            }
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            // Fields after the ")" of the name: state is the first, stime
+            // the 13th (field 15 of proc(5)).
+            let after = stat.rsplit_once(')')?.1;
+            let stime: u64 = after.split_whitespace().nth(12)?.parse().ok()?;
+            Some(Duration::from_secs_f64(stime as f64 / ticks))
+        })
+    }
+
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
@@ -324,5 +348,15 @@ impl Drop for FerryVm {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unsafe_clock_ticks() -> f64 {
+    // SAFETY: sysconf has no side effects.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if n > 0 {
+        n as f64
+    } else {
+        100.0
     }
 }
