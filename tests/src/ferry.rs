@@ -267,7 +267,7 @@ impl FerryVm {
         String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
     }
 
-    fn exited(&self) -> bool {
+    pub fn exited(&self) -> bool {
         // SAFETY: waitpid with WNOHANG on our own child would reap it;
         // kill(pid, 0) only probes for existence.
         unsafe { libc::kill(self.child.id() as i32, 0) != 0 }

@@ -11,6 +11,7 @@ pub mod hosts;
 pub mod linux;
 pub mod netns;
 pub mod probe;
+pub mod strangers;
 pub mod stream;
 pub mod switch;
 pub mod tiny;

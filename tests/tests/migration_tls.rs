@@ -5,7 +5,6 @@
 //! source (garbage, silence, plaintext, another CA, an expired
 //! certificate) and then takes the real one.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,6 +17,7 @@ use ferry_tests::hosts::{
 use ferry_tests::netns::Netns;
 use ferry_tests::probe::heartbeat::{last_heartbeat, wait_heartbeats};
 use ferry_tests::probe::{Cmdline, READY};
+use ferry_tests::strangers::{dropped_lines, garbage, poke, wait_dropped};
 use ferry_tests::tlscerts::{Side, TestCa};
 use serde_json::{json, Value};
 
@@ -174,50 +174,6 @@ fn tls_migration_over_one_stream_and_over_multifd() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Connects from host A, sends `bytes`, and returns how long the
-/// destination took to close the connection (it must, within `within`).
-fn poke(ns: &Netns, bytes: Vec<u8>, within: Duration) -> Duration {
-    ns.enter(move || {
-        let started = Instant::now();
-        let mut s = TcpStream::connect((B_ADDR, PORT)).expect("connect to the destination");
-        s.write_all(&bytes).expect("send");
-        s.set_read_timeout(Some(within)).expect("timeout");
-        let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => return started.elapsed(),
-                // A NAK, TLS alert or the like: read on until it closes.
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    return started.elapsed()
-                }
-                Err(e) => panic!("the destination kept the connection open: {e}"),
-            }
-        }
-    })
-    .expect("namespace")
-}
-
-fn dropped_lines(vm: &FerryVm) -> usize {
-    vm.stderr()
-        .lines()
-        .filter(|l| l.contains("dropped a connection"))
-        .count()
-}
-
-/// Waits until the destination has logged `n` dropped connections.
-fn wait_dropped(vm: &FerryVm, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while dropped_lines(vm) < n {
-        assert!(
-            Instant::now() < deadline,
-            "expected {n} dropped connections; stderr: {}",
-            vm.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A source that fails: its error names `words`, it runs on.
 fn refused(vm: &FerryVm, words: &[&str]) {
     vm.execute("migrate", json!({ "uri": format!("tcp:{B_ADDR}:{PORT}") }))
@@ -250,23 +206,20 @@ fn a_tls_destination_drops_every_stranger_and_takes_its_source() {
     let mut dropped = 0;
 
     // Garbage, 20 times: each is dropped at once (no TLS hello in it).
-    let mut prng = 0x9e37_79b9_7f4a_7c15u64;
-    for _ in 0..20 {
-        let bytes: Vec<u8> = (0..1000)
-            .map(|_| {
-                prng ^= prng << 13;
-                prng ^= prng >> 7;
-                prng ^= prng << 17;
-                prng as u8
-            })
-            .collect();
-        poke(&hosts.a, bytes, Duration::from_secs(5));
+    for seed in 0..20 {
+        poke(
+            &hosts.a,
+            B_ADDR,
+            PORT,
+            garbage(seed, 1000),
+            Duration::from_secs(5),
+        );
         dropped += 1;
     }
     wait_dropped(&dst, dropped);
 
     // Silence: dropped once the deadline has passed, not before.
-    let took = poke(&hosts.a, Vec::new(), Duration::from_secs(10));
+    let took = poke(&hosts.a, B_ADDR, PORT, Vec::new(), Duration::from_secs(10));
     dropped += 1;
     assert!(
         took >= Duration::from_millis(deadline_ms - 50),
