@@ -96,8 +96,16 @@ fn a_migration_draws_its_timeline() {
         .filter_map(|n| n.text())
         .collect::<Vec<_>>()
         .join("\n");
-    for p in 1..=passes.len() {
-        assert!(words.contains(&format!("pass {p}:")), "pass {p} in {words}");
+    // Every pass is named, but for those past the five the picture lists
+    // when they are too narrow to carry their label: it counts them.
+    let missing = (1..=passes.len())
+        .filter(|p| !words.contains(&format!("pass {p}:")))
+        .count();
+    if missing > 0 {
+        assert!(
+            words.contains(&format!("… and {missing} more passes")),
+            "{missing} passes neither named nor counted in {words}"
+        );
     }
     assert!(
         words.contains(&format!("guest stopped {downtime:.1} ms")),
