@@ -70,6 +70,12 @@ pub struct RunArgs {
     /// (shared, so a local migration can hand the pages over).
     #[arg(long, value_name = "anon|memfd", default_value = "anon")]
     pub memory_backend: String,
+    /// System calls once the VM runs: on (an allowlist per kind of
+    /// thread; a forbidden call stops Ferry with one line), log (the
+    /// kernel logs forbidden calls and lets them run) or off. Default
+    /// on, or $FERRY_SECCOMP.
+    #[arg(long, value_name = "on|log|off")]
+    pub seccomp: Option<String>,
     /// Start in prelaunch: the guest runs only after QMP `cont`.
     #[arg(short = 'S', long = "paused")]
     pub paused: bool,

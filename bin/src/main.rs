@@ -46,16 +46,27 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn run(args: cli::RunArgs) -> ExitCode {
+    let seccomp = match args
+        .seccomp
+        .clone()
+        .or_else(|| std::env::var("FERRY_SECCOMP").ok())
+        .map(|s| s.parse::<vmm::seccomp::SeccompMode>())
+        .transpose()
+    {
+        Ok(mode) => mode.unwrap_or_default(),
+        Err(e) => return fail(e),
+    };
     let built = match args.into_start() {
         Ok(cli::Start::Boot(config)) => vmm::Vm::new(&config),
         Ok(cli::Start::Incoming(config)) => vmm::Vm::incoming(&config),
         Err(e) => return fail(e),
     };
-    let vm = match built {
+    let mut vm = match built {
         Ok(vm) => vm,
         Err(vmm::VmmError::QuitWhileArriving) => return ExitCode::SUCCESS,
         Err(e) => return fail(e),
     };
+    vm.set_seccomp(seccomp);
     match vm.run() {
         Ok(exit) if exit.is_clean() => {
             if matches!(exit, vmm::VmExit::Signal(_)) {

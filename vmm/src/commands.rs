@@ -19,6 +19,7 @@ pub fn all() -> Vec<CommandSpec> {
         control::COMMANDS,
         migration_qmp::COMMANDS,
         objects::COMMANDS,
+        &[CommandSpec::no_args(SECCOMP_TRIGGER)],
     ]
     .concat()
 }
@@ -64,8 +65,16 @@ impl VmCommands {
     }
 }
 
+/// For the test that seccomp stops and reports a forbidden call: the
+/// event loop's thread makes one (and the process ends, with `on`).
+const SECCOMP_TRIGGER: &str = "x-ferry-seccomp-trigger";
+
 impl QmpHandler for VmCommands {
     fn execute(&mut self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        if command == SECCOMP_TRIGGER {
+            crate::seccomp::make_a_forbidden_call();
+            return Ok(Value::Object(Map::new()));
+        }
         if let Some(answer) = self.migration.execute(command, args) {
             return answer;
         }

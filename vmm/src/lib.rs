@@ -17,7 +17,9 @@ pub mod memory;
 pub mod migrate;
 pub mod mptable;
 pub mod objects;
+pub mod privileges;
 pub mod runstate;
+pub mod seccomp;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
@@ -89,6 +91,10 @@ pub enum VmmError {
     Qmp(#[from] qmp::QmpSetupError),
     #[error(transparent)]
     Incoming(#[from] migrate::IncomingError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Privileges(#[from] privileges::PrivilegeError),
     #[error("starting the guest: {0}")]
     Start(#[from] control::ControlError),
 }

@@ -42,6 +42,8 @@ pub struct Vm {
     /// (crate::migrate::report).
     pub(crate) report_wanted: bool,
     pub(crate) report_to: Option<crate::migrate::report::ReportTo>,
+    /// `--seccomp`: installed as the VM starts to run.
+    pub(crate) seccomp: crate::seccomp::SeccompMode,
 }
 
 /// Binds the control socket: a bad --qmp fails before anything is built.
@@ -82,7 +84,13 @@ impl Vm {
             configured: Configured::with_objects(config.objects.clone()),
             report_wanted: false,
             report_to: None,
+            seccomp: Default::default(),
         })
+    }
+
+    /// `--seccomp`: what [`Vm::run`] installs once the VM is set up.
+    pub fn set_seccomp(&mut self, mode: crate::seccomp::SeccompMode) {
+        self.seccomp = mode;
     }
 
     /// Runs the guest until it powers off, resets, fails, or the user or
@@ -131,7 +139,11 @@ impl Vm {
             event_manager.add_subscriber(Arc::new(Mutex::new(NetEventHandler::new(net.clone()))));
         }
 
-        let threads = spawn_vcpus(self.vcpus.drain(..))?;
+        // Set up: from here on no capability, and only the calls a
+        // running VM makes.
+        crate::privileges::drop_all()?;
+        crate::seccomp::install_process(self.seccomp)?;
+        let threads = spawn_vcpus(self.vcpus.drain(..), self.seccomp)?;
 
         let runstate = self.runstate.clone();
         let nics = parts.nets.iter().map(|n| n.clone() as SharedNic).collect();
@@ -213,12 +225,22 @@ impl Vm {
     }
 }
 
-fn spawn_vcpus(vcpus: impl Iterator<Item = Vcpu>) -> Result<Vec<JoinHandle<()>>, VmmError> {
+fn spawn_vcpus(
+    vcpus: impl Iterator<Item = Vcpu>,
+    seccomp: crate::seccomp::SeccompMode,
+) -> Result<Vec<JoinHandle<()>>, VmmError> {
     vcpus
         .map(|vcpu| {
             std::thread::Builder::new()
                 .name(format!("ferry-vcpu-{}", vcpu.id))
-                .spawn(move || vcpu.run_loop())
+                .spawn(move || {
+                    // Its own filter, narrower than the process's; should
+                    // it fail, the process's still holds.
+                    if let Err(e) = crate::seccomp::install_vcpu(seccomp) {
+                        log::error!("vCPU {}: {e}", vcpu.id);
+                    }
+                    vcpu.run_loop()
+                })
                 .map_err(|source| VmmError::Io {
                     what: "spawn vCPU thread",
                     source,

@@ -515,6 +515,7 @@ fn load(
         configured: Configured::default(),
         report_wanted: incoming.report,
         report_to: None,
+        seccomp: Default::default(),
     };
     Ok((vm, was_running, kept))
 }

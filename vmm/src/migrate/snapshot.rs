@@ -147,6 +147,11 @@ pub fn guard_image(file: &std::fs::File, memory: crate::memory::GuestMemoryMmap)
                     && libc::fcntl(raw, F_SETOWN_EX, &owner) == 0
                     && libc::fcntl(raw, libc::F_SETLEASE, libc::F_RDLCK) == 0
             };
+            // Made before the VM runs, this thread gives up its
+            // capabilities itself (the VM's threads do as it starts).
+            if let Err(e) = crate::privileges::drop_all() {
+                log::warn!("snapshot lease thread: {e}");
+            }
             if !ok {
                 log::warn!(
                     "snapshot lease refused ({}): do not write the snapshot file while this guest runs",
