@@ -18,6 +18,8 @@ pub mod client;
 mod error;
 mod events;
 mod framing;
+#[doc(hidden)]
+pub mod fuzzing;
 mod json;
 mod protocol;
 mod schema;
