@@ -94,11 +94,19 @@ fn framed(mut input: &[u8]) -> Vec<u8> {
     w.finish().unwrap_or_default()
 }
 
+thread_local! {
+    // One "guest memory" for every run: allocating 16 MiB per input would
+    // be most of the time spent.
+    static GUEST: std::cell::RefCell<Memory> = std::cell::RefCell::new(Memory(vec![0; MEMORY]));
+}
+
 fuzz_target!(|data: &[u8]| {
-    let mut memory = Memory(vec![0; MEMORY]);
-    match data.split_first() {
-        Some((mode, rest)) if mode & 1 == 1 => read(&framed(rest), &mut memory),
-        Some((_, rest)) => read(rest, &mut memory),
-        None => {}
-    }
+    GUEST.with(|m| {
+        let memory = &mut *m.borrow_mut();
+        match data.split_first() {
+            Some((mode, rest)) if mode & 1 == 1 => read(&framed(rest), memory),
+            Some((_, rest)) => read(rest, memory),
+            None => {}
+        }
+    });
 });

@@ -130,3 +130,26 @@ pub fn status(vm: &FerryVm) -> String {
         .unwrap_or("")
         .to_string()
 }
+
+/// QEMU's way: the capability and the channel count, on each end.
+pub fn set_multifd(vm: &FerryVm, channels: Option<u64>) {
+    vm.execute(
+        "migrate-set-capabilities",
+        json!({ "capabilities": [{ "capability": "multifd", "state": channels.is_some() }] }),
+    )
+    .expect("multifd capability");
+    if let Some(n) = channels {
+        vm.execute("migrate-set-parameters", json!({ "multifd-channels": n }))
+            .expect("multifd-channels");
+    }
+}
+
+/// The guest keeps beating: three more heartbeats within 10 s.
+pub fn heartbeat_goes_on(vm: &FerryVm) {
+    let n = crate::probe::heartbeat::last_heartbeat(&vm.console);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crate::probe::heartbeat::last_heartbeat(&vm.console) <= n + 2 {
+        assert!(Instant::now() < deadline, "heartbeat stuck at {n}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_kvm, require_root};
 use ferry_tests::hosts::{
-    assert_completed, migrate, status, wait_migration, TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
+    assert_completed, heartbeat_goes_on, migrate, set_multifd, status, wait_migration, TwoHosts,
+    A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
 };
 use ferry_tests::netns::Netns;
-use ferry_tests::probe::heartbeat::{last_heartbeat, wait_heartbeats};
+use ferry_tests::probe::heartbeat::wait_heartbeats;
 use ferry_tests::probe::{Cmdline, READY};
 use serde_json::{json, Value};
 
@@ -44,28 +45,6 @@ fn destination(test: &str, ns: &Netns) -> FerryVm {
     let mut spec = VmSpec::incoming(&format!("tcp:{B_ADDR}:{PORT}"));
     spec.nets = vec![format!("tap={B_TAP}")];
     FerryVm::spawn(test, &spec, Some(ns))
-}
-
-/// QEMU's way: the capability and the channel count, on each end.
-fn set_multifd(vm: &FerryVm, channels: Option<u64>) {
-    vm.execute(
-        "migrate-set-capabilities",
-        json!({ "capabilities": [{ "capability": "multifd", "state": channels.is_some() }] }),
-    )
-    .expect("multifd capability");
-    if let Some(n) = channels {
-        vm.execute("migrate-set-parameters", json!({ "multifd-channels": n }))
-            .expect("multifd-channels");
-    }
-}
-
-fn heartbeat_goes_on(vm: &FerryVm) {
-    let n = last_heartbeat(&vm.console);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while last_heartbeat(&vm.console) <= n + 2 {
-        assert!(Instant::now() < deadline, "heartbeat stuck at {n}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

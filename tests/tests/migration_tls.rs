@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_kvm, require_root};
 use ferry_tests::hosts::{
-    assert_completed, migrate, status, wait_migration, TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
+    assert_completed, heartbeat_goes_on, migrate, set_multifd, status, wait_migration, TwoHosts,
+    A_TAP, B_ADDR, B_TAP, GUEST_ADDR,
 };
 use ferry_tests::netns::Netns;
-use ferry_tests::probe::heartbeat::{last_heartbeat, wait_heartbeats};
+use ferry_tests::probe::heartbeat::wait_heartbeats;
 use ferry_tests::probe::{Cmdline, READY};
 use ferry_tests::strangers::{dropped_lines, garbage, poke, wait_dropped};
 use ferry_tests::tlscerts::{Side, TestCa};
@@ -85,28 +86,6 @@ fn destination(test: &str, ns: &Netns, creds: &Path, params: Value) -> FerryVm {
     vm
 }
 
-fn set_multifd(vm: &FerryVm, channels: u64) {
-    vm.execute(
-        "migrate-set-capabilities",
-        json!({ "capabilities": [{ "capability": "multifd", "state": true }] }),
-    )
-    .expect("multifd capability");
-    vm.execute(
-        "migrate-set-parameters",
-        json!({ "multifd-channels": channels }),
-    )
-    .expect("multifd-channels");
-}
-
-fn heartbeat_goes_on(vm: &FerryVm) {
-    let n = last_heartbeat(&vm.console);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while last_heartbeat(&vm.console) <= n + 2 {
-        assert!(Instant::now() < deadline, "heartbeat stuck at {n}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 struct Pki {
     ca: TestCa,
     server: PathBuf,
@@ -145,8 +124,8 @@ fn tls_migration_over_one_stream_and_over_multifd() {
             json!({}),
         );
         if channels > 1 {
-            set_multifd(&src, channels);
-            set_multifd(&dst, channels);
+            set_multifd(&src, Some(channels));
+            set_multifd(&dst, Some(channels));
         }
         src.execute(
             "migrate-set-parameters",
