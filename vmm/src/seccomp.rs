@@ -18,8 +18,10 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 /// `--seccomp`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SeccompMode {
-    #[default]
     On,
+    // The default until every path is known to stay inside the lists: a
+    // restore from file: was stopped once in a full run (see trust.md).
+    #[default]
     Log,
     Off,
 }
