@@ -73,7 +73,7 @@ pub struct RunArgs {
     /// System calls once the VM runs: on (an allowlist per kind of
     /// thread; a forbidden call stops Ferry with one line), log (the
     /// kernel logs forbidden calls and lets them run) or off. Default
-    /// log, or $FERRY_SECCOMP.
+    /// on, or $FERRY_SECCOMP.
     #[arg(long, value_name = "on|log|off")]
     pub seccomp: Option<String>,
     /// Start in prelaunch: the guest runs only after QMP `cont`.

@@ -58,7 +58,12 @@ fn run(args: cli::RunArgs) -> ExitCode {
     };
     let built = match args.into_start() {
         Ok(cli::Start::Boot(config)) => vmm::Vm::new(&config),
-        Ok(cli::Start::Incoming(config)) => vmm::Vm::incoming(&config),
+        // Whatever a source sends is read under seccomp.
+        Ok(cli::Start::Incoming(config)) => {
+            vmm::seccomp::install_process(vmm::seccomp::ThreadKind::Arriving, seccomp)
+                .map_err(vmm::VmmError::from)
+                .and_then(|()| vmm::Vm::incoming(&config))
+        }
         Err(e) => return fail(e),
     };
     let mut vm = match built {

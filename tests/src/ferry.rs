@@ -279,7 +279,10 @@ impl FerryVm {
 
     /// A new, negotiated QMP connection.
     pub fn qmp(&self) -> qmp::client::QmpClient {
-        let mut c = qmp::client::QmpClient::connect(self.qmp_path()).expect("connect to QMP");
+        let mut c = match qmp::client::QmpClient::connect(self.qmp_path()) {
+            Ok(c) => c,
+            Err(e) => panic!("connect to QMP: {e:?}; the VM's stderr:\n{}", self.stderr()),
+        };
         c.set_timeout(Some(Duration::from_secs(20)))
             .expect("QMP timeout");
         c

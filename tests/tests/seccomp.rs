@@ -16,8 +16,9 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
 
-/// (thread name, Seccomp, NoNewPrivs, CapEff) of every thread of `pid`.
-fn threads(pid: u32) -> Vec<(String, String, String, String)> {
+/// (thread name, Seccomp, NoNewPrivs, CapEff, Seccomp_filters) of every
+/// thread of `pid`.
+fn threads(pid: u32) -> Vec<(String, String, String, String, String)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))
         .expect("tasks")
@@ -38,6 +39,7 @@ fn threads(pid: u32) -> Vec<(String, String, String, String)> {
             field("Seccomp:"),
             field("NoNewPrivs:"),
             field("CapEff:"),
+            field("Seccomp_filters:"),
         ));
     }
     out
@@ -49,7 +51,7 @@ fn assert_all_filtered(vm: &FerryVm, what: &str) {
         all.iter().any(|t| t.0.starts_with("ferry-vcpu")),
         "{what}: no vCPU thread in {all:?}"
     );
-    for (name, seccomp, nnp, caps) in &all {
+    for (name, seccomp, nnp, caps, _) in &all {
         assert_eq!(
             caps, "0000000000000000",
             "{what}: thread {name} kept capabilities: {all:?}"
@@ -63,10 +65,22 @@ fn assert_all_filtered(vm: &FerryVm, what: &str) {
             "{what}: thread {name} lacks no_new_privs: {all:?}"
         );
     }
+    // A vCPU narrows the process's filter with its own (and the one
+    // that makes a file's open fail): two more than the event loop's.
+    let filters = |name: &str| -> u32 {
+        let t = all.iter().find(|t| t.0 == name);
+        t.and_then(|t| t.4.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: no {name} thread in {all:?}"))
+    };
+    assert_eq!(
+        filters("ferry-vcpu-0"),
+        filters("ferry") + 2,
+        "{what}: the vCPU's own filters: {all:?}"
+    );
     eprintln!(
         "{what}: {} threads, all Seccomp 2, NoNewPrivs 1, no capabilities: {:?}",
         all.len(),
-        all.iter().map(|t| &t.0).collect::<Vec<_>>()
+        all.iter().map(|t| (&t.0, &t.4)).collect::<Vec<_>>()
     );
 }
 
@@ -99,6 +113,14 @@ fn every_thread_is_filtered_on_a_booted_and_an_arrived_vm() {
     dst_spec.nets = vec![format!("tap={B_TAP}")];
     dst_spec.extra = vec!["--seccomp".into(), "on".into()];
     let dst = FerryVm::spawn("seccomp-dst", &dst_spec, Some(&hosts.b));
+    // Waiting, before a source has sent a byte: already filtered.
+    for (name, seccomp, nnp, ..) in threads(dst.pid()) {
+        assert_eq!(
+            (seccomp.as_str(), nnp.as_str()),
+            ("2", "1"),
+            "waiting: {name}"
+        );
+    }
     migrate(&src, &format!("tcp:{B_ADDR}:4444"));
     let info = wait_migration(&src, T);
     assert_completed(&info, &src, &dst);

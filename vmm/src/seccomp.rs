@@ -8,20 +8,26 @@
 //! it (dmesg, audit type 1326) and lets it run; `off` installs nothing.
 //! `no_new_privs` comes with the filters.
 
+mod lists;
 mod names;
+
+use lists::*;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// `--seccomp`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SeccompMode {
-    On,
-    // The default until every path is known to stay inside the lists: a
-    // restore from file: was stopped once in a full run (see trust.md).
     #[default]
+    On,
     Log,
     Off,
 }
@@ -52,156 +58,94 @@ pub enum SeccompError {
 /// Who a filter is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ThreadKind {
-    /// Every thread: the event loop (QMP, devices, the announcer), the
-    /// migration and its helpers, and the base of the vCPUs'.
+    /// Every thread of a destination, from before it reads the stream
+    /// until its VM runs: the process's list and capset.
+    Arriving,
+    /// Every thread once the VM runs: the event loop (devices, QMP and
+    /// what its commands start: migrations, snapshots, hand-over, the
+    /// announcer) and their helper threads.
     Process,
     /// A vCPU: KVM_RUN and what its exits do (device registers, a TAP
-    /// write, the serial console, a kick).
+    /// write, the serial console, a kick); no ioctl but KVM's and TUN's.
     Vcpu,
+    /// A migration channel's thread (multifd, either end): pages between
+    /// a connected socket and guest memory; no file or socket opened, no
+    /// thread made, no ioctl but the pagemap scan.
+    Channel,
 }
 
 impl ThreadKind {
     fn name(self) -> &'static str {
         match self {
+            Self::Arriving => "arriving",
             Self::Process => "process",
             Self::Vcpu => "vCPU",
+            Self::Channel => "channel",
         }
+    }
+
+    fn calls(self) -> &'static [&'static [i64]] {
+        match self {
+            Self::Arriving => &[COMMON, PROCESS, ARRIVING],
+            Self::Process => &[COMMON, PROCESS],
+            // REFUSED_GENTLY passes here for [`refusals`] to fail it: a
+            // trap in one stacked filter would win over its error.
+            Self::Vcpu => &[COMMON, REFUSED_GENTLY],
+            Self::Channel => &[COMMON, CHANNEL, REFUSED_GENTLY],
+        }
+    }
+
+    /// The ioctl types this kind may use.
+    fn ioctl_types(self) -> &'static [u64] {
+        match self {
+            Self::Arriving | Self::Process => {
+                &[IOCTL_KVM, IOCTL_TTY_TUN, IOCTL_PAGEMAP, IOCTL_SOCKET]
+            }
+            // TUN's too: the driver's FEATURES_OK sets the TAP's offloads.
+            Self::Vcpu => &[IOCTL_KVM, IOCTL_TTY_TUN],
+            // PAGEMAP_SCAN: which pages of a pass are worth reading.
+            Self::Channel => &[IOCTL_PAGEMAP],
+        }
+    }
+
+    fn opens_sockets(self) -> bool {
+        matches!(self, Self::Arriving | Self::Process)
     }
 }
 
-/// Calls every thread makes: memory, signals, time, futexes, logging.
-const COMMON: &[i64] = &[
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_readv,
-    libc::SYS_writev,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_close,
-    libc::SYS_ioctl,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mprotect,
-    libc::SYS_madvise,
-    libc::SYS_mremap,
-    libc::SYS_brk,
-    libc::SYS_futex,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigaction,
-    libc::SYS_sigaltstack,
-    libc::SYS_tgkill,
-    libc::SYS_gettid,
-    libc::SYS_getpid,
-    libc::SYS_prctl,
-    libc::SYS_sched_yield,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_nanosleep,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_clock_gettime,
-    libc::SYS_gettimeofday,
-    libc::SYS_getrandom,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_eventfd2,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-    libc::SYS_restart_syscall,
-    libc::SYS_rseq,
-    libc::SYS_set_robust_list,
-    libc::SYS_sendto,
-    libc::SYS_sendmsg,
-    libc::SYS_recvfrom,
-    libc::SYS_recvmsg,
-    libc::SYS_fcntl,
-];
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
-/// The rest of what the event loop, QMP, migrations (tcp, unix, file,
-/// multifd, TLS, hand-over), snapshots and their helper threads call.
-const PROCESS: &[i64] = &[
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_fstat,
-    libc::SYS_newfstatat,
-    libc::SYS_statx,
-    libc::SYS_lseek,
-    libc::SYS_fstatfs,
-    libc::SYS_statfs,
-    libc::SYS_epoll_create1,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_timerfd_create,
-    libc::SYS_timerfd_settime,
-    libc::SYS_timerfd_gettime,
-    libc::SYS_socket,
-    libc::SYS_socketpair,
-    libc::SYS_connect,
-    libc::SYS_accept,
-    libc::SYS_accept4,
-    libc::SYS_bind,
-    libc::SYS_listen,
-    libc::SYS_shutdown,
-    libc::SYS_getsockopt,
-    libc::SYS_setsockopt,
-    libc::SYS_getsockname,
-    libc::SYS_getpeername,
-    libc::SYS_sendmmsg,
-    libc::SYS_recvmmsg,
-    libc::SYS_openat,
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
-    libc::SYS_rename,
-    libc::SYS_renameat,
-    libc::SYS_renameat2,
-    libc::SYS_fchmod,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    libc::SYS_ftruncate,
-    libc::SYS_fallocate,
-    libc::SYS_flock,
-    libc::SYS_fadvise64,
-    libc::SYS_readlink,
-    libc::SYS_getcwd,
-    libc::SYS_dup,
-    libc::SYS_dup3,
-    libc::SYS_pipe2,
-    libc::SYS_memfd_create,
-    libc::SYS_clone,
-    libc::SYS_clone3,
-    libc::SYS_wait4,
-    libc::SYS_kill,
-    libc::SYS_rt_sigtimedwait,
-    libc::SYS_getuid,
-    libc::SYS_geteuid,
-    libc::SYS_getgid,
-    libc::SYS_getegid,
-    libc::SYS_uname,
-    libc::SYS_sysinfo,
-    libc::SYS_getrusage,
-    libc::SYS_mincore,
-    libc::SYS_sched_setaffinity,
-    libc::SYS_membarrier,
-    libc::SYS_splice,
-    libc::SYS_sendfile,
-    libc::SYS_copy_file_range,
-    // A vCPU thread adds its own filter on top of this one.
-    libc::SYS_seccomp,
-];
-
-fn rules(calls: &[&[i64]]) -> BTreeMap<i64, Vec<seccompiler::SeccompRule>> {
-    calls
+fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
+    let mut rules: Rules = kind
+        .calls()
         .iter()
         .flat_map(|c| c.iter())
         .map(|&nr| (nr, Vec::new()))
-        .collect()
+        .collect();
+    // One rule per allowed value: the call passes if any matches.
+    let when = |arg: u8, op: SeccompCmpOp, value: u64| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+            .and_then(|c| SeccompRule::new(vec![c]))
+    };
+    let ioctls = kind
+        .ioctl_types()
+        .iter()
+        .map(|&t| when(1, SeccompCmpOp::MaskedEq(IOCTL_TYPE_MASK), t))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !ioctls.is_empty() {
+        rules.insert(libc::SYS_ioctl, ioctls);
+    }
+    if kind.opens_sockets() {
+        let families = SOCKET_FAMILIES
+            .iter()
+            .map(|&f| when(0, SeccompCmpOp::Eq, f))
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.insert(libc::SYS_socket, families);
+    }
+    Ok(rules)
 }
 
 fn program(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
-    let calls: &[&[i64]] = match kind {
-        ThreadKind::Process => &[COMMON, PROCESS],
-        ThreadKind::Vcpu => &[COMMON],
-    };
     let mismatch = match mode {
         SeccompMode::Log => SeccompAction::Log,
         _ => SeccompAction::Trap,
@@ -211,7 +155,7 @@ fn program(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, SeccompErr
         why,
     };
     let filter = SeccompFilter::new(
-        rules(calls),
+        rules(kind).map_err(|e| build(e.to_string()))?,
         mismatch,
         SeccompAction::Allow,
         TargetArch::x86_64,
@@ -222,18 +166,36 @@ fn program(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, SeccompErr
         .map_err(|e: seccompiler::BackendError| build(e.to_string()))
 }
 
-/// The process's filter on every thread, and the SIGSYS report. Called
-/// once the VM is built, before its vCPU threads start.
-pub fn install_process(mode: SeccompMode) -> Result<(), SeccompError> {
+/// The mode the process's filters were installed in (0: none yet), for
+/// the threads that add their own later.
+static INSTALLED: AtomicU8 = AtomicU8::new(0);
+
+fn installed_mode() -> Option<SeccompMode> {
+    match INSTALLED.load(Ordering::Acquire) {
+        1 => Some(SeccompMode::On),
+        2 => Some(SeccompMode::Log),
+        _ => None,
+    }
+}
+
+/// `kind`'s filter on every thread, and the SIGSYS report: `Process`
+/// once the VM is built, before its vCPU threads start; `Arriving` on a
+/// destination before it reads anything a source sends.
+pub fn install_process(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
     if mode == SeccompMode::Off {
         return Ok(());
     }
     install_sigsys_handler()?;
-    let prog = program(ThreadKind::Process, mode)?;
+    let prog = program(kind, mode)?;
     seccompiler::apply_filter_all_threads(&prog).map_err(|e| SeccompError::Install {
-        kind: ThreadKind::Process.name(),
+        kind: kind.name(),
         why: e.to_string(),
-    })
+    })?;
+    INSTALLED.store(
+        if mode == SeccompMode::On { 1 } else { 2 },
+        Ordering::Release,
+    );
+    Ok(())
 }
 
 /// The calling vCPU thread's own filter, on top of the process's.
@@ -241,11 +203,73 @@ pub fn install_vcpu(mode: SeccompMode) -> Result<(), SeccompError> {
     if mode == SeccompMode::Off {
         return Ok(());
     }
-    let prog = program(ThreadKind::Vcpu, mode)?;
-    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install {
-        kind: ThreadKind::Vcpu.name(),
-        why: e.to_string(),
-    })
+    let kind = ThreadKind::Vcpu;
+    // The refusals first: the kind's own list has no seccomp call.
+    for prog in [refusals(kind)?, program(kind, mode)?] {
+        seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install {
+            kind: kind.name(),
+            why: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Calls a thread of `kind` may not make but that the C library makes
+/// on its own: they fail (EACCES) instead of stopping Ferry. glibc's
+/// malloc reads /proc/sys/vm/overcommit_memory the first time a thread's
+/// heap shrinks, and copes when it cannot.
+const REFUSED_GENTLY: &[i64] = &[libc::SYS_openat, libc::SYS_open];
+
+/// The filter that makes [`REFUSED_GENTLY`] fail, for a kind whose own
+/// list lacks them (stacked filters: an error wins over an allow).
+fn refusals(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let build = |why: String| SeccompError::Build {
+        kind: kind.name(),
+        why,
+    };
+    let rules = REFUSED_GENTLY.iter().map(|&nr| (nr, Vec::new())).collect();
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| build(e.to_string()))?
+    .try_into()
+    .map_err(|e: seccompiler::BackendError| build(e.to_string()))
+}
+
+/// The calling migration channel thread's own filter, once its
+/// connection is made, when the process is under seccomp. Built once:
+/// a migration starts these threads again for every pass.
+pub fn install_channel() -> Result<(), SeccompError> {
+    type Programs = Result<[BpfProgram; 2], String>;
+    static PROGRAMS: OnceLock<Programs> = OnceLock::new();
+    let Some(mode) = installed_mode() else {
+        return Ok(());
+    };
+    let kind = ThreadKind::Channel;
+    let progs = PROGRAMS
+        .get_or_init(|| {
+            let text = |e: SeccompError| e.to_string();
+            // The refusals first: the kind's own list has no seccomp call.
+            Ok([
+                refusals(kind).map_err(text)?,
+                program(kind, mode).map_err(text)?,
+            ])
+        })
+        .as_ref()
+        .map_err(|why| SeccompError::Build {
+            kind: kind.name(),
+            why: why.clone(),
+        })?;
+    for prog in progs {
+        seccompiler::apply_filter(prog).map_err(|e| SeccompError::Install {
+            kind: kind.name(),
+            why: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 /// The name of system call `nr`, or "" when there is none.
@@ -358,14 +382,56 @@ mod tests {
         assert_eq!(syscall_name(100_000), "");
         assert_eq!("log".parse::<SeccompMode>(), Ok(SeccompMode::Log));
         assert!("maybe".parse::<SeccompMode>().is_err());
-        for kind in [ThreadKind::Process, ThreadKind::Vcpu] {
+        let kinds = [
+            ThreadKind::Arriving,
+            ThreadKind::Process,
+            ThreadKind::Vcpu,
+            ThreadKind::Channel,
+        ];
+        for kind in kinds {
             for mode in [SeccompMode::On, SeccompMode::Log] {
                 assert!(!program(kind, mode).unwrap().is_empty());
             }
+            let r = rules(kind).unwrap();
+            for never in [libc::SYS_execve, libc::SYS_ptrace, libc::SYS_getpgrp] {
+                assert!(!r.contains_key(&never), "{kind:?}");
+            }
         }
-        let process = rules(&[COMMON, PROCESS]);
-        assert!(!process.contains_key(&libc::SYS_execve));
-        assert!(!process.contains_key(&libc::SYS_ptrace));
-        assert!(!process.contains_key(&libc::SYS_getpgrp));
+        let process = rules(ThreadKind::Process).unwrap();
+        assert!(!process.contains_key(&libc::SYS_capset));
+        assert!(rules(ThreadKind::Arriving)
+            .unwrap()
+            .contains_key(&libc::SYS_capset));
+        assert_eq!(process[&libc::SYS_ioctl].len(), 4);
+        assert_eq!(process[&libc::SYS_socket].len(), 3);
+        let channel = rules(ThreadKind::Channel).unwrap();
+        assert_eq!(channel[&libc::SYS_ioctl].len(), 1);
+        for absent in [libc::SYS_socket, libc::SYS_clone3, libc::SYS_connect] {
+            assert!(!channel.contains_key(&absent));
+        }
+    }
+
+    #[test]
+    fn a_channel_thread_cannot_open_a_file_and_goes_on() {
+        let opened = std::thread::spawn(|| {
+            let kind = ThreadKind::Channel;
+            for prog in [
+                refusals(kind).unwrap(),
+                program(kind, SeccompMode::On).unwrap(),
+            ] {
+                seccompiler::apply_filter(&prog).unwrap();
+            }
+            let opened = std::fs::File::open("/proc/self/status").map(|_| ());
+            // What a channel does: memory, time, a write to a descriptor.
+            let v = vec![7u8; 1 << 20];
+            let _ = std::time::Instant::now();
+            (opened, v.len())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(opened.0.unwrap_err().raw_os_error(), Some(libc::EACCES));
+        assert_eq!(opened.1, 1 << 20);
+        // Other threads are not under it.
+        assert!(std::fs::File::open("/proc/self/status").is_ok());
     }
 }

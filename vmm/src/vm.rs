@@ -142,7 +142,7 @@ impl Vm {
         // Set up: from here on no capability, and only the calls a
         // running VM makes.
         crate::privileges::drop_all()?;
-        crate::seccomp::install_process(self.seccomp)?;
+        crate::seccomp::install_process(crate::seccomp::ThreadKind::Process, self.seccomp)?;
         let threads = spawn_vcpus(self.vcpus.drain(..), self.seccomp)?;
 
         let runstate = self.runstate.clone();

@@ -202,12 +202,7 @@ impl Vm {
             let params = lock(&configured.migrations).params.clone();
             let tls = super::tls::server(&lock(&configured.objects), &params)
                 .map_err(IncomingError::TlsSetup)?;
-            let door = Doorway {
-                listener: &listener,
-                tls: tls.as_ref(),
-                deadline: Duration::from_millis(params.incoming_timeout_ms),
-            };
-            match door.open() {
+            match Doorway::new(&listener, tls.as_ref(), &params).open() {
                 Ok((reader, first, image)) => break (reader, first, image, params, tls),
                 Err(Opening::Dropped(why)) => {
                     log::warn!(
@@ -218,11 +213,8 @@ impl Vm {
             }
         };
         arrival.watch(&**reader.inner_mut());
-        let door = Doorway {
-            listener: &listener,
-            tls: tls.as_ref(),
-            deadline: Duration::from_millis(params.incoming_timeout_ms),
-        };
+        // The same door, for the multifd channels still to come.
+        let door = Doorway::new(&listener, tls.as_ref(), &params);
         // The destination's own job, for `query-migrate` and (with `events`
         // set here) MIGRATION: QEMU 7.2's destination says `setup` as it
         // listens (for `defer`, `migrate-incoming` did), `active` as the
@@ -339,7 +331,19 @@ enum Opening {
     Failed(IncomingError),
 }
 
-impl Doorway<'_> {
+impl<'a> Doorway<'a> {
+    fn new(
+        listener: &'a Listener,
+        tls: Option<&'a migration::tls::ServerTls>,
+        params: &MigrationParameters,
+    ) -> Self {
+        Doorway {
+            listener,
+            tls,
+            deadline: Duration::from_millis(params.incoming_timeout_ms),
+        }
+    }
+
     /// The next connection's stream, up to and including its config
     /// section, within the deadline; for a snapshot in the file form, its
     /// stream (after the RAM image) and the image.

@@ -68,6 +68,8 @@ pub enum MigrateError {
     TlsSetup(String),
     #[error(transparent)]
     Tls(#[from] migration::tls::TlsError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("multifd channel {index}: {source}")]
     ChannelFailed {
         index: usize,

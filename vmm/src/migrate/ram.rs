@@ -197,15 +197,16 @@ impl<W: Write> PageOut for RamSectionWriter<'_, W> {
 /// never touched are zero without being read (see
 /// [`Pagemap`](super::pagemap::Pagemap)). Several channels may call this
 /// with one queue at once, each with its own writer. `cancelled` is
-/// polled between chunks.
-pub fn send_pages<O: PageOut>(
+/// polled between chunks. `pagemap` is the caller's, opened before a
+/// channel thread narrows its seccomp filter (no file is opened after).
+pub(super) fn send_pages<O: PageOut>(
     ram: &mut O,
     memory: &GuestMemoryMmap,
     queue: &ChunkQueue<'_>,
     cancelled: &dyn Fn() -> bool,
+    mut pagemap: Option<Pagemap>,
 ) -> Result<SentPages, RamError> {
     let mut sent = SentPages::default();
-    let mut pagemap = Pagemap::open();
     let mut touched = Vec::with_capacity(CHUNK_WORDS);
     let regions: Vec<_> = memory.iter().collect();
     while let Some((r, c, chunk)) = queue.claim() {
@@ -471,7 +472,14 @@ mod tests {
         let mut w = migration::StreamWriter::new(Vec::new()).unwrap();
         let mut ram = w.ram();
         let all = DirtyPages::all(&mem);
-        let sent = send_pages(&mut ram, &mem, &ChunkQueue::new(&all), &|| false).unwrap();
+        let sent = send_pages(
+            &mut ram,
+            &mem,
+            &ChunkQueue::new(&all),
+            &|| false,
+            Pagemap::open(),
+        )
+        .unwrap();
         ram.finish().unwrap();
         let bytes = w.finish().unwrap();
         assert_eq!(sent.data, written.len() as u64);

@@ -122,6 +122,9 @@ pub fn guard_image(file: &std::fs::File, memory: crate::memory::GuestMemoryMmap)
             return;
         }
     };
+    // The thread must give up its capabilities before the process's
+    // seccomp filter arrives (it forbids capset): the caller waits for it.
+    let (set_up, wait_set_up) = std::sync::mpsc::sync_channel::<()>(1);
     let spawned = std::thread::Builder::new()
         .name("ferry-snapshot-lease".into())
         .spawn(move || {
@@ -147,15 +150,16 @@ pub fn guard_image(file: &std::fs::File, memory: crate::memory::GuestMemoryMmap)
                     && libc::fcntl(raw, F_SETOWN_EX, &owner) == 0
                     && libc::fcntl(raw, libc::F_SETLEASE, libc::F_RDLCK) == 0
             };
+            let refused = std::io::Error::last_os_error();
             // Made before the VM runs, this thread gives up its
             // capabilities itself (the VM's threads do as it starts).
             if let Err(e) = crate::privileges::drop_all() {
                 log::warn!("snapshot lease thread: {e}");
             }
+            let _ = set_up.send(());
             if !ok {
                 log::warn!(
-                    "snapshot lease refused ({}): do not write the snapshot file while this guest runs",
-                    std::io::Error::last_os_error()
+                    "snapshot lease refused ({refused}): do not write the snapshot file while this guest runs"
                 );
                 return;
             }
@@ -187,8 +191,14 @@ pub fn guard_image(file: &std::fs::File, memory: crate::memory::GuestMemoryMmap)
                 start.elapsed().as_secs_f64() * 1e3
             );
         });
-    if let Err(e) = spawned {
-        log::warn!("snapshot lease: {e}; do not write the snapshot file while this guest runs");
+    match spawned {
+        // Err only if the thread ended without sending: nothing to wait for.
+        Ok(_) => {
+            let _ = wait_set_up.recv();
+        }
+        Err(e) => {
+            log::warn!("snapshot lease: {e}; do not write the snapshot file while this guest runs")
+        }
     }
 }
 

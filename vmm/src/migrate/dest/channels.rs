@@ -46,7 +46,14 @@ pub(super) fn read_with_channels(
                 std::thread::Builder::new()
                     .name(format!("ferry-multifd-{index}"))
                     .spawn_scoped(s, move || {
-                        let r = multifd::receive_channel(c, index, memory, written, tracker);
+                        let r = crate::seccomp::install_channel()
+                            .map_err(|e| IncomingError::Channel {
+                                index,
+                                reason: e.to_string(),
+                            })
+                            .and_then(|()| {
+                                multifd::receive_channel(c, index, memory, written, tracker)
+                            });
                         if let Err(e) = &r {
                             tracker.fail(&e.to_string());
                         }

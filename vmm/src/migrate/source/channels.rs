@@ -3,6 +3,7 @@
 //! the wait for the destination's FERRYPAS.
 
 use super::*;
+use crate::migrate::pagemap::Pagemap;
 
 /// Threads writing a snapshot's RAM image.
 const IMAGE_WRITERS: usize = 2;
@@ -84,7 +85,13 @@ impl<'a> Outgoing<'a> {
                                 pass == 1,
                                 bandwidth.clone(),
                             );
-                            let sent = ram::send_pages(&mut out, memory, queue, cancelled)?;
+                            let sent = ram::send_pages(
+                                &mut out,
+                                memory,
+                                queue,
+                                cancelled,
+                                Pagemap::open(),
+                            )?;
                             out.finish()?;
                             Ok(sent)
                         })
@@ -107,7 +114,7 @@ impl<'a> Outgoing<'a> {
         }
         if self.channels.is_empty() {
             let mut ram = w.ram();
-            let sent = ram::send_pages(&mut ram, memory, &queue, &cancelled)?;
+            let sent = ram::send_pages(&mut ram, memory, &queue, &cancelled, Pagemap::open())?;
             ram.finish()?;
             w.write_pass_end(pass as u32, sent.zero + sent.data)?;
             return Ok(sent);
@@ -120,8 +127,11 @@ impl<'a> Outgoing<'a> {
                     let (queue, cancelled) = (&queue, &cancelled);
                     s.spawn(move || {
                         let part = (|| {
+                            let pagemap = Pagemap::open();
+                            crate::seccomp::install_channel()?;
                             let mut ram = cw.ram();
-                            let sent = ram::send_pages(&mut ram, memory, queue, cancelled)?;
+                            let sent =
+                                ram::send_pages(&mut ram, memory, queue, cancelled, pagemap)?;
                             ram.finish()?;
                             cw.write_pass_end(pass as u32, sent.zero + sent.data)?;
                             cw.flush()?;
