@@ -11,6 +11,7 @@
 
 mod channel;
 mod creds;
+pub mod dn;
 
 pub use creds::{ClientTls, ServerTls};
 
@@ -38,6 +39,13 @@ pub enum TlsError {
     Timeout { peer: String, ms: u128 },
     #[error("TLS: {0} cannot carry TLS")]
     NotASocket(String),
+    // QEMU's words.
+    #[error("TLS x509 authz check for {0} is denied")]
+    Denied(String),
+    #[error("TLS: {peer} sent no certificate, and tls-authz needs its name")]
+    NoPeerName { peer: String },
+    #[error(transparent)]
+    Name(#[from] dn::DnError),
 }
 
 /// The server side of the handshake on `channel` (the destination), at
@@ -50,7 +58,17 @@ pub fn accept(
 ) -> Result<Box<dyn Channel>, TlsError> {
     let conn =
         rustls::ServerConnection::new(tls.config()).map_err(|e| TlsError::Config(e.to_string()))?;
-    finish(channel, conn.into(), deadline, peer)
+    let (channel, cert) = finish(channel, conn.into(), deadline, peer)?;
+    if let Some(identity) = tls.identity() {
+        let cert = cert.ok_or_else(|| TlsError::NoPeerName {
+            peer: peer.to_string(),
+        })?;
+        let name = dn::subject(&cert)?;
+        if name != identity {
+            return Err(TlsError::Denied(name));
+        }
+    }
+    Ok(channel)
 }
 
 /// The client side of the handshake on `channel` (the source).
@@ -62,15 +80,18 @@ pub fn connect(
 ) -> Result<Box<dyn Channel>, TlsError> {
     let conn = rustls::ClientConnection::new(tls.config(), tls.server_name())
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    finish(channel, conn.into(), deadline, peer)
+    finish(channel, conn.into(), deadline, peer).map(|(c, _)| c)
 }
+
+/// The encrypted channel, and the peer's certificate (DER) if it sent one.
+type Finished = (Box<dyn Channel>, Option<Vec<u8>>);
 
 fn finish(
     channel: Box<dyn Channel>,
     conn: rustls::Connection,
     deadline: Duration,
     peer: &str,
-) -> Result<Box<dyn Channel>, TlsError> {
+) -> Result<Finished, TlsError> {
     let tls =
         TlsChannel::new(&*channel, conn).map_err(|_| TlsError::NotASocket(peer.to_string()))?;
     // The plaintext channel has read nothing yet: its descriptor is the
@@ -86,5 +107,6 @@ fn finish(
             why,
         },
     })?;
-    Ok(Box::new(tls))
+    let cert = tls.peer_certificate();
+    Ok((Box::new(tls), cert))
 }

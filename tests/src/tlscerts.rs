@@ -43,7 +43,8 @@ impl TestCa {
     }
 
     /// A certificate for `side` naming `names` (DNS names, or IP
-    /// addresses), valid now, or expired when `expired`.
+    /// addresses), valid now, or expired when `expired`. Its subject is
+    /// [`subject`]`(names[0])`.
     pub fn leaf(&self, side: Side, names: &[&str], expired: bool) -> (String, String) {
         let key = KeyPair::generate().expect("leaf key");
         let mut p = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
@@ -53,6 +54,13 @@ impl TestCa {
                 Err(_) => SanType::DnsName((*n).try_into().expect("a DNS name")),
             });
         }
+        // Country, organization (a comma in it, which the subject's text
+        // escapes), then the name: `CN=NAME,O=Ferry Test\, Ltd,C=GB`.
+        // (rcgen's default subject holds a CN already: start afresh.)
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(DnType::CountryName, "GB");
+        p.distinguished_name
+            .push(DnType::OrganizationName, "Ferry Test, Ltd");
         p.distinguished_name.push(
             DnType::CommonName,
             names.first().copied().unwrap_or("client"),
@@ -95,4 +103,9 @@ impl TestCa {
     pub fn pem(&self) -> &str {
         &self.pem
     }
+}
+
+/// The subject of a [`TestCa::leaf`] named `name`, as `tls-authz` names it.
+pub fn subject(name: &str) -> String {
+    format!("CN={name},O=Ferry Test\\, Ltd,C=GB")
 }

@@ -3,7 +3,8 @@
 //! `tls-hostname` parameters, `-incoming defer`), over one stream and over
 //! multifd; and a TLS destination that drops every peer that is not its
 //! source (garbage, silence, plaintext, another CA, an expired
-//! certificate) and then takes the real one.
+//! certificate, a subject `tls-authz` does not name) and then takes the
+//! real one.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -180,8 +181,16 @@ fn a_tls_destination_drops_every_stranger_and_takes_its_source() {
         "tlsbad-dst",
         &hosts.b,
         &pki.server,
-        json!({ "x-incoming-timeout": deadline_ms }),
+        json!({ "x-incoming-timeout": deadline_ms, "tls-authz": "auth0" }),
     );
+    // Only the source's subject gets in (QEMU's authz-simple), looked up
+    // as each peer connects.
+    dst.execute(
+        "object-add",
+        json!({ "qom-type": "authz-simple", "id": "auth0",
+                "identity": ferry_tests::tlscerts::subject("source") }),
+    )
+    .expect("authz-simple");
     let mut dropped = 0;
 
     // Garbage, 20 times: each is dropped at once (no TLS hello in it).
@@ -221,11 +230,16 @@ fn a_tls_destination_drops_every_stranger_and_takes_its_source() {
     let expired_dir = pki
         .ca
         .write_dir(&dir.join("expired"), Side::Client, &["source"], true);
+    // The right CA, another subject: tls-authz keeps it out.
+    let intruder_dir = pki
+        .ca
+        .write_dir(&dir.join("intruder"), Side::Client, &["intruder"], false);
     // Another CA's client cannot trust this server either, and says so;
     // an expired client learns of it from the destination's alert.
     for (id, creds, words) in [
         ("other", &other_dir, &["TLS"][..]),
         ("expired", &expired_dir, &[][..]),
+        ("intruder", &intruder_dir, &[][..]),
     ] {
         stranger
             .execute(
@@ -292,6 +306,11 @@ fn a_tls_destination_drops_every_stranger_and_takes_its_source() {
     {
         assert!(line.contains("still listening"), "{line}");
     }
+    let denied = format!(
+        "TLS x509 authz check for {} is denied",
+        ferry_tests::tlscerts::subject("intruder")
+    );
+    assert!(stderr.contains(&denied), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -235,3 +235,29 @@ fn plaintext_and_silent_peers_are_refused_within_the_deadline() {
     assert!(e.contains("the destination"), "{e}");
     t.join().unwrap();
 }
+
+#[test]
+fn tls_authz_lets_in_only_the_client_it_names() {
+    let c = creds("authz", &["b.example"], "b.example");
+    let source = ferry_tests::tlscerts::subject("source");
+    let (server, client) = pair(c.server.clone().with_identity(&source), c.client.clone());
+    if let Err(e) = &server {
+        panic!("{source} should be let in: {e}");
+    }
+    assert!(client.is_ok());
+
+    let (server, client) = pair(
+        c.server
+            .with_identity("CN=another,O=Ferry Test\\, Ltd,C=GB"),
+        c.client,
+    );
+    assert_eq!(
+        err_text(server),
+        format!("TLS x509 authz check for {source} is denied")
+    );
+    // The source's handshake was done before the check; the destination
+    // then closes, which its first read sees.
+    let mut client = client.expect("the client's half");
+    let mut b = [0u8; 1];
+    assert!(!matches!(client.read(&mut b), Ok(n) if n > 0));
+}

@@ -52,6 +52,15 @@ fn tls_err(e: rustls::Error) -> io::Error {
 }
 
 impl TlsChannel {
+    /// The peer's own certificate (DER), once the handshake is done.
+    pub(super) fn peer_certificate(&self) -> Option<Vec<u8>> {
+        let s = lock(&self.shared.session);
+        s.conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|c| c.to_vec())
+    }
+
     /// Takes a duplicate of `plain`'s socket, made non-blocking.
     pub(super) fn new(plain: &dyn Channel, mut conn: rustls::Connection) -> io::Result<Self> {
         // SAFETY: F_DUPFD_CLOEXEC on a descriptor the channel owns; the

@@ -11,10 +11,14 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use std::path::Path;
 use std::sync::Arc;
 
-/// The destination's side: its certificate, and with `verify-peer` the
-/// CA every source's certificate must come from.
+/// The destination's side: its certificate, with `verify-peer` the CA
+/// every source's certificate must come from, and with `tls-authz` the
+/// one subject it must carry.
 #[derive(Clone)]
-pub struct ServerTls(Arc<ServerConfig>);
+pub struct ServerTls {
+    config: Arc<ServerConfig>,
+    identity: Option<String>,
+}
 
 /// The source's side: the CA the destination's certificate must come
 /// from (unless `verify-peer` is off), the name it must carry, and the
@@ -45,11 +49,26 @@ impl ServerTls {
         let config = builder
             .with_single_cert(chain, key)
             .map_err(|e| bad(&dir.join("server-key.pem"), e))?;
-        Ok(Self(Arc::new(config)))
+        Ok(Self {
+            config: Arc::new(config),
+            identity: None,
+        })
+    }
+
+    /// QEMU's `authz-simple`: only a client whose certificate's subject
+    /// is `identity` (RFC 4514, as [`super::dn::subject`] writes it) gets
+    /// in. Needs `verify-peer` (a client that proves nothing has no name).
+    pub fn with_identity(mut self, identity: &str) -> Self {
+        self.identity = Some(identity.to_string());
+        self
     }
 
     pub(super) fn config(&self) -> Arc<ServerConfig> {
-        self.0.clone()
+        self.config.clone()
+    }
+
+    pub(super) fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
     }
 }
 

@@ -1,7 +1,8 @@
 //! TLS as QEMU configures it: `migrate-set-parameters {"tls-creds": ID}`
 //! names a `tls-creds-x509` object, with a client endpoint on the source
 //! and a server endpoint on the destination; `tls-hostname` (or the URI's
-//! host) is what the destination's certificate must name.
+//! host) is what the destination's certificate must name; `tls-authz`
+//! (an `authz-simple`) the one subject a source's certificate may have.
 
 use super::params::MigrationParameters;
 use crate::objects::{Endpoint, Objects, UserObject};
@@ -33,12 +34,6 @@ fn creds(
                     Endpoint::Server => "server",
                 };
                 return Err(format!("Expected TLS credentials for a {side} endpoint"));
-            }
-            if !params.tls_authz.is_empty() {
-                return Err(format!(
-                    "tls-authz '{}': checking the client's name against an authz object is not supported by Ferry; with verify-peer every client the CA signed is taken",
-                    params.tls_authz
-                ));
             }
             Ok(Some((dir.clone(), *verify_peer)))
         }
@@ -86,7 +81,38 @@ pub fn server(
     let Some((dir, verify_peer)) = creds(objects, params, Endpoint::Server)? else {
         return Ok(None);
     };
-    ServerTls::load(&dir, verify_peer)
-        .map(Some)
-        .map_err(|e| e.to_string())
+    let identity = identity(objects, params, verify_peer)?;
+    let tls = ServerTls::load(&dir, verify_peer).map_err(|e| e.to_string())?;
+    Ok(Some(match identity {
+        Some(id) => tls.with_identity(&id),
+        None => tls,
+    }))
+}
+
+/// The one client subject `tls-authz` lets in (an `authz-simple`), looked
+/// up as each source connects, as QEMU does; QEMU's words when it is
+/// missing or of another type. The source's `tls-authz` means nothing,
+/// as in QEMU.
+fn identity(
+    objects: &Objects,
+    params: &MigrationParameters,
+    verify_peer: bool,
+) -> Result<Option<String>, String> {
+    let id = params.tls_authz.as_str();
+    if id.is_empty() {
+        return Ok(None);
+    }
+    // QEMU checks nothing then; Ferry says so instead of letting in
+    // clients the operator meant to keep out.
+    if !verify_peer {
+        return Err(format!(
+            "tls-authz '{id}' needs verify-peer on '{}': a client that shows no certificate has no name to check",
+            params.tls_creds
+        ));
+    }
+    match objects.get(id) {
+        None => Err(format!("Cannot find QAuthZ object ID {id}")),
+        Some(UserObject::AuthzSimple { identity }) => Ok(Some(identity.clone())),
+        Some(_) => Err(format!("Object '{id}' is not a QAuthZ subclass")),
+    }
 }
