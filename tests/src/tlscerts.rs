@@ -55,7 +55,7 @@ impl TestCa {
             });
         }
         // Country, organization (a comma in it, which the subject's text
-        // escapes), then the name: `CN=NAME,O=Ferry Test\, Ltd,C=GB`.
+        // escapes), then the name: `C=GB,O=Ferry Test\, Ltd,CN=NAME`.
         // (rcgen's default subject holds a CN already: start afresh.)
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name.push(DnType::CountryName, "GB");
@@ -107,5 +107,5 @@ impl TestCa {
 
 /// The subject of a [`TestCa::leaf`] named `name`, as `tls-authz` names it.
 pub fn subject(name: &str) -> String {
-    format!("CN={name},O=Ferry Test\\, Ltd,C=GB")
+    format!("C=GB,O=Ferry Test\\, Ltd,CN={name}")
 }

@@ -248,7 +248,7 @@ fn tls_authz_lets_in_only_the_client_it_names() {
 
     let (server, client) = pair(
         c.server
-            .with_identity("CN=another,O=Ferry Test\\, Ltd,C=GB"),
+            .with_identity("C=GB,O=Ferry Test\\, Ltd,CN=another"),
         c.client,
     );
     assert_eq!(
