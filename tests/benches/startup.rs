@@ -8,6 +8,12 @@
 //! - memory: the process's RSS minus what its guest-memory mapping holds,
 //!   and peak RSS (VmHWM).
 //!
+//! The probe guest too, beside QEMU (`-M microvm`, the probe's
+//! configuration): spawn → first console byte, spawn → the probe's
+//! `ready` line on the host (its console is interrupt-driven by then, so
+//! this is the UART's THRE path), VMM CPU time at `ready`, RSS − guest;
+//! medians and worst of N.
+//!
 //! Run with `cargo bench -p ferry-tests --bench startup`.
 
 use std::io::Read;
@@ -15,6 +21,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_tests::ferry::ferry_bin;
+use ferry_tests::probe::qemu::QemuConfig;
+use ferry_tests::probe::{probe_elf, READY};
 use ferry_tests::tiny::{write_guest, Ending};
 
 const GUEST_MEMORY_MIB: u64 = 64;
@@ -105,6 +113,102 @@ fn measure(mut cmd: Command) -> Sample {
     let _ = child.kill();
     let _ = child.wait();
     sample
+}
+
+struct ProbeSample {
+    first_byte: Duration,
+    ready: Duration,
+    cpu: Duration,
+    overhead_kib: u64,
+}
+
+/// Spawn → first byte, and → the probe's `ready` line.
+fn measure_probe(mut cmd: Command) -> ProbeSample {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn VMM");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut first_byte = None;
+    let ready = loop {
+        let n = out.read(&mut buf).expect("read console");
+        assert!(n > 0, "VMM ended before the probe was ready: {seen:?}");
+        first_byte.get_or_insert_with(|| start.elapsed());
+        seen.extend_from_slice(&buf[..n]);
+        if seen.windows(READY.len()).any(|w| w == READY.as_bytes()) {
+            break start.elapsed();
+        }
+    };
+    let pid = child.id();
+    let sample = ProbeSample {
+        first_byte: first_byte.unwrap_or(ready),
+        ready,
+        cpu: cpu_time(pid),
+        overhead_kib: proc_status_kib(pid, "VmRSS:").saturating_sub(guest_rss_kib(pid)),
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    sample
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn report_probe(name: &str, samples: &[ProbeSample]) -> Duration {
+    let med = |f: &dyn Fn(&ProbeSample) -> Duration| median(samples.iter().map(f).collect());
+    let worst =
+        |f: &dyn Fn(&ProbeSample) -> Duration| samples.iter().map(f).max().unwrap_or_default();
+    let ready = med(&|s| s.ready);
+    println!(
+        "| {name:<8} | {:>6.2} ({:>6.2}) ms | {:>6.2} ({:>6.2}) ms | {:>6.2} ms | {:>6.2} MiB |",
+        ms(med(&|s| s.first_byte)),
+        ms(worst(&|s| s.first_byte)),
+        ms(ready),
+        ms(worst(&|s| s.ready)),
+        ms(med(&|s| s.cpu)),
+        median(samples.iter().map(|s| s.overhead_kib).collect()) as f64 / 1024.0,
+    );
+    ready
+}
+
+fn probe_part(runs: usize, have_qemu: bool) {
+    let elf = probe_elf();
+    let mem = format!("{GUEST_MEMORY_MIB}M");
+    let ferry = ferry_bin();
+    let ferry_cmd = || {
+        let mut c = Command::new(&ferry);
+        c.args(["run", "--kernel", elf.to_str().unwrap(), "--memory", &mem]);
+        c.args(["--serial", "stdio"]);
+        c
+    };
+    let qemu_cmd = || {
+        let mut config = QemuConfig::new("");
+        config.memory_mib = GUEST_MEMORY_MIB as u32;
+        config.command(std::path::Path::new("/nonexistent"))
+    };
+    // The first run after start-up counts too: no warm-up is thrown away.
+    let (mut f, mut q) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        f.push(measure_probe(ferry_cmd()));
+        if have_qemu {
+            q.push(measure_probe(qemu_cmd()));
+        }
+    }
+    println!("\nThe probe guest: spawn → first byte and → its `ready` line on the host, median (worst) of {runs}; VMM CPU at ready; RSS − guest at ready.");
+    println!("| VMM      | first byte          | ready line          | VMM CPU   | RSS − guest |");
+    println!("|----------|---------------------|---------------------|-----------|-------------|");
+    let ferry_ready = report_probe("ferry", &f);
+    if have_qemu {
+        let qemu_ready = report_probe("qemu", &q);
+        println!(
+            "\nferry's probe is ready on the host {:.1}x sooner than under QEMU microvm.",
+            ms(qemu_ready) / ms(ferry_ready)
+        );
+    }
 }
 
 fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
@@ -206,4 +310,5 @@ fn main() {
     } else {
         println!("\n(qemu-system-x86_64 not installed: no comparison)");
     }
+    probe_part(runs, have_qemu);
 }

@@ -1,4 +1,5 @@
-//! The 16550 UART at 0x3f8 / IRQ 4, modelled by vm-superio.
+//! The 16550A UART at 0x3f8 / IRQ 4 (the model is in `uart.rs`), its
+//! console output and the host input waiting for room in its FIFO.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -6,13 +7,14 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use vm_superio::serial::SerialEvents;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::EventFdTrigger;
 use crate::bus::BusDevice;
 
 pub mod persist;
+pub mod uart;
+
+use uart::{Uart, UartHost};
 
 pub const COM1_BASE: u64 = 0x3f8;
 pub const COM1_LEN: u64 = 8;
@@ -43,20 +45,38 @@ impl Write for SerialOutput {
 /// can feed the next input bytes (the 16550 FIFO holds only 64).
 pub struct InputDrained(pub EventFd);
 
-impl SerialEvents for InputDrained {
-    fn buffer_read(&self) {}
-    fn out_byte(&self) {}
-    fn tx_lost_byte(&self) {}
-    fn in_buffer_empty(&self) {
-        if let Err(e) = self.0.write(1) {
+/// What the UART reaches: its irqfd, the drained signal, the output.
+struct Wires {
+    interrupt: EventFd,
+    drained: Arc<InputDrained>,
+    out: SerialOutput,
+}
+
+impl UartHost for Wires {
+    fn interrupt(&mut self) {
+        if let Err(e) = self.interrupt.write(1) {
+            log::warn!("serial: cannot raise IRQ 4: {e}");
+        }
+    }
+
+    fn input_drained(&mut self) {
+        if let Err(e) = self.drained.0.write(1) {
             log::warn!("serial: cannot signal drained input: {e}");
+        }
+    }
+
+    fn output(&mut self, byte: u8) {
+        // Best effort: a closed terminal must not stop the guest.
+        if let Err(e) = self.out.write_all(&[byte]) {
+            log::debug!("serial: output byte lost: {e}");
         }
     }
 }
 
 /// The UART plus the input bytes still waiting for room in its FIFO.
 pub struct Serial {
-    uart: vm_superio::Serial<EventFdTrigger, Arc<InputDrained>, SerialOutput>,
+    uart: Uart,
+    wires: Wires,
     pending_input: VecDeque<u8>,
 }
 
@@ -65,7 +85,12 @@ impl Serial {
     /// `drained` wakes the VMM thread when the guest emptied the FIFO.
     pub fn new(interrupt: EventFd, drained: Arc<InputDrained>, out: SerialOutput) -> Self {
         Self {
-            uart: vm_superio::Serial::with_events(EventFdTrigger(interrupt), drained, out),
+            uart: Uart::default(),
+            wires: Wires {
+                interrupt,
+                drained,
+                out,
+            },
             pending_input: VecDeque::new(),
         }
     }
@@ -80,19 +105,17 @@ impl Serial {
 
     /// Moves waiting input into the FIFO; call when the guest drained it.
     pub fn feed(&mut self) -> usize {
-        let room = self.uart.fifo_capacity().min(self.pending_input.len());
+        let room = self.uart.room().min(self.pending_input.len());
         if room > 0 {
             let chunk: Vec<u8> = self.pending_input.drain(..room).collect();
-            if let Err(e) = self.uart.enqueue_raw_bytes(&chunk) {
-                log::warn!("serial: input lost: {e:?}");
-            }
+            self.uart.receive(&chunk, &mut self.wires);
         }
         self.pending_input.len()
     }
 
     /// The raw fd the output goes to, if any (for terminal handling).
     pub fn output_fd(&self) -> Option<i32> {
-        match self.uart.writer() {
+        match &self.wires.out {
             SerialOutput::Fd(f) => Some(f.as_raw_fd()),
             SerialOutput::Sink => None,
         }
@@ -103,7 +126,7 @@ impl BusDevice for Serial {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         for (i, byte) in data.iter_mut().enumerate() {
             *byte = match u8::try_from(offset.saturating_add(i as u64)) {
-                Ok(reg) if reg < COM1_LEN as u8 => self.uart.read(reg),
+                Ok(reg) if reg < COM1_LEN as u8 => self.uart.read(reg, &mut self.wires),
                 _ => 0xff,
             };
         }
@@ -117,11 +140,7 @@ impl BusDevice for Serial {
             if reg >= COM1_LEN as u8 {
                 continue;
             }
-            if let Err(e) = self.uart.write(reg, byte) {
-                // Output is best effort (a closed terminal must not stop the
-                // guest); the byte is gone, say so once in the log.
-                log::debug!("serial: write to register {reg}: {e:?}");
-            }
+            self.uart.write(reg, byte, &mut self.wires);
         }
     }
 }

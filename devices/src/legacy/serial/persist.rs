@@ -1,17 +1,15 @@
-//! The UART's saved state: its registers and receive FIFO (vm-superio's
-//! `SerialState`, made serde), in the `serial/com1` section.
+//! The UART's saved state: its registers and receive FIFO, in the
+//! `serial/com1` section. The fields (and version 1) are those Ferry
+//! saved when vm-superio modelled the UART: streams from then load.
 
+use super::uart::{Uart, UartHost, FIFO_SIZE, IIR_THRE};
+use super::Serial;
 use migration::persist::{decode, encode};
 use migration::{SavedState, SavedStateError};
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::eventfd::EventFd;
-
-use super::{EventFdTrigger, Serial, SerialOutput};
 
 pub const SECTION: &str = "serial/com1";
 pub const VERSION: u32 = 1;
-/// vm-superio's FIFO size: a longer saved FIFO is refused.
-const FIFO_SIZE: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SerialState {
@@ -31,66 +29,47 @@ pub struct SerialState {
 pub enum SerialRestoreError {
     #[error("the saved receive FIFO holds {0} bytes, the UART's only {FIFO_SIZE}")]
     FifoTooLong(usize),
-    #[error("cannot hand the UART its interrupt line: {0}")]
-    Interrupt(#[source] std::io::Error),
 }
 
 impl Serial {
     pub fn save(&self) -> SerialState {
-        let s = self.uart.state();
+        let u = &self.uart;
         SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
+            baud_divisor_low: u.divisor_low,
+            baud_divisor_high: u.divisor_high,
+            interrupt_enable: u.ier,
+            // Pending THRE is kept even while ETBEI is off.
+            interrupt_identification: u.identification()
+                | if u.thre_pending { IIR_THRE } else { 0 },
+            line_control: u.lcr,
+            line_status: u.line_status(),
+            modem_control: u.mcr,
+            modem_status: u.msr,
+            scratch: u.scr,
+            in_buffer: u.rx.iter().copied().collect(),
         }
     }
 
     /// Replaces the UART's registers with `saved`, keeping its interrupt
-    /// line, events and output.
+    /// line, events and output; a pending interrupt is raised again.
     pub fn restore(&mut self, saved: &SerialState) -> Result<(), SerialRestoreError> {
         if saved.in_buffer.len() > FIFO_SIZE {
             return Err(SerialRestoreError::FifoTooLong(saved.in_buffer.len()));
         }
-        let state = vm_superio::serial::SerialState {
-            baud_divisor_low: saved.baud_divisor_low,
-            baud_divisor_high: saved.baud_divisor_high,
-            interrupt_enable: saved.interrupt_enable,
-            interrupt_identification: saved.interrupt_identification,
-            line_control: saved.line_control,
-            line_status: saved.line_status,
-            modem_control: saved.modem_control,
-            modem_status: saved.modem_status,
-            scratch: saved.scratch,
-            in_buffer: saved.in_buffer.clone(),
+        self.uart = Uart {
+            divisor_low: saved.baud_divisor_low,
+            divisor_high: saved.baud_divisor_high,
+            ier: saved.interrupt_enable,
+            lcr: saved.line_control,
+            mcr: saved.modem_control,
+            msr: saved.modem_status,
+            scr: saved.scratch,
+            thre_pending: saved.interrupt_identification & IIR_THRE != 0,
+            rx: saved.in_buffer.iter().copied().collect(),
         };
-        // vm-superio builds a UART only from parts it owns: take ours out
-        // (a placeholder stands in for the moment) and build anew.
-        let trigger = self
-            .uart
-            .interrupt_evt()
-            .0
-            .try_clone()
-            .map_err(SerialRestoreError::Interrupt)?;
-        let placeholder = vm_superio::Serial::with_events(
-            EventFdTrigger(
-                EventFd::new(libc::EFD_NONBLOCK).map_err(SerialRestoreError::Interrupt)?,
-            ),
-            self.uart.events().clone(),
-            SerialOutput::Sink,
-        );
-        let old = std::mem::replace(&mut self.uart, placeholder);
-        let events = old.events().clone();
-        let out = old.into_writer();
-        // The FIFO length, the one thing from_state checks, is checked above.
-        self.uart = vm_superio::Serial::from_state(&state, EventFdTrigger(trigger), events, out)
-            .map_err(|_| SerialRestoreError::FifoTooLong(saved.in_buffer.len()))?;
+        if self.uart.line() {
+            self.wires.interrupt();
+        }
         Ok(())
     }
 }
@@ -120,10 +99,10 @@ mod tests {
 
     use super::*;
     use crate::bus::BusDevice;
-    use crate::legacy::serial::InputDrained;
+    use crate::legacy::serial::{InputDrained, SerialOutput};
 
     fn serial() -> Serial {
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let evt = || vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
         Serial::new(evt(), Arc::new(InputDrained(evt())), SerialOutput::Sink)
     }
 
