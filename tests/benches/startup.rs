@@ -45,31 +45,49 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// RSS of the mapping that is guest memory: the one whose size is exactly
-/// the guest's memory.
+/// RSS of guest memory: the run of adjacent anonymous mappings whose
+/// sizes add up to exactly the guest's (the kernel may split it, e.g. where
+/// only part of it is advised for huge pages).
 fn guest_rss_kib(pid: u32) -> u64 {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut in_guest = false;
-    let mut total = 0;
+    // (start, end, rss KiB) of each anonymous read-write mapping.
+    let mut maps: Vec<(u64, u64, u64)> = Vec::new();
+    let mut current: Option<(u64, u64)> = None;
     for line in smaps.lines() {
-        if let Some(rest) = line.strip_prefix("Size:") {
-            let kib: u64 = rest
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            in_guest = kib == GUEST_MEMORY_MIB * 1024;
-        } else if let Some(rest) = line.strip_prefix("Rss:") {
-            if in_guest {
-                total += rest
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            let perms = words.next().unwrap_or("");
+            let inode = words.nth(2).unwrap_or("0");
+            let path = words.next();
+            current = match (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
+                (Ok(lo), Ok(hi)) if perms == "rw-p" && inode == "0" && path.is_none() => {
+                    Some((lo, hi))
+                }
+                _ => None,
+            };
+        } else if first == "Rss:" {
+            if let Some((lo, hi)) = current.take() {
+                let kib = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                maps.push((lo, hi, kib));
             }
         }
     }
-    total
+    let want = GUEST_MEMORY_MIB << 20;
+    for i in 0..maps.len() {
+        let (mut end, mut size, mut rss) = (maps[i].1, maps[i].1 - maps[i].0, maps[i].2);
+        let mut j = i + 1;
+        while size < want && j < maps.len() && maps[j].0 == end {
+            end = maps[j].1;
+            size += maps[j].1 - maps[j].0;
+            rss += maps[j].2;
+            j += 1;
+        }
+        if size == want {
+            return rss;
+        }
+    }
+    0
 }
 
 /// On-CPU time of every thread of `pid` (ns precision from schedstat).

@@ -61,6 +61,21 @@ pub struct VmParts {
     pub memfd: Option<File>,
     /// When the guest first ran (a migration's destination reports it).
     pub started_at: std::sync::OnceLock<std::time::Instant>,
+    /// The memory slots, until they are registered (see
+    /// [`memory::PendingMemslots`]).
+    pub memslots: Mutex<Option<memory::PendingMemslots>>,
+}
+
+impl VmParts {
+    /// Guest memory is registered with KVM once this returns Ok.
+    pub fn wait_for_memslots(&self) -> Result<(), memory::MemoryError> {
+        let pending = self
+            .memslots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        pending.map_or(Ok(()), memory::PendingMemslots::wait)
+    }
 }
 
 /// Host resources a machine may be given instead of making its own: a
@@ -141,7 +156,7 @@ pub fn build(
         (None, Some((file, layout))) => memory::map_image(file, layout, machine.memory_bytes)?,
         (None, None) => memory::create_guest_memory(machine.memory_bytes)?,
     };
-    memory::register_with_kvm(&vm_fd, &memory, 0)?;
+    let memslots = memory::PendingMemslots::start(&kvm, &vm_fd, &memory)?;
 
     let exit = Arc::new(ExitState::new().map_err(io_err("eventfd"))?);
     let legacy = legacy_devices(&vm_fd, &exit, serial)?;
@@ -187,6 +202,7 @@ pub fn build(
             ged,
             memfd,
             started_at: std::sync::OnceLock::new(),
+            memslots: Mutex::new(Some(memslots)),
         },
         vcpus,
     })

@@ -20,6 +20,8 @@ pub enum MemoryError {
     },
     #[error("cannot register guest memory with KVM: {0}")]
     Register(#[source] kvm_ioctls::Error),
+    #[error("cannot register guest memory with KVM on a thread of its own: {0}")]
+    RegisterThread(#[source] std::io::Error),
     #[error("guest memory memfd: {0}")]
     Memfd(#[source] std::io::Error),
     #[error("the memfd received holds {have} bytes, the guest needs {need}")]
@@ -225,6 +227,52 @@ pub fn register_with_kvm(
         unsafe { vm.set_user_memory_region(mem_region) }.map_err(MemoryError::Register)?;
     }
     Ok(())
+}
+
+/// Guest memory being registered with KVM on a thread of its own.
+///
+/// Each KVM_SET_USER_MEMORY_REGION waits for an SRCU grace period: 4–8 ms
+/// here whatever the slot's size, most of what start-up spends before the
+/// guest's first instruction. Nothing before that instruction needs the
+/// slots (the kernel and boot tables are written through the host's
+/// mapping; vCPUs and devices are made without them), so the wait runs
+/// beside the rest of the set-up and [`Self::wait`] ends it before the
+/// first KVM_RUN.
+pub struct PendingMemslots(std::thread::JoinHandle<Result<(), MemoryError>>);
+
+impl PendingMemslots {
+    pub fn start(
+        kvm: &kvm_ioctls::Kvm,
+        vm: &kvm_ioctls::VmFd,
+        memory: &GuestMemoryMmap,
+    ) -> Result<Self, MemoryError> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_DUPFD_CLOEXEC on the VM's open descriptor; the copy
+        // is owned by the VmFd made from it below.
+        let dup = unsafe { libc::fcntl(vm.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(MemoryError::RegisterThread(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `dup` is a VM descriptor of our own, owned from here on
+        // by the returned VmFd (closed when it drops).
+        let vm = unsafe { kvm.create_vmfd_from_rawfd(dup) }.map_err(MemoryError::Register)?;
+        // The clone keeps the mapping alive until the thread is done.
+        let memory = memory.clone();
+        std::thread::Builder::new()
+            .name("ferry-memslots".into())
+            .spawn(move || register_with_kvm(&vm, &memory, 0))
+            .map(Self)
+            .map_err(MemoryError::RegisterThread)
+    }
+
+    /// Waits until every slot is registered.
+    pub fn wait(self) -> Result<(), MemoryError> {
+        self.0.join().unwrap_or_else(|_| {
+            Err(MemoryError::RegisterThread(std::io::Error::other(
+                "the thread panicked",
+            )))
+        })
+    }
 }
 
 /// e820 entry types shared by the Linux boot protocol and PVH.

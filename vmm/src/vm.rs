@@ -141,6 +141,7 @@ impl Vm {
 
         // Set up: from here on no capability, and only the calls a
         // running VM makes.
+        parts.wait_for_memslots()?;
         crate::privileges::drop_all()?;
         crate::seccomp::install_process(crate::seccomp::ThreadKind::Process, self.seccomp)?;
         let threads = spawn_vcpus(self.vcpus.drain(..), self.seccomp)?;

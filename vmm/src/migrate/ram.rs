@@ -38,6 +38,8 @@ pub enum RamError {
 /// Turns KVM's dirty logging on or off for every memory slot.
 pub fn set_dirty_logging(parts: &VmParts, on: bool) -> Result<(), RamError> {
     let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+    // The first registration must be done before its flags change.
+    parts.wait_for_memslots().map_err(RamError::SetDirtyLog)?;
     register_with_kvm(&parts.vm_fd, &parts.memory, flags).map_err(RamError::SetDirtyLog)
 }
 
