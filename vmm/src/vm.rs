@@ -143,6 +143,11 @@ impl Vm {
         // running VM makes.
         parts.wait_for_memslots()?;
         crate::privileges::drop_all()?;
+        // Threads made from here on have no capability either.
+        devices::legacy::Serial::start_output(&parts.serial).map_err(|source| VmmError::Io {
+            what: "console writer thread",
+            source,
+        })?;
         crate::seccomp::install_process(crate::seccomp::ThreadKind::Process, self.seccomp)?;
         let threads = spawn_vcpus(self.vcpus.drain(..), self.seccomp)?;
 
@@ -220,6 +225,12 @@ impl Vm {
         }
         for handle in threads {
             let _ = handle.join();
+        }
+        // What the guest wrote last reaches the console before Ferry ends
+        // (not forever, for a reader that stopped reading).
+        let queue = devices::bus::lock(&parts.serial).output_queue();
+        if let Some(q) = queue {
+            q.flush(std::time::Duration::from_secs(2));
         }
         shut_down(&reason, &runstate, &emitter, qmp.as_ref());
         Ok(reason)

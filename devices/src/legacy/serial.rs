@@ -11,9 +11,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 
+pub mod output;
 pub mod persist;
 pub mod uart;
 
+use output::OutputQueue;
 use uart::{Uart, UartHost};
 
 pub const COM1_BASE: u64 = 0x3f8;
@@ -45,11 +47,18 @@ impl Write for SerialOutput {
 /// can feed the next input bytes (the 16550 FIFO holds only 64).
 pub struct InputDrained(pub EventFd);
 
+/// Where the guest's bytes go once the UART has them.
+enum Out {
+    /// Through the queue and its writer thread (stdout, a file).
+    Queue(Arc<OutputQueue>, i32),
+    Sink,
+}
+
 /// What the UART reaches: its irqfd, the drained signal, the output.
 struct Wires {
     interrupt: EventFd,
     drained: Arc<InputDrained>,
-    out: SerialOutput,
+    out: Out,
 }
 
 impl UartHost for Wires {
@@ -66,9 +75,20 @@ impl UartHost for Wires {
     }
 
     fn output(&mut self, byte: u8) {
-        // Best effort: a closed terminal must not stop the guest.
-        if let Err(e) = self.out.write_all(&[byte]) {
-            log::debug!("serial: output byte lost: {e}");
+        match &mut self.out {
+            Out::Queue(q, _) => {
+                if !q.push(byte) {
+                    log::debug!("serial: the guest wrote while the transmitter was busy");
+                }
+            }
+            Out::Sink => {}
+        }
+    }
+
+    fn can_send(&self) -> bool {
+        match &self.out {
+            Out::Queue(q, _) => q.has_room(),
+            _ => true,
         }
     }
 }
@@ -84,6 +104,13 @@ impl Serial {
     /// `interrupt` is registered by the VMM as the irqfd of IRQ 4;
     /// `drained` wakes the VMM thread when the guest emptied the FIFO.
     pub fn new(interrupt: EventFd, drained: Arc<InputDrained>, out: SerialOutput) -> Self {
+        let out = match out {
+            SerialOutput::Fd(file) => {
+                let fd = file.as_raw_fd();
+                Out::Queue(OutputQueue::new(file), fd)
+            }
+            SerialOutput::Sink => Out::Sink,
+        };
         Self {
             uart: Uart::default(),
             wires: Wires {
@@ -93,6 +120,27 @@ impl Serial {
             },
             pending_input: VecDeque::new(),
         }
+    }
+
+    /// Starts writing the guest's output (its writer thread): as the VM
+    /// starts to run.
+    pub fn start_output(serial: &Arc<std::sync::Mutex<Serial>>) -> io::Result<()> {
+        let queue = crate::bus::lock(serial).output_queue();
+        queue.map_or(Ok(()), |q| q.start(serial))
+    }
+
+    /// The queue the guest's output waits in, if it has one (to flush it
+    /// before the process ends).
+    pub fn output_queue(&self) -> Option<Arc<OutputQueue>> {
+        match &self.wires.out {
+            Out::Queue(q, _) => Some(q.clone()),
+            _ => None,
+        }
+    }
+
+    /// The output queue has room again.
+    pub(crate) fn transmitter_free(&mut self) {
+        self.uart.transmitter_free(&mut self.wires);
     }
 
     /// Queues host input for the guest and moves as much as fits into the
@@ -116,8 +164,8 @@ impl Serial {
     /// The raw fd the output goes to, if any (for terminal handling).
     pub fn output_fd(&self) -> Option<i32> {
         match &self.wires.out {
-            SerialOutput::Fd(f) => Some(f.as_raw_fd()),
-            SerialOutput::Sink => None,
+            Out::Queue(_, fd) => Some(*fd),
+            Out::Sink => None,
         }
     }
 }

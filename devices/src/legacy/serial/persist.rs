@@ -42,7 +42,7 @@ impl Serial {
             interrupt_identification: u.identification()
                 | if u.thre_pending { IIR_THRE } else { 0 },
             line_control: u.lcr,
-            line_status: u.line_status(),
+            line_status: u.line_status(true),
             modem_control: u.mcr,
             modem_status: u.msr,
             scratch: u.scr,

@@ -58,6 +58,8 @@ pub trait UartHost {
     fn input_drained(&mut self);
     /// A byte the guest sent.
     fn output(&mut self, byte: u8);
+    /// The transmitter can take a byte (the host's output has room).
+    fn can_send(&self) -> bool;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,8 +118,16 @@ impl Uart {
         }
     }
 
-    pub fn line_status(&self) -> u8 {
-        LSR_IDLE | if self.rx.is_empty() { 0 } else { LSR_DR }
+    /// LSR: THRE and TEMT while the host's output has room.
+    pub fn line_status(&self, can_send: bool) -> u8 {
+        (if can_send { LSR_IDLE } else { 0 }) | if self.rx.is_empty() { 0 } else { LSR_DR }
+    }
+
+    /// The host's output has room again: the holding register is empty.
+    pub fn transmitter_free(&mut self, host: &mut dyn UartHost) {
+        if !self.thre_pending {
+            self.edge(host, |u| u.thre_pending = true);
+        }
     }
 
     /// Runs `change`, then signals a rising edge of the output.
@@ -157,16 +167,20 @@ impl Uart {
                     host.output(value);
                 }
                 // THR written: THRE clears, and is set again as the byte
-                // leaves — a new edge unless another source holds the line.
+                // leaves — a new edge unless another source holds the line;
+                // with the host's output full, once it has room.
                 self.thre_pending = false;
-                self.edge(host, |u| u.thre_pending = true);
+                if host.can_send() {
+                    self.edge(host, |u| u.thre_pending = true);
+                }
             }
             IER => {
                 // ETBEI turned on with the holding register empty: THRE.
+                let empty = host.can_send();
                 self.edge(host, |u| {
                     let enabling = value & IER_THRE != 0 && u.ier & IER_THRE == 0;
                     u.ier = value & IER_VALID;
-                    if enabling {
+                    if enabling && empty {
                         u.thre_pending = true;
                     }
                 });
@@ -201,7 +215,7 @@ impl Uart {
             }
             LCR => self.lcr,
             MCR => self.mcr,
-            LSR => self.line_status(),
+            LSR => self.line_status(host.can_send()),
             MSR => {
                 if self.mcr & MCR_LOOP != 0 {
                     // Loopback: RTS→CTS, DTR→DSR, OUT1→RI, OUT2→DCD.
@@ -230,6 +244,7 @@ mod tests {
         edges: u32,
         drained: u32,
         out: Vec<u8>,
+        full: bool,
     }
 
     impl UartHost for Host {
@@ -242,6 +257,26 @@ mod tests {
         fn output(&mut self, byte: u8) {
             self.out.push(byte);
         }
+        fn can_send(&self) -> bool {
+            !self.full
+        }
+    }
+
+    #[test]
+    fn a_full_output_holds_thre_until_there_is_room() {
+        let (mut u, mut h) = (Uart::default(), Host::default());
+        u.write(IER, IER_THRE, &mut h);
+        assert_eq!(u.read(IIR, &mut h) & 0x0f, IIR_THRE);
+        h.full = true;
+        u.write(DATA, b'a', &mut h);
+        assert_eq!(u.read(LSR, &mut h) & LSR_IDLE, 0, "transmitter busy");
+        assert_eq!(u.read(IIR, &mut h) & 0x0f, IIR_NONE, "no THRE while full");
+        let before = h.edges;
+        h.full = false;
+        u.transmitter_free(&mut h);
+        assert_eq!(h.edges, before + 1, "THRE once there is room");
+        assert_eq!(u.read(LSR, &mut h) & LSR_IDLE, LSR_IDLE);
+        assert_eq!(u.read(IIR, &mut h) & 0x0f, IIR_THRE);
     }
 
     #[test]
@@ -291,7 +326,7 @@ mod tests {
         let (mut u, mut h) = (Uart::default(), Host::default());
         assert_eq!(u.receive(&[1; 100], &mut h), 64);
         assert_eq!(u.room(), 0);
-        assert_eq!(u.line_status() & LSR_DR, LSR_DR);
+        assert_eq!(u.line_status(true) & LSR_DR, LSR_DR);
         assert_eq!(h.edges, 0, "RDA not enabled");
         let mut u = Uart::default();
         u.write(MCR, MCR_LOOP | 0x0b, &mut h);
