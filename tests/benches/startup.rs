@@ -172,6 +172,25 @@ fn measure_probe(mut cmd: Command) -> ProbeSample {
     sample
 }
 
+/// `runs` samples of Ferry and (when it is there) QEMU, alternated so the
+/// machine's noise hits both alike.
+fn interleaved<S>(
+    runs: usize,
+    have_qemu: bool,
+    ferry: impl Fn() -> Command,
+    qemu: impl Fn() -> Command,
+    measure: fn(Command) -> S,
+) -> (Vec<S>, Vec<S>) {
+    let (mut f, mut q) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        f.push(measure(ferry()));
+        if have_qemu {
+            q.push(measure(qemu()));
+        }
+    }
+    (f, q)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -209,13 +228,7 @@ fn probe_part(runs: usize, have_qemu: bool) {
         config.command(std::path::Path::new("/nonexistent"))
     };
     // The first run after start-up counts too: no warm-up is thrown away.
-    let (mut f, mut q) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        f.push(measure_probe(ferry_cmd()));
-        if have_qemu {
-            q.push(measure_probe(qemu_cmd()));
-        }
-    }
+    let (f, q) = interleaved(runs, have_qemu, ferry_cmd, qemu_cmd, measure_probe);
     println!("\nThe probe guest: spawn → first byte and → its `ready` line on the host, median (worst) of {runs}; VMM CPU at ready; RSS − guest at ready.");
     println!("| VMM      | first byte          | ready line          | VMM CPU   | RSS − guest |");
     println!("|----------|---------------------|---------------------|-----------|-------------|");
@@ -307,13 +320,7 @@ fn main() {
     if have_qemu {
         measure(qemu_cmd());
     }
-    let (mut f, mut q) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        f.push(measure(ferry_cmd()));
-        if have_qemu {
-            q.push(measure(qemu_cmd()));
-        }
-    }
+    let (f, q) = interleaved(runs, have_qemu, ferry_cmd, qemu_cmd, measure);
 
     println!("\nStart-up: spawn → first guest byte on the console; median of {runs} runs; guest memory {mem}.");
     println!("| VMM      | first byte    | VMM CPU time  | RSS − guest   | peak RSS      | guest RSS     |");
