@@ -54,6 +54,9 @@ pub struct Config {
     /// (event register address, GSI) of an ACPI Generic Event Device whose
     /// bit 0 is the power button (`probe.ged=ADDR,GSI`).
     pub ged: Option<(u64, u32)>,
+    /// Lines to print right after `ready`, each waiting for room in the
+    /// console ring instead of being dropped (`probe.flood=N`).
+    pub flood: u64,
     pub errors: [Option<(&'static str, &'static str)>; MAX_CONFIG_ERRORS],
 }
 
@@ -164,6 +167,7 @@ impl Config {
             pattern: None,
             idle: IdleMode::Auto,
             ged: None,
+            flood: 0,
             errors: [None; MAX_CONFIG_ERRORS],
         };
         for token in cmdline.split_ascii_whitespace() {
@@ -198,6 +202,9 @@ impl Config {
                     }
                     _ => false,
                 },
+                "probe.flood" => parse_number(value)
+                    .map(|n| config.flood = n)
+                    .is_some(),
                 "probe.heartbeat" => parse_number(value)
                     .map(|ms| config.heartbeat_ms = ms)
                     .is_some(),

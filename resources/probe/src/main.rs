@@ -157,7 +157,26 @@ pub extern "C" fn probe_main() -> ! {
         probe.identity_count(),
         platform::now_ms()
     );
+    flood(probe.config.flood);
     probe.run()
+}
+
+/// `probe.flood=N`: N numbered lines, none dropped, then a summary.
+fn flood(lines: u64) {
+    if lines == 0 {
+        return;
+    }
+    let started = platform::now_ms();
+    for i in 0..lines {
+        let mut line = runtime::LineBuffer::new();
+        let _ = core::fmt::Write::write_fmt(&mut line, format_args!("probe: flood {i:08} abcdefghijklmnopqrstuvwxyz\n"));
+        serial::write_waiting(line.as_bytes());
+    }
+    println!(
+        "probe: flood done lines={} ms={}",
+        lines,
+        platform::now_ms() - started
+    );
 }
 
 impl Probe {

@@ -104,6 +104,11 @@ impl LineBuffer {
         self.bytes[self.len] = b'\n';
         crate::serial::write(&self.bytes[..self.len + 1]);
     }
+
+    /// The line so far (no newline added).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len.min(self.bytes.len())]
+    }
 }
 
 impl Default for LineBuffer {

@@ -163,6 +163,18 @@ pub fn write(bytes: &[u8]) -> usize {
     written
 }
 
+/// Ring 3: queues console output, waiting (kicking ring 0) while the
+/// ring is full instead of dropping: for output that must all arrive.
+pub fn write_waiting(bytes: &[u8]) {
+    for &b in bytes {
+        while !TX.push(b) {
+            kick();
+            core::hint::spin_loop();
+        }
+    }
+    kick();
+}
+
 /// Gets queued output moving: a self-IPI once interrupts are on, else a
 /// synchronous flush through a ring-0 gate.
 fn kick() {
