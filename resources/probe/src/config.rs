@@ -202,9 +202,7 @@ impl Config {
                     }
                     _ => false,
                 },
-                "probe.flood" => parse_number(value)
-                    .map(|n| config.flood = n)
-                    .is_some(),
+                "probe.flood" => parse_number(value).map(|n| config.flood = n).is_some(),
                 "probe.heartbeat" => parse_number(value)
                     .map(|ms| config.heartbeat_ms = ms)
                     .is_some(),

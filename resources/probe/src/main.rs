@@ -169,7 +169,10 @@ fn flood(lines: u64) {
     let started = platform::now_ms();
     for i in 0..lines {
         let mut line = runtime::LineBuffer::new();
-        let _ = core::fmt::Write::write_fmt(&mut line, format_args!("probe: flood {i:08} abcdefghijklmnopqrstuvwxyz\n"));
+        let _ = core::fmt::Write::write_fmt(
+            &mut line,
+            format_args!("probe: flood {i:08} abcdefghijklmnopqrstuvwxyz\n"),
+        );
         serial::write_waiting(line.as_bytes());
     }
     println!(
