@@ -200,13 +200,58 @@ pub fn install_process(kind: ThreadKind, mode: SeccompMode) -> Result<(), Seccom
 
 /// The calling vCPU thread's own filter, on top of the process's.
 pub fn install_vcpu(mode: SeccompMode) -> Result<(), SeccompError> {
+    install_own(ThreadKind::Vcpu, mode)
+}
+
+/// The calling migration channel thread's own filter, once its
+/// connection is made, when the process is under seccomp.
+pub fn install_channel() -> Result<(), SeccompError> {
+    installed_mode().map_or(Ok(()), |mode| install_own(ThreadKind::Channel, mode))
+}
+
+/// The calling thread's own filters for `kind` (a vCPU, a channel), on
+/// top of the process's. Built once per kind: every vCPU, and every pass
+/// of a migration's channels, would otherwise compile them again.
+fn install_own(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
+    type Programs = Result<(SeccompMode, [BpfProgram; 2]), String>;
+    static VCPU: OnceLock<Programs> = OnceLock::new();
+    static CHANNEL: OnceLock<Programs> = OnceLock::new();
     if mode == SeccompMode::Off {
         return Ok(());
     }
-    let kind = ThreadKind::Vcpu;
-    // The refusals first: the kind's own list has no seccomp call.
-    for prog in [refusals(kind)?, program(kind, mode)?] {
-        seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install {
+    let build = || -> Programs {
+        let text = |e: SeccompError| e.to_string();
+        // The refusals first: the kind's own list has no seccomp call.
+        Ok((
+            mode,
+            [
+                refusals(kind).map_err(text)?,
+                program(kind, mode).map_err(text)?,
+            ],
+        ))
+    };
+    let cache = match kind {
+        ThreadKind::Channel => &CHANNEL,
+        _ => &VCPU,
+    };
+    let cached = cache.get_or_init(build);
+    // The process has one mode; another (only in tests) is built afresh.
+    let fresh;
+    let progs = match cached {
+        Ok((m, progs)) if *m == mode => progs,
+        _ => {
+            fresh = build();
+            &fresh
+                .as_ref()
+                .map_err(|why| SeccompError::Build {
+                    kind: kind.name(),
+                    why: why.clone(),
+                })?
+                .1
+        }
+    };
+    for prog in progs {
+        seccompiler::apply_filter(prog).map_err(|e| SeccompError::Install {
             kind: kind.name(),
             why: e.to_string(),
         })?;
@@ -237,39 +282,6 @@ fn refusals(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     .map_err(|e| build(e.to_string()))?
     .try_into()
     .map_err(|e: seccompiler::BackendError| build(e.to_string()))
-}
-
-/// The calling migration channel thread's own filter, once its
-/// connection is made, when the process is under seccomp. Built once:
-/// a migration starts these threads again for every pass.
-pub fn install_channel() -> Result<(), SeccompError> {
-    type Programs = Result<[BpfProgram; 2], String>;
-    static PROGRAMS: OnceLock<Programs> = OnceLock::new();
-    let Some(mode) = installed_mode() else {
-        return Ok(());
-    };
-    let kind = ThreadKind::Channel;
-    let progs = PROGRAMS
-        .get_or_init(|| {
-            let text = |e: SeccompError| e.to_string();
-            // The refusals first: the kind's own list has no seccomp call.
-            Ok([
-                refusals(kind).map_err(text)?,
-                program(kind, mode).map_err(text)?,
-            ])
-        })
-        .as_ref()
-        .map_err(|why| SeccompError::Build {
-            kind: kind.name(),
-            why: why.clone(),
-        })?;
-    for prog in progs {
-        seccompiler::apply_filter(prog).map_err(|e| SeccompError::Install {
-            kind: kind.name(),
-            why: e.to_string(),
-        })?;
-    }
-    Ok(())
 }
 
 /// The name of system call `nr`, or "" when there is none.
