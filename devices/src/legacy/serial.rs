@@ -74,14 +74,10 @@ impl UartHost for Wires {
         }
     }
 
-    fn output(&mut self, byte: u8) {
-        match &mut self.out {
-            Out::Queue(q, _) => {
-                if !q.push(byte) {
-                    log::debug!("serial: the guest wrote while the transmitter was busy");
-                }
-            }
-            Out::Sink => {}
+    fn output(&mut self, byte: u8) -> bool {
+        match &self.out {
+            Out::Queue(q, _) => q.push(byte),
+            Out::Sink => true,
         }
     }
 

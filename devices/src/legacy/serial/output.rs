@@ -82,26 +82,28 @@ impl OutputQueue {
         s.broken || s.bytes.len() + BURST <= CAPACITY
     }
 
-    /// Queues a byte; false if there was no room (the guest wrote while
-    /// the transmitter said busy: lost, as on the real part).
+    /// Queues a byte (dropped, as on the real part, if the guest wrote
+    /// while the transmitter said busy); returns whether a FIFO's worth of
+    /// room is still left (the UART's THRE).
     pub fn push(&self, byte: u8) -> bool {
         let mut s = lock(&self.state);
         if s.broken {
             return true;
         }
-        if s.bytes.len() >= CAPACITY {
-            s.was_full = true;
-            return false;
+        if s.bytes.len() < CAPACITY {
+            s.bytes.push_back(byte);
+        } else {
+            log::debug!("serial: the guest wrote while the transmitter was busy");
         }
-        s.bytes.push_back(byte);
-        if s.bytes.len() + BURST > CAPACITY {
+        let room = s.bytes.len() + BURST <= CAPACITY;
+        if !room {
             s.was_full = true;
         }
         if s.idle {
             s.idle = false;
             self.changed.notify_all();
         }
-        true
+        room
     }
 
     /// Waits up to `limit` for every queued byte to be written (before the

@@ -56,8 +56,8 @@ pub trait UartHost {
     fn interrupt(&mut self);
     /// The receive FIFO went empty: room for more input.
     fn input_drained(&mut self);
-    /// A byte the guest sent.
-    fn output(&mut self, byte: u8);
+    /// A byte the guest sent; returns `can_send()` after it.
+    fn output(&mut self, byte: u8) -> bool;
     /// The transmitter can take a byte (the host's output has room).
     fn can_send(&self) -> bool;
 }
@@ -159,18 +159,19 @@ impl Uart {
             DATA if dlab => self.divisor_low = value,
             IER if dlab => self.divisor_high = value,
             DATA => {
-                if self.mcr & MCR_LOOP != 0 {
+                let room = if self.mcr & MCR_LOOP != 0 {
                     if self.rx.len() < FIFO_SIZE {
                         self.edge(host, |u| u.rx.push_back(value));
                     }
+                    host.can_send()
                 } else {
-                    host.output(value);
-                }
+                    host.output(value)
+                };
                 // THR written: THRE clears, and is set again as the byte
                 // leaves — a new edge unless another source holds the line;
                 // with the host's output full, once it has room.
                 self.thre_pending = false;
-                if host.can_send() {
+                if room {
                     self.edge(host, |u| u.thre_pending = true);
                 }
             }
@@ -254,8 +255,9 @@ mod tests {
         fn input_drained(&mut self) {
             self.drained += 1;
         }
-        fn output(&mut self, byte: u8) {
+        fn output(&mut self, byte: u8) -> bool {
             self.out.push(byte);
+            !self.full
         }
         fn can_send(&self) -> bool {
             !self.full
