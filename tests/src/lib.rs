@@ -16,5 +16,6 @@ pub mod stream;
 pub mod switch;
 pub mod tiny;
 pub mod tlscerts;
+pub mod udpstream;
 pub mod virtio_driver;
 pub mod vmms;

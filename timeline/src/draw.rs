@@ -8,6 +8,7 @@
 //! zoomed: the window the guest was stopped, the destination's resume,
 //! and every announce event on a row of its identity.
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::{AnnounceFrame, Timeline};
@@ -245,14 +246,19 @@ where
     let dest = t.destination.clone().unwrap_or_default();
     let ids = identities(&dest.announce);
     let shown = ids.len().min(MAX_ROWS);
-    // Rows, top to bottom: stopped, resumed, the guest's driver, then
-    // one per identity.
-    let rows = 3 + shown;
+    // Rows, top to bottom: stopped, resumed, the guest's driver, the
+    // forwarded frames (when there were any), then one per identity.
+    let fwd = usize::from(!t.forward.is_empty());
+    let first_id = 3 + fwd;
+    let rows = first_id + shown;
     let mut names = vec![
         "guest stopped".to_string(),
         "destination runs".to_string(),
         "guest driver".to_string(),
     ];
+    if fwd > 0 {
+        names.push("frames forwarded".to_string());
+    }
     names.extend(ids.iter().take(MAX_ROWS).map(id_label));
     let row_y = |row: usize| (rows - 1 - row) as f64;
 
@@ -266,6 +272,7 @@ where
         .map(|f| f.at_ms)
         .chain(dest.resumed_ms)
         .chain(t.resume_ms)
+        .chain(t.forward.iter().map(|f| f.end_ms))
         .fold(stop + 1.0, f64::max);
     let to = after(last) * 1.5;
     let title = format!(
@@ -353,6 +360,9 @@ where
             )))
             .map_err(err)?;
     }
+    if fwd > 0 {
+        forwarded(&mut chart, t, &dest, row_y(3), &after)?;
+    }
     let blue = RGBColor(54, 110, 200);
     let green = RGBColor(40, 160, 70);
     for f in &dest.announce {
@@ -362,7 +372,7 @@ where
             ids.iter()
                 .take(MAX_ROWS)
                 .position(|id| id.0 == f.mac && id.1 == f.vlan)
-                .map(|i| 3 + i)
+                .map(|i| first_id + i)
         };
         let Some(row) = row else { continue };
         let at = (after(f.at_ms), row_y(row));
@@ -385,6 +395,55 @@ where
             "● RARP from Ferry   ▲ the guest's own frame   × driver asked / acknowledged",
             (MIN_AFTER * 1.1, -0.5),
             ("sans-serif", 11),
+        )))
+        .map_err(err)?;
+    Ok(())
+}
+
+/// The forwarded frames' row: from the stop (the capture begins) to the
+/// end record, a tick per batch sent, and the counts of both ends.
+fn forwarded<DB: DrawingBackend>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<LogCoord<f64>, RangedCoordf64>>,
+    t: &Timeline,
+    dest: &crate::Destination,
+    y: f64,
+    after: &dyn Fn(f64) -> f64,
+) -> Result<(), DrawError>
+where
+    DB::ErrorType: 'static,
+{
+    let orange = RGBColor(230, 140, 30);
+    let from = t.stop_ms.unwrap_or(0.0);
+    let to = t.forward.iter().map(|f| f.end_ms).fold(from, f64::max);
+    chart
+        .draw_series(std::iter::once(Rectangle::new(
+            [(after(from), y - 0.15), (after(to), y + 0.15)],
+            orange.mix(0.35).filled(),
+        )))
+        .map_err(err)?;
+    chart
+        .draw_series(t.forward_batches.iter().map(|b| {
+            Rectangle::new(
+                [(after(b.at_ms), y - 0.3), (after(b.at_ms) * 1.01, y + 0.3)],
+                orange.filled(),
+            )
+        }))
+        .map_err(err)?;
+    let sum = |f: fn(&crate::Forward) -> u64| t.forward.iter().map(f).sum::<u64>();
+    let delivered: u64 = dest.forwarded.iter().map(|d| d.delivered).sum();
+    let ended: Vec<&str> = t.forward.iter().map(|f| f.ended_by.as_str()).collect();
+    chart
+        .draw_series(std::iter::once(Text::new(
+            format!(
+                "{} captured, {} forwarded, {} dropped, {} delivered there (ended: {})",
+                sum(|f| f.captured),
+                sum(|f| f.forwarded),
+                sum(|f| f.dropped),
+                delivered,
+                ended.join(", ")
+            ),
+            (after(from), y + 0.3),
+            ("sans-serif", 12),
         )))
         .map_err(err)?;
     Ok(())

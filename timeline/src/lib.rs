@@ -34,6 +34,12 @@ pub struct Timeline {
     /// The steps of the stop-and-copy phase.
     pub phases: Vec<Phase>,
     pub destination: Option<Destination>,
+    /// Frames the source's TAPs received after the stop, sent on to the
+    /// destination after its ACK: per NIC, and each batch as it went.
+    #[serde(default)]
+    pub forward: Vec<Forward>,
+    #[serde(default)]
+    pub forward_batches: Vec<ForwardBatch>,
     /// `completed`, `failed`, `cancelled`, or the status so far.
     pub status: String,
     /// Nothing more will be added (the destination's report came, or the
@@ -81,6 +87,42 @@ pub struct Destination {
     pub announce: Vec<AnnounceFrame>,
     /// Frames the report left out (it keeps the first ones).
     pub announce_left_out: u64,
+    /// What became of the forwarded frames there, per NIC.
+    #[serde(default)]
+    pub forwarded: Vec<Delivered>,
+}
+
+/// One NIC's forwarding on the source.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Forward {
+    pub nic: String,
+    /// From the ACK to the end record.
+    pub start_ms: f64,
+    pub end_ms: f64,
+    pub captured: u64,
+    pub forwarded: u64,
+    pub dropped: u64,
+    /// `switch-moved`, `quiet`, `time-bound`, `byte-bound`, `broken`.
+    pub ended_by: String,
+}
+
+/// Frames sent to the destination in one write.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ForwardBatch {
+    pub at_ms: f64,
+    pub frames: u64,
+}
+
+/// One NIC's forwarded frames on the destination.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Delivered {
+    pub nic: String,
+    pub received: u64,
+    pub delivered: u64,
+    pub filtered: u64,
+    pub dropped: u64,
+    /// Frames of the destination's own TAP that waited behind them.
+    pub held: u64,
 }
 
 /// One announce event on the destination.
@@ -163,7 +205,26 @@ mod tests {
                     },
                 ],
                 announce_left_out: 0,
+                forwarded: vec![Delivered {
+                    nic: "net0".into(),
+                    received: 12,
+                    delivered: 12,
+                    ..Default::default()
+                }],
             }),
+            forward: vec![Forward {
+                nic: "net0".into(),
+                start_ms: 1262.2,
+                end_ms: 1266.0,
+                captured: 12,
+                forwarded: 12,
+                dropped: 0,
+                ended_by: "switch-moved".into(),
+            }],
+            forward_batches: vec![ForwardBatch {
+                at_ms: 1262.3,
+                frames: 10,
+            }],
             status: "completed".into(),
             complete: true,
         }
@@ -184,6 +245,7 @@ mod tests {
             "pass 1",
             "pass 3",
             "guest stopped 2.0 ms, until the ACK",
+            "12 captured, 12 forwarded, 0 dropped, 12 delivered there (ended: switch-moved)",
             "resumed",
             "02:00:00:00:00:64 VLAN 100",
             "throttle",

@@ -42,6 +42,9 @@ pub struct Vm {
     /// (crate::migrate::report).
     pub(crate) report_wanted: bool,
     pub(crate) report_to: Option<crate::migrate::report::ReportTo>,
+    /// The source forwards frames after the ACK, for up to this many ms
+    /// (crate::migrate::forward).
+    pub(crate) forward_frames_ms: Option<u64>,
     /// `--seccomp`: installed as the VM starts to run.
     pub(crate) seccomp: crate::seccomp::SeccompMode,
 }
@@ -84,6 +87,7 @@ impl Vm {
             configured: Configured::with_objects(config.objects.clone()),
             report_wanted: false,
             report_to: None,
+            forward_frames_ms: None,
             seccomp: Default::default(),
         })
     }

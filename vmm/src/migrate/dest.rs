@@ -261,13 +261,25 @@ impl Vm {
             return Err(VmmError::QuitWhileArriving);
         }
         let bytes = reader.bytes_read();
+        if !answerable {
+            vm.forward_frames_ms = None;
+        }
+        if vm.forward_frames_ms.is_some() {
+            // The TAPs' frames wait behind those the source will forward.
+            for net in &vm.parts.nets {
+                lock(net).device_mut().hold_tap();
+            }
+        }
         if answerable {
             send_ack(reader.inner_mut()).map_err(IncomingError::Ack)?;
-            if vm.report_wanted {
-                // The connection stays open for the report.
+            if vm.report_wanted || vm.forward_frames_ms.is_some() {
+                // The connection stays open for the frames and the report.
                 vm.report_to = Some(super::report::ReportTo {
                     channel: reader.into_inner(),
                     acked: Instant::now(),
+                    forward_ms: vm.forward_frames_ms,
+                    report: vm.report_wanted,
+                    job: job.clone(),
                 });
             }
         }
@@ -519,6 +531,7 @@ fn load(
         configured: Configured::default(),
         report_wanted: incoming.report,
         report_to: None,
+        forward_frames_ms: incoming.forward_frames_ms,
         seccomp: Default::default(),
     };
     Ok((vm, was_running, kept))

@@ -77,6 +77,8 @@ pub struct MigrationInfo {
     pub cpu_throttle_percentage: u64,
     pub ram: RamFigures,
     pub error: Option<String>,
+    /// Frames per NIC across the migration's end (super::forward).
+    pub frames: Vec<super::forward::NicFrames>,
 }
 
 /// One migration, shared by its thread and QMP.
@@ -115,6 +117,7 @@ impl MigrationJob {
                 cpu_throttle_percentage: 0,
                 ram: RamFigures::default(),
                 error: None,
+                frames: Vec::new(),
             }),
             cancel: AtomicBool::new(false),
             channels: Mutex::new(Vec::new()),
@@ -291,6 +294,9 @@ impl MigrationJob {
         }
         if let Some(e) = i.error {
             v["error-desc"] = json!(e);
+        }
+        if !i.frames.is_empty() {
+            v["x-frames"] = json!(i.frames);
         }
         v
     }

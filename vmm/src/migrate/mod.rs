@@ -16,6 +16,7 @@ pub mod arriving;
 pub mod converge;
 pub mod dest;
 pub mod error;
+pub mod forward;
 pub mod job;
 pub mod multifd;
 mod pagemap;
@@ -59,6 +60,10 @@ pub struct MigrationConfig {
     /// [`report`]).
     #[serde(default)]
     pub report: bool,
+    /// After the ACK the source forwards the frames its TAPs got while
+    /// the guest was stopped ([`forward`]), for up to this many ms.
+    #[serde(default)]
+    pub forward_frames_ms: Option<u64>,
 }
 
 /// What a local migration hands over: one TAP descriptor per NIC, in NIC

@@ -61,6 +61,13 @@ pub struct MigrationParameters {
     /// fixed offsets so a restore maps it (migration::snapshot). On by
     /// default in Ferry (QEMU's is off): a restore then runs at once.
     pub mapped_ram: bool,
+    /// Ferry's `x-forward-frames`: frames the source's TAPs receive after
+    /// the guest stopped go to the destination (migrate::forward), within
+    /// `x-forward-max-bytes` per NIC and `x-forward-max-time` ms after the
+    /// destination's ACK.
+    pub forward_frames: bool,
+    pub forward_max_bytes: u64,
+    pub forward_max_ms: u64,
 }
 
 impl Default for MigrationParameters {
@@ -91,6 +98,9 @@ impl Default for MigrationParameters {
             // one sending and one receiving thread per channel.
             multifd_channels: 2,
             mapped_ram: true,
+            forward_frames: true,
+            forward_max_bytes: 16 << 20,
+            forward_max_ms: 2000,
         }
     }
 }
@@ -107,6 +117,7 @@ const CAPABILITIES: &[(&str, Flag)] = &[
     }),
     ("multifd", |p| &mut p.multifd),
     ("mapped-ram", |p| &mut p.mapped_ram),
+    ("x-forward-frames", |p| &mut p.forward_frames),
 ];
 
 /// QEMU 7.2's other capabilities: Ferry knows them and does not do them.
@@ -175,6 +186,13 @@ const PARAMETERS: &[(&str, Setter, u64, u64)] = &[
     ),
     ("max-cpu-throttle", |p| &mut p.max_cpu_throttle, 1, 99),
     ("multifd-channels", |p| &mut p.multifd_channels, 1, 255),
+    (
+        "x-forward-max-bytes",
+        |p| &mut p.forward_max_bytes,
+        0,
+        1 << 30,
+    ),
+    ("x-forward-max-time", |p| &mut p.forward_max_ms, 1, 60_000),
 ];
 
 type Text = fn(&mut MigrationParameters) -> &mut String;

@@ -56,6 +56,8 @@ pub const COMMANDS: &[CommandSpec] = &[
             ArgSpec::optional("cpu-throttle-increment", ArgType::Int),
             ArgSpec::optional("max-cpu-throttle", ArgType::Int),
             ArgSpec::optional("multifd-channels", ArgType::Int),
+            ArgSpec::optional("x-forward-max-bytes", ArgType::Int),
+            ArgSpec::optional("x-forward-max-time", ArgType::Int),
             ArgSpec::optional("tls-creds", ArgType::Any),
             ArgSpec::optional("tls-hostname", ArgType::Any),
             ArgSpec::optional("tls-authz", ArgType::Any),

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use migration::Channel;
 
 use super::ack::send_report;
+use super::forward;
+use super::job::MigrationJob;
 use crate::announce::Announcer;
 use crate::builder::VmParts;
 
@@ -23,6 +25,12 @@ const POLL: Duration = Duration::from_millis(10);
 pub struct ReportTo {
     pub channel: Box<dyn Channel>,
     pub acked: Instant,
+    /// The source forwards frames first, for up to this many ms.
+    pub forward_ms: Option<u64>,
+    /// The source wants the report.
+    pub report: bool,
+    /// The destination's own migration job (`query-migrate` here).
+    pub job: Arc<MigrationJob>,
 }
 
 /// Sends the report on a thread of its own.
@@ -36,6 +44,13 @@ pub fn spawn(to: ReportTo, announcer: Arc<Mutex<Announcer>>, parts: Arc<VmParts>
 }
 
 fn send(mut to: ReportTo, announcer: &Mutex<Announcer>, parts: &VmParts) {
+    if let Some(ms) = to.forward_ms {
+        forward::receive(&mut *to.channel, parts, Duration::from_millis(ms));
+        to.job.update(|i| i.frames = forward::received(parts));
+    }
+    if !to.report {
+        return;
+    }
     let deadline = to.acked + REPORT_BY;
     while Instant::now() < deadline {
         let started = parts.started_at.get().is_some();
@@ -66,7 +81,21 @@ fn send(mut to: ReportTo, announcer: &Mutex<Announcer>, parts: &VmParts) {
             })
             .collect(),
         announce_left_out: log.events_left_out,
+        forwarded: forward::received(parts)
+            .into_iter()
+            .map(|f| timeline::Delivered {
+                nic: f.nic,
+                received: f.received,
+                delivered: f.delivered,
+                filtered: f.filtered,
+                dropped: f.dropped,
+                held: f.held,
+            })
+            .collect(),
     };
+    if to.forward_ms.is_some() {
+        to.job.update(|i| i.frames = forward::received(parts));
+    }
     let Ok(json) = serde_json::to_vec(&report) else {
         return;
     };

@@ -40,6 +40,7 @@ pub use super::error::MigrateError;
 
 mod channels;
 mod ending;
+mod frames;
 mod state;
 
 use state::{collect_report, hand_over, save_state, Counted};
@@ -99,6 +100,8 @@ fn run(
         bandwidth: None,
         after_ack: None,
         tls: None,
+        forwarding: false,
+        captures: Vec::new(),
     };
     let result = match tls {
         Ok(tls) => {
@@ -113,12 +116,20 @@ fn run(
     };
     job.forget_channels();
     job.set_status(status);
+    let mut after_ack = out.after_ack.take().filter(|_| !out.to_file);
+    if let Some(w) = after_ack
+        .as_mut()
+        .filter(|_| status == MigrationStatus::Completed)
+    {
+        // First: the destination holds its TAPs' frames until this ends.
+        out.forward_frames(&mut w.inner_mut().inner);
+    }
     if status == MigrationStatus::Completed && out.logging {
         // The guest runs on the destination: not part of the migration's
         // times any more (re-registering big memory slots takes a while).
         out.dirty_logging_off();
     }
-    if let Some(mut w) = out.after_ack.take().filter(|_| !out.to_file) {
+    if let Some(mut w) = after_ack {
         collect_report(&job, &mut *w.inner_mut().inner);
     }
     job.record(|t| t.complete = true);
@@ -160,6 +171,10 @@ struct Outgoing<'a> {
     after_ack: Option<Writer<'a>>,
     /// `tls-creds`: every connection of the migration is TLS.
     tls: Option<ClientTls>,
+    /// The destination takes the frames the TAPs get while the guest is
+    /// stopped (see frames.rs); the NICs' captures, from the stop.
+    forwarding: bool,
+    captures: Vec<Arc<devices::virtio::net::forward::Capture>>,
 }
 
 /// How long each step of the stop-and-copy phase took.
@@ -302,6 +317,7 @@ impl<'a> Outgoing<'a> {
             (self.params.max_bandwidth > 0).then(|| Bandwidth::new(self.params.max_bandwidth));
         w.set_bandwidth(bandwidth.clone());
         self.bandwidth = bandwidth.clone();
+        self.forwarding = self.forwards_frames(handover.is_some());
         let config = MigrationConfig {
             machine: parts.machine.clone(),
             nets: parts.nets_desc.clone(),
@@ -311,6 +327,7 @@ impl<'a> Outgoing<'a> {
             session,
             pass_acks: !self.to_file,
             report: !self.to_file,
+            forward_frames_ms: self.forwarding.then_some(self.params.forward_max_ms),
         };
         w.write_json(SectionKind::Config, CONFIG_SECTION, CONFIG_VERSION, &config)?;
         if !self.to_file {
@@ -450,6 +467,7 @@ impl<'a> Outgoing<'a> {
         let asked = Instant::now();
         let from = self.control.state();
         self.control.stop_into(RunState::FinishMigrate)?;
+        self.start_captures();
         self.state_at_stop = from;
         self.stopped_at = Some(asked);
         let stop_ms = self.job.ms_at(asked);

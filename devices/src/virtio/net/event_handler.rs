@@ -86,7 +86,12 @@ impl MutEventSubscriber for NetEventHandler {
                 let _ = evt.read();
             }
             match queue {
-                RX_QUEUE => net.process_rx_queue_event(),
+                RX_QUEUE => {
+                    // Answers to what it got first: a guest refilling
+                    // its rx ring after a burst may have filled tx too.
+                    net.process_tx();
+                    net.process_rx_queue_event();
+                }
                 TX_QUEUE => net.process_tx(),
                 CTRL_QUEUE => net.process_ctrl(),
                 _ => {}

@@ -6,6 +6,7 @@ pub mod ctrl;
 pub mod device;
 pub mod event_handler;
 pub mod filter;
+pub mod forward;
 pub mod persist;
 
 pub use device::{Net, NetMetrics, NetOptions, RxFilterNotify};

@@ -56,12 +56,13 @@ impl Outgoing<'_> {
     }
 
     /// After a failure: the guest back to the state it had, unharmed.
-    pub(super) fn failed(&self, uri: &MigrationUri, e: MigrateError) -> MigrationStatus {
+    pub(super) fn failed(&mut self, uri: &MigrationUri, e: MigrateError) -> MigrationStatus {
         let before = self.state_at_stop;
         log::warn!("migration to {uri} failed: {e}");
         if self.logging {
             self.dirty_logging_off();
         }
+        self.give_back_frames();
         if self.stopped_at.is_some() {
             let back = if before == RunState::Running {
                 self.control.start()

@@ -16,6 +16,7 @@ use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::filter::RxFilter;
+use super::forward::{BacklogCounts, Capture, CaptureCounts, CaptureLimits, FrameQueue};
 use super::persist::NetState;
 use crate::virtio::{
     read_config_bytes, wants_interrupt, ActivateError, QueueSnapshot, VirtioDevice,
@@ -141,7 +142,23 @@ pub struct Net<B: NetBackend = Tap> {
     metrics: NetMetrics,
     /// The guest's faults and requests, logged at most once a second each.
     guest_log: crate::guest_log::GuestLog,
+    /// Stopped for the end of a migration, the TAP is read into this
+    /// (see [`super::forward`]).
+    capture: Option<Arc<Capture>>,
+    /// Frames that go to the guest before the TAP's: forwarded by a
+    /// migration's source, or captured here by one that failed.
+    backlog: FrameQueue,
+    /// The pending frame came from the backlog.
+    pending_from_backlog: bool,
+    /// Forwarded frames may still come: the TAP's wait in `held`.
+    hold: bool,
+    held: FrameQueue,
+    backlog_counts: BacklogCounts,
 }
+
+/// Most frames (and bytes) a backlog and a hold keep.
+pub const BACKLOG_FRAMES: usize = 65_536;
+pub const BACKLOG_BYTES: usize = 32 << 20;
 
 /// Called with the NIC's id when its guest changed the receive filter.
 pub type RxFilterNotify = Arc<dyn Fn(&str) + Send + Sync>;
@@ -203,6 +220,12 @@ impl<B: NetBackend> Net<B> {
             rx_filter_notify_armed: true,
             metrics: NetMetrics::default(),
             guest_log: Default::default(),
+            capture: None,
+            backlog: FrameQueue::new(BACKLOG_FRAMES, BACKLOG_BYTES),
+            pending_from_backlog: false,
+            hold: false,
+            held: FrameQueue::new(BACKLOG_FRAMES, BACKLOG_BYTES),
+            backlog_counts: BacklogCounts::default(),
         })
     }
 
@@ -260,7 +283,86 @@ impl<B: NetBackend> Net<B> {
 
     /// Whether the TAP should be watched for frames now.
     pub fn wants_tap(&self) -> bool {
-        self.active.is_some() && !self.rx_blocked && self.broken.is_none() && !self.paused
+        if self.active.is_none() || self.broken.is_some() {
+            return false;
+        }
+        if self.paused {
+            return self.capture.is_some();
+        }
+        let hold_full = self.hold && self.held.is_full();
+        !self.rx_blocked && !hold_full
+    }
+
+    /// The guest is stopped for a migration's end: from now on the TAP's
+    /// frames are kept in order (the one waiting for rx buffers first)
+    /// for the migration thread to forward.
+    pub fn start_capture(&mut self, limits: CaptureLimits) -> Arc<Capture> {
+        let capture = Arc::new(Capture::new(limits));
+        let macs = self.macs();
+        // In the order the guest would have had them: the frame waiting
+        // for rx buffers, the backlog, the held TAP frames.
+        if let Some(len) = self.rx_pending.take() {
+            self.pending_from_backlog = false;
+            capture.offer(&self.rx_frame[..len], &macs);
+        }
+        while let Some(f) = self.backlog.pop().or_else(|| self.held.pop()) {
+            capture.offer(&f, &macs);
+        }
+        self.capture = Some(capture.clone());
+        self.notify_handler();
+        capture
+    }
+
+    /// Ends the capture. `give_back`: the migration failed, and the guest
+    /// gets every frame still kept when it resumes here; otherwise they
+    /// are counted as dropped. The capture's counts.
+    pub fn stop_capture(&mut self, give_back: bool) -> Option<CaptureCounts> {
+        let capture = self.capture.take()?;
+        let left = capture.close();
+        if give_back {
+            let mut refused = 0;
+            for f in left {
+                if self.backlog.push(f) {
+                    self.backlog_counts.received += 1;
+                } else {
+                    refused += 1;
+                }
+            }
+            capture.count_dropped(refused);
+        } else {
+            capture.count_dropped(left.len() as u64);
+        }
+        self.notify_handler();
+        Some(capture.view().counts)
+    }
+
+    /// A destination of a migration that forwards frames: this TAP's
+    /// frames wait behind the forwarded ones until [`Net::release_hold`].
+    pub fn hold_tap(&mut self) {
+        self.hold = true;
+    }
+
+    /// Frames the source forwarded, for the guest before any of this
+    /// TAP's that arrived after them.
+    pub fn push_forwarded(&mut self, frames: impl IntoIterator<Item = Vec<u8>>) {
+        for f in frames {
+            if self.backlog.push(f) {
+                self.backlog_counts.received += 1;
+            } else {
+                self.backlog_counts.dropped += 1;
+            }
+        }
+        self.notify_handler();
+    }
+
+    /// No more frames will be forwarded: the held TAP frames follow.
+    pub fn release_hold(&mut self) {
+        self.hold = false;
+        self.notify_handler();
+    }
+
+    pub fn backlog_counts(&self) -> BacklogCounts {
+        self.backlog_counts
     }
 
     /// Stops all queue processing and TAP reads until [`Net::resume`].
@@ -456,6 +558,9 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     fn reset(&mut self) {
         self.active = None;
         self.rx_pending = None;
+        self.pending_from_backlog = false;
+        self.backlog_counts.dropped += self.backlog.clear() as u64;
+        self.held.clear();
         self.rx_blocked = false;
         self.broken = None;
         self.state.acked_features = 0;

@@ -1,6 +1,6 @@
 //! The receive queue: frames from the TAP into the guest's buffers.
 
-use net::NetBackend;
+use net::{NetBackend, Nic};
 use std::io::Write;
 use std::sync::atomic::Ordering;
 
@@ -9,6 +9,10 @@ use virtio_bindings::virtio_net::*;
 use virtio_queue::{QueueOwnedT, QueueT, Writer};
 
 use super::{chain_is_whole, ring_err, Net, RingError, NUM_BUFFERS_OFFSET, RX_QUEUE};
+
+/// Frames from the backlog or the hold delivered in one go before the
+/// transmit queue gets its turn.
+const QUEUED_BURST: usize = 64;
 
 impl<B: NetBackend> Net<B> {
     /// The guest added rx buffers.
@@ -50,23 +54,36 @@ impl<B: NetBackend> Net<B> {
         more.map_err(ring_err("rx", "ring"))
     }
 
-    /// Moves frames from the TAP into guest buffers until the TAP is empty
-    /// or the guest has no buffers left.
+    /// Moves frames into guest buffers until none is left or the guest has
+    /// no buffers left: the backlog's first, then the TAP's. While the VM
+    /// is paused nothing reaches the guest; a capture (a migration's end)
+    /// then takes the TAP's frames.
     pub fn process_rx(&mut self) {
-        if self.active.is_none() || self.paused {
+        if self.active.is_none() {
+            return;
+        }
+        if self.paused {
+            self.capture_rx();
             return;
         }
         let mut delivered = false;
+        let mut queued = 0;
         loop {
+            if queued >= QUEUED_BURST && self.rx_pending.is_none() {
+                // The rest after the guest's transmit queue has been
+                // served: a guest that answers each frame (an echo, a
+                // TCP ACK) must not find it full after a burst of
+                // thousands. The event loop comes back at once.
+                self.notify_handler();
+                break;
+            }
+            let from_queue = !self.backlog.is_empty() || (!self.hold && !self.held.is_empty());
+            queued += usize::from(from_queue && self.rx_pending.is_none());
             let len = match self.rx_pending {
                 Some(len) => len,
-                None => match self.backend.read_frame(&mut self.rx_frame) {
-                    Ok(len) => len,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        log::warn!("{}: TAP read: {e}", self.state.id);
-                        break;
-                    }
+                None => match self.next_frame() {
+                    Some(len) => len,
+                    None => break,
                 },
             };
             if len <= VNET_HDR_LEN
@@ -76,6 +93,9 @@ impl<B: NetBackend> Net<B> {
                     .accepts(&self.state.mac, &self.rx_frame[VNET_HDR_LEN..len])
             {
                 self.metrics.rx_filtered += 1;
+                if std::mem::take(&mut self.pending_from_backlog) {
+                    self.backlog_counts.filtered += 1;
+                }
                 self.rx_pending = None;
                 continue;
             }
@@ -83,6 +103,9 @@ impl<B: NetBackend> Net<B> {
                 Ok(true) => {
                     delivered = true;
                     self.rx_pending = None;
+                    if std::mem::take(&mut self.pending_from_backlog) {
+                        self.backlog_counts.delivered += 1;
+                    }
                     self.metrics.rx_frames += 1;
                     self.metrics.rx_bytes += (len - VNET_HDR_LEN) as u64;
                 }
@@ -108,6 +131,74 @@ impl<B: NetBackend> Net<B> {
         }
         if delivered {
             self.signal(RX_QUEUE);
+        }
+    }
+
+    /// The next frame for the guest, into `rx_frame`: the backlog's, then
+    /// (once no more can be forwarded) the held TAP frames, then the
+    /// TAP's. While frames may still be forwarded, the TAP's go to the
+    /// hold instead, until it is full.
+    fn next_frame(&mut self) -> Option<usize> {
+        if let Some(f) = self.backlog.pop() {
+            self.pending_from_backlog = true;
+            return Some(self.load_frame(&f));
+        }
+        if !self.hold {
+            if let Some(f) = self.held.pop() {
+                return Some(self.load_frame(&f));
+            }
+        }
+        loop {
+            if self.hold && self.held.is_full() {
+                return None;
+            }
+            match self.backend.read_frame(&mut self.rx_frame) {
+                Ok(len) if self.hold => {
+                    if self.held.push(self.rx_frame[..len].to_vec()) {
+                        self.backlog_counts.held += 1;
+                    } else {
+                        self.metrics.rx_dropped += 1;
+                    }
+                }
+                Ok(len) => return Some(len),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                Err(e) => {
+                    log::warn!("{}: TAP read: {e}", self.state.id);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Puts a queued frame where the TAP's are read to; its length (0 for
+    /// one longer than any frame, which the filter then drops).
+    fn load_frame(&mut self, frame: &[u8]) -> usize {
+        match self.rx_frame.get_mut(..frame.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(frame);
+                frame.len()
+            }
+            None => 0,
+        }
+    }
+
+    /// The VM is paused with a capture on: the TAP's frames go to it, a
+    /// batch at a time (the TAP stays readable and brings the loop back).
+    fn capture_rx(&mut self) {
+        const BATCH: usize = 256;
+        let Some(capture) = self.capture.clone() else {
+            return;
+        };
+        let macs = self.macs();
+        for _ in 0..BATCH {
+            match self.backend.read_frame(&mut self.rx_frame) {
+                Ok(len) => capture.offer(&self.rx_frame[..len], &macs),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("{}: TAP read: {e}", self.state.id);
+                    return;
+                }
+            }
         }
     }
 

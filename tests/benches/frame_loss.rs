@@ -1,0 +1,206 @@
+//! Frames lost across one live migration (issue #17), Ferry beside QEMU
+//! 7.2 on the same topology and probe: the switch namespace of
+//! `ferry_tests::switch` (hosts A and B, a client), a numbered UDP stream
+//! from the client to the probe's echo port, one migration A → B per run
+//! over TCP, the stream going on for 0.7 s after the source completes.
+//! A datagram lost is one whose echo never came back.
+//!
+//! Rows: 1k, 10k and 50k datagrams/s of 64 and 1400 bytes; columns:
+//! Ferry (forwarding on, the default), Ferry with `x-forward-frames` off,
+//! QEMU; median and worst of FERRY_BENCH_RUNS (default 10), the VMMs in
+//! turn, and the same stream without a migration under Ferry (what the
+//! probe itself drops at that rate). Also the forwarded frames' extra
+//! latency: the worst round trip of a run minus its median, Ferry's.
+//!
+//! `cargo bench -p ferry-tests --bench frame_loss` (root, KVM, QEMU).
+//! FERRY_BENCH_RATES=1000,10000 and FERRY_BENCH_SIZES=64 pick rows.
+
+use std::time::{Duration, Instant};
+
+use ferry_tests::bench_net::median;
+use ferry_tests::host::{require_kvm, require_root, require_tool};
+use ferry_tests::hosts::{A_TAP, B_ADDR, B_TAP};
+use ferry_tests::probe::checks::GUEST_MAC;
+use ferry_tests::probe::Cmdline;
+use ferry_tests::switch::{Switch, CLIENT_ADDR};
+use ferry_tests::udpstream::{StreamReport, UdpStream};
+use ferry_tests::vmms::{Guest, GuestNet, Vmm};
+use serde_json::json;
+
+const MIB: u32 = 256;
+const GUEST_IP: &str = "198.18.0.2";
+const T: Duration = Duration::from_secs(120);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    Ferry,
+    FerryNoForward,
+    Qemu,
+    /// The stream alone, no migration (Ferry).
+    Baseline,
+}
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::Ferry => "ferry",
+            Setup::FerryNoForward => "ferry, x-forward-frames off",
+            Setup::Qemu => "qemu",
+            Setup::Baseline => "no migration (ferry)",
+        }
+    }
+}
+
+fn stream(sw: &Switch, rate: u64, size: usize) -> UdpStream {
+    let s = UdpStream::start(
+        &sw.client,
+        CLIENT_ADDR,
+        &format!("{GUEST_IP}:7"),
+        rate,
+        size,
+    );
+    assert!(
+        s.wait_echoes(200, Duration::from_secs(20)),
+        "no echoes from the probe"
+    );
+    s
+}
+
+/// One run: the stream's report and the source's downtime (ms).
+fn once(setup: Setup, rate: u64, size: usize, run: usize) -> (StreamReport, f64) {
+    let sw = Switch::new(&format!("fl{run}{}", rate / 1000));
+    let cmdline = Cmdline::new()
+        .identity(0, None, None, &format!("{GUEST_IP}/24"))
+        .build();
+    let a = GuestNet {
+        ns: &sw.hosts.a,
+        tap: A_TAP,
+        mac: GUEST_MAC,
+    };
+    let b = GuestNet {
+        ns: &sw.hosts.b,
+        tap: B_TAP,
+        mac: GUEST_MAC,
+    };
+    let vmm = if setup == Setup::Qemu {
+        Vmm::Qemu
+    } else {
+        Vmm::Ferry
+    };
+    let mut src = Guest::boot(vmm, &format!("fl-{}-src", vmm.name()), &a, MIB, &cmdline);
+    if setup == Setup::Baseline {
+        let s = stream(&sw, rate, size);
+        std::thread::sleep(Duration::from_millis(1500));
+        return (s.stop(Duration::from_millis(300)), 0.0);
+    }
+    let uri = format!("tcp:{B_ADDR}:4452");
+    let _dst = Guest::incoming(
+        vmm,
+        &format!("fl-{}-dst", vmm.name()),
+        &b,
+        MIB,
+        &cmdline,
+        &uri,
+    );
+    if setup == Setup::FerryNoForward {
+        src.exec(
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{ "capability": "x-forward-frames", "state": false }] }),
+        )
+        .expect("capability");
+    }
+    let s = stream(&sw, rate, size);
+    std::thread::sleep(Duration::from_millis(300));
+    src.exec("migrate", json!({ "uri": uri })).expect("migrate");
+    let t0 = Instant::now();
+    let info = loop {
+        let info = src.exec("query-migrate", json!({})).expect("query-migrate");
+        match info["status"].as_str() {
+            Some("completed") => break info,
+            Some("failed" | "cancelled") => panic!("{}: {info}", setup.name()),
+            _ => {}
+        }
+        assert!(t0.elapsed() < T, "{info}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    let r = s.stop(Duration::from_millis(300));
+    (r, info["downtime"].as_f64().unwrap_or(f64::NAN))
+}
+
+fn list(var: &str, default: &[u64]) -> Vec<u64> {
+    std::env::var(var)
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+fn main() {
+    let test = "bench frame_loss";
+    if require_kvm(test).is_none()
+        || !require_root(test)
+        || !require_tool(test, "qemu-system-x86_64")
+    {
+        return;
+    }
+    let runs: usize = std::env::var("FERRY_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let rates = list("FERRY_BENCH_RATES", &[1000, 10_000, 50_000]);
+    let sizes = list("FERRY_BENCH_SIZES", &[64, 1400]);
+    let setups = [
+        Setup::Ferry,
+        Setup::FerryNoForward,
+        Setup::Qemu,
+        Setup::Baseline,
+    ];
+    let mut rows = Vec::new();
+    for &rate in &rates {
+        for &size in &sizes {
+            let mut got: Vec<Vec<(StreamReport, f64)>> =
+                setups.iter().map(|_| Vec::new()).collect();
+            for run in 0..runs {
+                for (i, &setup) in setups.iter().enumerate() {
+                    // The control needs fewer runs.
+                    if setup == Setup::Baseline && run >= runs.div_ceil(3) {
+                        continue;
+                    }
+                    let (r, down) = once(setup, rate, size as usize, run);
+                    eprintln!(
+                        "{rate}/s {size} B run {run} {}: lost {} of {} (downtime {down} ms, rtt max {:?})",
+                        setup.name(),
+                        r.lost.len(),
+                        r.sent,
+                        r.rtt_max
+                    );
+                    got[i].push((r, down));
+                }
+            }
+            rows.push((rate, size, got));
+        }
+    }
+    println!("\nFrames lost across one live migration, probe guest {MIB} MiB, TCP between namespace hosts behind one switch, {runs} runs (the no-migration control {})\n", runs.div_ceil(3));
+    print!("| datagrams/s | size |");
+    for s in setups {
+        print!(" {} lost, median (worst) |", s.name());
+    }
+    println!(" ferry downtime, median ms | ferry extra latency, median (worst) ms |");
+    println!("| --- | --- |{}", " --- |".repeat(setups.len() + 2));
+    for (rate, size, got) in &rows {
+        print!("| {rate} | {size} B |");
+        for samples in got {
+            let lost: Vec<f64> = samples.iter().map(|(r, _)| r.lost.len() as f64).collect();
+            let worst = lost.iter().copied().fold(0.0, f64::max);
+            print!(" {:.0} ({worst:.0}) |", median(lost));
+        }
+        let ferry = &got[0];
+        let down = median(ferry.iter().map(|(_, d)| *d).collect());
+        let extra: Vec<f64> = ferry
+            .iter()
+            .map(|(r, _)| (r.rtt_max.as_secs_f64() - r.rtt_median.as_secs_f64()) * 1e3)
+            .collect();
+        let worst = extra.iter().copied().fold(0.0, f64::max);
+        println!(" {down:.0} | {:.1} ({worst:.1}) |", median(extra));
+    }
+}
