@@ -318,3 +318,62 @@ fn a_flood_past_the_forwarding_bound_is_counted_and_memory_stays_bounded() {
     );
     assert!(r.duplicated.is_empty(), "{:?}", r.duplicated);
 }
+
+/// The other direction: the probe sends a numbered stream (`udp-blast`,
+/// 10,000 a second) to the client across the migration. What it queued
+/// for transmit and the source had not sent when it stopped goes out
+/// from B, once: the client gets every sequence number exactly once.
+#[test]
+fn frames_the_guest_queued_for_transmit_leave_once_across_a_migration() {
+    let test = "nfl-tx";
+    if !can_run(test) {
+        return;
+    }
+    let _serial = one_at_a_time();
+    const COUNT: u64 = 20_000;
+    let p = pair(test, Announce::Rarp);
+    let sock = p
+        .sw
+        .client
+        .enter(|| std::net::UdpSocket::bind(format!("{CLIENT_ADDR}:9100")))
+        .expect("netns")
+        .expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(1500)))
+        .expect("timeout");
+    let receiver = std::thread::spawn(move || {
+        let mut seen = vec![0u32; COUNT as usize];
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = sock.recv(&mut buf) {
+            if n >= 8 {
+                let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
+                if let Some(c) = seen.get_mut(seq as usize) {
+                    *c += 1;
+                }
+            }
+        }
+        seen
+    });
+    p.src.console.send_command(
+        &format!("udp-blast 0 {GUEST_IP} {CLIENT_ADDR}:9100 64 10000 {COUNT}"),
+        T,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    migrate(&p.src, &p.uri);
+    let info = wait_migration(&p.src, T);
+    assert_completed(&info, &p.src, &p.dst);
+    p.dst
+        .console
+        .expect(&format!("probe: udp-blast done nic=0 frames={COUNT}"), T);
+    let seen = receiver.join().expect("receiver");
+    let lost: Vec<usize> = (0..seen.len()).filter(|&i| seen[i] == 0).collect();
+    let twice: Vec<usize> = (0..seen.len()).filter(|&i| seen[i] > 1).collect();
+    assert!(
+        lost.is_empty() && twice.is_empty(),
+        "lost {} (first {:?}), twice {:?}; downtime {}",
+        lost.len(),
+        &lost[..lost.len().min(20)],
+        &twice[..twice.len().min(20)],
+        info["downtime"]
+    );
+    println!("{test}: {COUNT} datagrams from the guest, each received once");
+}
