@@ -332,12 +332,11 @@ fn frames_the_guest_queued_for_transmit_leave_once_across_a_migration() {
     let _serial = one_at_a_time();
     const COUNT: u64 = 20_000;
     let p = pair(test, Announce::Rarp);
-    let sock = p
-        .sw
-        .client
-        .enter(|| std::net::UdpSocket::bind(format!("{CLIENT_ADDR}:9100")))
-        .expect("netns")
-        .expect("bind");
+    let sock =
+        p.sw.client
+            .enter(|| std::net::UdpSocket::bind(format!("{CLIENT_ADDR}:9100")))
+            .expect("netns")
+            .expect("bind");
     sock.set_read_timeout(Some(Duration::from_millis(1500)))
         .expect("timeout");
     let receiver = std::thread::spawn(move || {
