@@ -61,6 +61,10 @@ impl UdpStream {
             .enter(move || UdpSocket::bind(bind))
             .expect("enter the namespace")
             .expect("bind the stream's socket");
+        // Room for the echoes while the receiving thread waits for a core
+        // (a 2-core host running the guest, the VMM and the sender): what
+        // the kernel drops here would count as the VMM's loss.
+        set_receive_buffer(&sock, 16 << 20);
         let receiver = sock.try_clone().expect("clone the socket");
         let stop = Arc::new(AtomicBool::new(false));
         let stop_tx = Arc::new(AtomicBool::new(false));
@@ -180,6 +184,27 @@ impl Drop for UdpStream {
     fn drop(&mut self) {
         self.stop_tx.store(true, Ordering::Relaxed);
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// SO_RCVBUFFORCE (root), else SO_RCVBUF up to the system's limit.
+fn set_receive_buffer(sock: &UdpSocket, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on a socket we own, with a live c_int and
+        // its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! while the probe migrates A → B over TCP; every sequence number must
 //! come back exactly once and in order:
 //! - with Ferry's RARPs (`guest-announce=off`) and with the guest
-//!   announcing itself (GUEST_ANNOUNCE);
+//!   announcing itself (GUEST_ANNOUNCE), and over TLS with multifd;
 //! - a migration cancelled at the last moment (stopped in
 //!   `pre-switchover` for 300 ms, then `migrate_cancel`): the frames the
 //!   stopped source read reach the guest when it resumes there;
@@ -18,15 +18,19 @@
 //! loses frames: the first test checks that too, so it cannot pass by a
 //! stream too slow to notice the move.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_tests::announce::one_at_a_time;
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_kvm, require_root};
-use ferry_tests::hosts::{assert_completed, migrate, status, wait_migration, A_TAP, B_ADDR, B_TAP};
+use ferry_tests::hosts::{
+    assert_completed, migrate, set_multifd, status, wait_migration, A_TAP, B_ADDR, B_TAP,
+};
 use ferry_tests::probe::checks::GUEST_MAC;
 use ferry_tests::probe::{Cmdline, READY};
 use ferry_tests::switch::{Switch, CLIENT_ADDR};
+use ferry_tests::tlscerts::{Side, TestCa};
 use ferry_tests::udpstream::{StreamReport, UdpStream};
 use serde_json::{json, Value};
 
@@ -48,11 +52,47 @@ struct Pair {
 }
 
 fn pair(test: &str, announce: Announce) -> Pair {
+    pair_with(test, announce, None)
+}
+
+/// TLS credentials for both ends (a directory each).
+struct Creds {
+    client: PathBuf,
+    server: PathBuf,
+}
+
+fn creds(test: &str) -> Creds {
+    let dir = std::env::temp_dir().join(format!("ferry-nfl-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ca = TestCa::new("Ferry test CA");
+    Creds {
+        server: ca.write_dir(&dir.join("server"), Side::Server, &[B_ADDR], false),
+        client: ca.write_dir(&dir.join("client"), Side::Client, &["source"], false),
+    }
+}
+
+fn tls_object(dir: &Path, endpoint: &str) -> Vec<String> {
+    vec![
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint={endpoint},verify-peer=on",
+            dir.display()
+        ),
+    ]
+}
+
+/// The pair, over TLS with `tls` (and multifd, 2 channels, then: every
+/// connection TLS), as libvirt sets up a destination (`defer`, the
+/// parameters, `migrate-incoming`).
+fn pair_with(test: &str, announce: Announce, tls: Option<&Creds>) -> Pair {
     let sw = Switch::new(test);
     let cmdline = Cmdline::new()
         .identity(0, None, None, &format!("{GUEST_IP}/24"))
         .build();
     let mut spec = VmSpec::probe(&cmdline);
+    if let Some(c) = tls {
+        spec.extra = tls_object(&c.client, "client");
+    }
     let off = match announce {
         Announce::Rarp => ",guest-announce=off",
         Announce::Guest => "",
@@ -61,9 +101,23 @@ fn pair(test: &str, announce: Announce) -> Pair {
     let src = FerryVm::spawn(&format!("{test}-src"), &spec, Some(&sw.hosts.a));
     src.console.expect(READY, T);
     let uri = format!("tcp:{B_ADDR}:4451");
-    let mut dspec = VmSpec::incoming(&uri);
+    let Some(c) = tls else {
+        let mut dspec = VmSpec::incoming(&uri);
+        dspec.nets = vec![format!("tap={B_TAP}")];
+        let dst = FerryVm::spawn(&format!("{test}-dst"), &dspec, Some(&sw.hosts.b));
+        return Pair { sw, src, dst, uri };
+    };
+    let mut dspec = VmSpec::incoming("defer");
     dspec.nets = vec![format!("tap={B_TAP}")];
+    dspec.extra = tls_object(&c.server, "server");
     let dst = FerryVm::spawn(&format!("{test}-dst"), &dspec, Some(&sw.hosts.b));
+    for vm in [&src, &dst] {
+        set_multifd(vm, Some(2));
+        vm.execute("migrate-set-parameters", json!({ "tls-creds": "tls0" }))
+            .expect("tls-creds");
+    }
+    dst.execute("migrate-incoming", json!({ "uri": uri }))
+        .expect("migrate-incoming");
     Pair { sw, src, dst, uri }
 }
 
@@ -130,17 +184,20 @@ fn can_run(test: &str) -> bool {
     require_kvm(test).is_some() && require_root(test)
 }
 
-fn no_loss_with(test: &str, announce: Announce) {
+fn no_loss_with(test: &str, announce: Announce, tls: bool) {
     if !can_run(test) {
         return;
     }
     let _serial = one_at_a_time();
-    let p = pair(test, announce);
+    let creds = tls.then(|| creds(test));
+    let p = pair_with(test, announce, creds.as_ref());
     let s = stream(&p, RATE, 64);
     let (r, src, dst) = migrate_during(&p, s);
     let (sf, df) = (frames(&src), frames(&dst));
+    let counters = p.dst.console.send_command("counters 0", T);
     let ends = format!(
-        "source x-frames {sf}\ndestination x-frames {df}\nsource stderr {}\ndestination stderr {}",
+        "source x-frames {sf}\ndestination x-frames {df}\nthe probe on B: {:?}\nsource stderr {}\ndestination stderr {}",
+        counters.lines,
         p.src.stderr(),
         p.dst.stderr()
     );
@@ -152,6 +209,8 @@ fn no_loss_with(test: &str, announce: Announce) {
     assert_eq!(sf["dropped"], 0, "{ends}");
     assert_eq!(df["received"].as_u64(), Some(forwarded), "{ends}");
     assert_eq!(df["delivered"].as_u64(), Some(forwarded), "{ends}");
+    // The source's end record came before any held frame's bound.
+    assert_eq!(df["hold-expired"], 0, "{ends}");
     println!(
         "{test}: downtime {} ms; forwarded {forwarded} frames; {} of B's own held behind them",
         src["downtime"], df["held"]
@@ -160,12 +219,19 @@ fn no_loss_with(test: &str, announce: Announce) {
 
 #[test]
 fn a_udp_stream_loses_nothing_across_a_migration_announced_by_rarp() {
-    no_loss_with("nfl-rarp", Announce::Rarp);
+    no_loss_with("nfl-rarp", Announce::Rarp, false);
 }
 
 #[test]
 fn a_udp_stream_loses_nothing_across_a_migration_the_guest_announces() {
-    no_loss_with("nfl-guest", Announce::Guest);
+    no_loss_with("nfl-guest", Announce::Guest, false);
+}
+
+/// The frames travel on the migration's main connection: over TLS when
+/// the migration is (here with two multifd channels, every one TLS).
+#[test]
+fn a_udp_stream_loses_nothing_across_a_tls_migration_over_multifd() {
+    no_loss_with("nfl-tls", Announce::Guest, true);
 }
 
 /// The control: without forwarding the same stream loses frames (so the
@@ -298,7 +364,8 @@ fn a_flood_past_the_forwarding_bound_is_counted_and_memory_stays_bounded() {
     // guest on B (its counters came along in its memory); the stream's
     // losses are those, plus answers the probe itself could not queue at
     // 14 MB/s each way (its `tx_dropped`), which happen without a
-    // migration too.
+    // migration too, and a few on the way back to a client that shares
+    // two cores with the guest, the VMM and its own sender.
     let dst = p.dst.execute("query-migrate", json!({})).expect("query");
     let c = p.dst.console.send_command("counters 0", T);
     let n = |k: &str| c.number(k).unwrap_or(0);
@@ -375,4 +442,32 @@ fn frames_the_guest_queued_for_transmit_leave_once_across_a_migration() {
         info["downtime"]
     );
     println!("{test}: {COUNT} datagrams from the guest, each received once");
+}
+
+/// libvirt ends the source as soon as it has seen `completed` (and
+/// started the destination): a `quit` then waits for the forwarding,
+/// whose frames the source's event loop reads, and nothing is lost.
+#[test]
+fn a_source_told_to_quit_at_completion_still_forwards_every_frame() {
+    let test = "nfl-quit";
+    if !can_run(test) {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let mut p = pair(test, Announce::Rarp);
+    let s = stream(&p, RATE, 64);
+    std::thread::sleep(Duration::from_millis(200));
+    migrate(&p.src, &p.uri);
+    let info = wait_migration(&p.src, T);
+    assert_completed(&info, &p.src, &p.dst);
+    p.src.execute("quit", json!({})).expect("quit");
+    let exit = p.src.wait(T);
+    assert!(exit.success(), "{exit:?}: {}", p.src.stderr());
+    std::thread::sleep(Duration::from_millis(700));
+    let r = s.stop(Duration::from_millis(300));
+    let dst = p.dst.execute("query-migrate", json!({})).expect("query");
+    let df = frames(&dst);
+    assert_every_echo_once_in_order(test, &r, &format!("destination {df}"));
+    assert!(df["received"].as_u64().unwrap_or(0) > 0, "{df}");
+    assert_eq!(df["hold-expired"], 0, "{df}");
 }

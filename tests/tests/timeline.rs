@@ -112,4 +112,14 @@ fn a_migration_draws_its_timeline() {
         "{words}"
     );
     assert!(words.contains(&mac), "the identity's row: {words}");
+    // The frames the source's TAP got after the stop (none here: nothing
+    // sends to the guest) and why their forwarding ended: no switch
+    // floods the announce back to A, so by the quiet interval.
+    let forward = data["forward"].as_array().expect("forward");
+    assert_eq!(forward.len(), 1, "{data}");
+    assert_eq!(forward[0]["ended_by"], "quiet", "{data}");
+    assert!(
+        words.contains("frames forwarded") && words.contains("(ended: quiet)"),
+        "{words}"
+    );
 }

@@ -211,9 +211,26 @@ impl Vm {
             control.start()?;
         }
 
+        let migrations = self.configured.migrations.clone();
+        let forwarding = move || {
+            devices::bus::lock(&migrations)
+                .job()
+                .is_some_and(|j| j.forwarding())
+        };
+        let mut drain_until = None;
         let reason = loop {
             if let Some(reason) = parts.exit.reason() {
-                break reason;
+                // A source still forwarding frames to where its guest runs
+                // now (migrate::forward) ends when that does: its event
+                // loop reads the TAPs. Bounded by the forwarding's own.
+                let until = *drain_until.get_or_insert_with(|| {
+                    std::time::Instant::now() + crate::migrate::forward::EXIT_WAIT
+                });
+                if !forwarding() || std::time::Instant::now() >= until {
+                    break reason;
+                }
+                let _ = event_manager.run_with_timeout(10);
+                continue;
             }
             if let Err(e) = event_manager.run() {
                 break VmExit::VcpuError {

@@ -44,6 +44,9 @@ const END: &[u8; 8] = b"FERRYFEN";
 pub const QUIET_AFTER_MOVE: Duration = Duration::from_millis(3);
 /// No frame for the guest came for this long (the move unseen).
 pub const QUIET: Duration = Duration::from_millis(200);
+/// Longest an exit (`quit`, SIGTERM) of a source waits for its forwarding
+/// to end: past `x-forward-max-time`'s default.
+pub const EXIT_WAIT: Duration = Duration::from_millis(2500);
 /// How long the sender waits for a frame before it checks the bounds.
 const POLL: Duration = Duration::from_millis(1);
 /// How long the destination waits for the source beyond its time bound.
@@ -83,6 +86,8 @@ pub struct NicFrames {
     pub delivered: u64,
     pub filtered: u64,
     pub held: u64,
+    /// Holds that ended by their own bound before the end record.
+    pub hold_expired: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_by: Option<EndedBy>,
 }
@@ -304,6 +309,7 @@ pub fn received(parts: &VmParts) -> Vec<NicFrames> {
                 filtered: c.filtered,
                 dropped: c.dropped,
                 held: c.held,
+                hold_expired: c.hold_expired,
                 ..Default::default()
             }
         })

@@ -98,6 +98,9 @@ pub struct MigrationJob {
     wire_bytes: AtomicU64,
     /// What happened when (`x-ferry-query-migrate-timeline`).
     timeline: Mutex<timeline::Timeline>,
+    /// The source forwards frames to the destination (super::forward):
+    /// an exit asked for meanwhile waits for it, within its bound.
+    forwarding: AtomicBool,
 }
 
 impl MigrationJob {
@@ -123,6 +126,7 @@ impl MigrationJob {
             channels: Mutex::new(Vec::new()),
             wire_bytes: AtomicU64::new(0),
             timeline: Mutex::new(timeline::Timeline::default()),
+            forwarding: AtomicBool::new(false),
         }
     }
 
@@ -231,6 +235,14 @@ impl MigrationJob {
 
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+
+    pub fn set_forwarding(&self, on: bool) {
+        self.forwarding.store(on, Ordering::SeqCst);
+    }
+
+    pub fn forwarding(&self) -> bool {
+        self.forwarding.load(Ordering::SeqCst)
     }
 
     pub fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {

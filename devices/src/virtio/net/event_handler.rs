@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use net::NetBackend;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::device::{Net, CTRL_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::bus::lock;
@@ -18,6 +19,10 @@ pub struct NetEventHandler {
     activate_fd: i32,
     tap_fd: i32,
     tap_watched: bool,
+    /// Ends a hold of the TAP's frames (behind forwarded ones) at its
+    /// deadline when no other event comes first.
+    hold_timer: Option<TimerFd>,
+    hold_armed: Option<std::time::Instant>,
 }
 
 impl NetEventHandler {
@@ -37,6 +42,36 @@ impl NetEventHandler {
             activate_fd,
             tap_fd,
             tap_watched: false,
+            hold_timer: TimerFd::new()
+                .map_err(|e| log::warn!("virtio-net: no hold timer: {e}"))
+                .ok(),
+            hold_armed: None,
+        }
+    }
+
+    fn hold_timer_fd(&self) -> Option<i32> {
+        self.hold_timer.as_ref().map(|t| t.as_raw_fd())
+    }
+
+    /// Arms the timer for the device's hold deadline, if it has one.
+    fn arm_hold_timer(&mut self, deadline: Option<std::time::Instant>) {
+        if deadline == self.hold_armed {
+            return;
+        }
+        let Some(timer) = self.hold_timer.as_mut() else {
+            return;
+        };
+        let armed = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                // A zero duration would disarm the timer.
+                timer.reset(left.max(std::time::Duration::from_micros(1)), None)
+            }
+            None => timer.clear(),
+        };
+        match armed {
+            Ok(()) => self.hold_armed = deadline,
+            Err(e) => log::warn!("virtio-net: hold timer: {e}"),
         }
     }
 
@@ -61,7 +96,13 @@ impl NetEventHandler {
 
 impl MutEventSubscriber for NetEventHandler {
     fn init(&mut self, ops: &mut EventOps) {
-        for &fd in self.queue_fds.iter().chain([self.activate_fd].iter()) {
+        let timer = self.hold_timer_fd();
+        for &fd in self
+            .queue_fds
+            .iter()
+            .chain([self.activate_fd].iter())
+            .chain(timer.iter())
+        {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("virtio-net: cannot watch fd {fd}: {e:?}");
             }
@@ -81,6 +122,13 @@ impl MutEventSubscriber for NetEventHandler {
             net.process_rx();
         } else if fd == self.tap_fd {
             net.process_rx();
+        } else if Some(fd) == self.hold_timer_fd() {
+            if let Some(t) = self.hold_timer.as_mut() {
+                // Readable: the read returns at once.
+                let _ = t.wait();
+            }
+            self.hold_armed = None;
+            net.process_rx();
         } else if let Some(queue) = self.queue_fds.iter().position(|&q| q == fd) {
             if let Some(evt) = net.queue_evts().get(queue) {
                 let _ = evt.read();
@@ -98,10 +146,12 @@ impl MutEventSubscriber for NetEventHandler {
             }
         }
         let want = net.wants_tap();
+        let deadline = net.hold_deadline();
         if let Some(why) = net.take_broken() {
             t.set_needs_reset(&why.to_string());
         }
         drop(t);
         self.update_tap_interest(want, ops);
+        self.arm_hold_timer(deadline);
     }
 }

@@ -260,6 +260,9 @@ pub struct BacklogCounts {
     pub dropped: u64,
     /// Frames of this host's TAP that waited behind forwarded ones.
     pub held: u64,
+    /// Holds ended by their time bound (`HOLD_MAX`) before the source's
+    /// end record.
+    pub hold_expired: u64,
 }
 
 #[cfg(test)]

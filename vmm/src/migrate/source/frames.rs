@@ -71,6 +71,7 @@ impl Outgoing<'_> {
             return;
         }
         let captures = std::mem::take(&mut self.captures);
+        self.job.set_forwarding(true);
         let start_ms = self.job.now_ms();
         let job = self.job;
         let bounds = Bounds {
@@ -83,6 +84,7 @@ impl Outgoing<'_> {
                     .push(timeline::ForwardBatch { at_ms, frames })
             });
         });
+        self.job.set_forwarding(false);
         let end_ms = self.job.now_ms();
         log::info!(
             "forwarded frames for {:.1} ms: {}",

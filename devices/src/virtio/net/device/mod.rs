@@ -153,8 +153,17 @@ pub struct Net<B: NetBackend = Tap> {
     /// Forwarded frames may still come: the TAP's wait in `held`.
     hold: bool,
     held: FrameQueue,
+    /// When the oldest held frame came: none waits past [`HOLD_MAX`].
+    held_since: Option<std::time::Instant>,
     backlog_counts: BacklogCounts,
 }
+
+/// Longest a frame of this host's TAP waits behind forwarded ones. In a
+/// switched network the source's end record comes a few ms after the
+/// switch moved; where the source never sees the move (no switch floods
+/// the announce back to it) it may forward for seconds, and this host's
+/// traffic must not wait that long.
+pub const HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Most frames (and bytes) a backlog and a hold keep.
 pub const BACKLOG_FRAMES: usize = 65_536;
@@ -225,6 +234,7 @@ impl<B: NetBackend> Net<B> {
             pending_from_backlog: false,
             hold: false,
             held: FrameQueue::new(BACKLOG_FRAMES, BACKLOG_BYTES),
+            held_since: None,
             backlog_counts: BacklogCounts::default(),
         })
     }
@@ -358,7 +368,14 @@ impl<B: NetBackend> Net<B> {
     /// No more frames will be forwarded: the held TAP frames follow.
     pub fn release_hold(&mut self) {
         self.hold = false;
+        self.held_since = None;
         self.notify_handler();
+    }
+
+    /// When the hold must end at the latest (a frame is held): the event
+    /// loop's timer brings [`Net::process_rx`] back then.
+    pub fn hold_deadline(&self) -> Option<std::time::Instant> {
+        self.held_since.filter(|_| self.hold).map(|t| t + HOLD_MAX)
     }
 
     pub fn backlog_counts(&self) -> BacklogCounts {

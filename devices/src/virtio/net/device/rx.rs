@@ -3,6 +3,7 @@
 use net::{NetBackend, Nic};
 use std::io::Write;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use net::tap::VNET_HDR_LEN;
 use virtio_bindings::virtio_net::*;
@@ -143,7 +144,12 @@ impl<B: NetBackend> Net<B> {
             self.pending_from_backlog = true;
             return Some(self.load_frame(&f));
         }
+        if self.hold && self.hold_deadline().is_some_and(|d| Instant::now() >= d) {
+            self.hold = false;
+            self.backlog_counts.hold_expired += 1;
+        }
         if !self.hold {
+            self.held_since = None;
             if let Some(f) = self.held.pop() {
                 return Some(self.load_frame(&f));
             }
@@ -155,6 +161,7 @@ impl<B: NetBackend> Net<B> {
             match self.backend.read_frame(&mut self.rx_frame) {
                 Ok(len) if self.hold => {
                     if self.held.push(self.rx_frame[..len].to_vec()) {
+                        self.held_since.get_or_insert_with(Instant::now);
                         self.backlog_counts.held += 1;
                     } else {
                         self.metrics.rx_dropped += 1;
