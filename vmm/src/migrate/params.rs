@@ -442,6 +442,7 @@ mod tests {
                 { "capability": "pause-before-switchover", "state": true },
                 { "capability": "multifd", "state": false },
                 { "capability": "mapped-ram", "state": true },
+                { "capability": "x-forward-frames", "state": true },
             ])
         );
         let mixed = caps(
