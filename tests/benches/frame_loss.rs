@@ -76,14 +76,20 @@ struct Run {
     stream: StreamReport,
     /// Datagrams that never reached the guest.
     not_delivered: u64,
+    /// Answers the probe could not queue (its tx ring was full).
+    probe_tx_dropped: u64,
     downtime_ms: f64,
 }
 
-/// UDP frames the probe received so far (its counters).
-fn guest_udp_received(g: &Guest) -> u64 {
+/// UDP frames the probe received so far, and answers it dropped (its
+/// counters).
+fn guest_counts(g: &Guest) -> (u64, u64) {
     let c = g.console().send_command("counters 0", T);
     let n = |k: &str| c.number(k).unwrap_or(0);
-    n("rx_frames").saturating_sub(n("arp_replies") + n("ignored") + n("malformed"))
+    (
+        n("rx_frames").saturating_sub(n("arp_replies") + n("ignored") + n("malformed")),
+        n("tx_dropped"),
+    )
 }
 
 fn once(setup: Setup, rate: u64, size: usize, run: usize) -> Run {
@@ -111,8 +117,10 @@ fn once(setup: Setup, rate: u64, size: usize, run: usize) -> Run {
         let s = stream(&sw, rate, size);
         std::thread::sleep(Duration::from_millis(1500));
         let stream = s.stop(Duration::from_millis(300));
+        let (received, probe_tx_dropped) = guest_counts(&src);
         return Run {
-            not_delivered: stream.sent.saturating_sub(guest_udp_received(&src)),
+            not_delivered: stream.sent.saturating_sub(received),
+            probe_tx_dropped,
             stream,
             downtime_ms: 0.0,
         };
@@ -149,8 +157,10 @@ fn once(setup: Setup, rate: u64, size: usize, run: usize) -> Run {
     };
     std::thread::sleep(Duration::from_millis(700));
     let stream = s.stop(Duration::from_millis(300));
+    let (received, probe_tx_dropped) = guest_counts(&dst);
     Run {
-        not_delivered: stream.sent.saturating_sub(guest_udp_received(&dst)),
+        not_delivered: stream.sent.saturating_sub(received),
+        probe_tx_dropped,
         stream,
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
     }
@@ -195,11 +205,12 @@ fn main() {
                     }
                     let r = once(setup, rate, size as usize, run);
                     eprintln!(
-                        "{rate}/s {size} B run {run} {}: {} of {} never reached the guest, {} echoes lost (downtime {} ms, rtt max {:?})",
+                        "{rate}/s {size} B run {run} {}: {} of {} never reached the guest, {} echoes lost, {} of them dropped by the probe itself (downtime {} ms, rtt max {:?})",
                         setup.name(),
                         r.not_delivered,
                         r.stream.sent,
                         r.stream.lost.len(),
+                        r.probe_tx_dropped,
                         r.downtime_ms,
                         r.stream.rtt_max
                     );
@@ -213,7 +224,7 @@ fn main() {
     print!("| datagrams/s | size |");
     for s in setups {
         print!(
-            " {}: not delivered / echoes lost, median (worst) |",
+            " {}: not delivered / echoes lost / of them dropped by the probe, median (worst) |",
             s.name()
         );
     }
@@ -228,7 +239,13 @@ fn main() {
         for samples in got {
             let nd = samples.iter().map(|r| r.not_delivered as f64).collect();
             let lost = samples.iter().map(|r| r.stream.lost.len() as f64).collect();
-            print!(" {} / {} |", med_worst(nd), med_worst(lost));
+            let own = samples.iter().map(|r| r.probe_tx_dropped as f64).collect();
+            print!(
+                " {} / {} / {} |",
+                med_worst(nd),
+                med_worst(lost),
+                med_worst(own)
+            );
         }
         let ferry = &got[0];
         let down = median(ferry.iter().map(|r| r.downtime_ms).collect());
