@@ -71,18 +71,33 @@ impl QmpClient {
     /// Connects, reads the greeting and negotiates capabilities (none),
     /// leaving the connection in command mode.
     pub fn connect(path: impl AsRef<Path>) -> Result<Self, ClientError> {
-        let mut client = Self::connect_without_negotiation(path)?;
+        Self::connect_with_timeout(path, None)
+    }
+
+    /// [`Self::connect`], each read and write (the greeting's too) bounded
+    /// by `timeout`, which stays set: a server that accepts and never
+    /// speaks is an error, not a hang.
+    pub fn connect_with_timeout(
+        path: impl AsRef<Path>,
+        timeout: Option<Duration>,
+    ) -> Result<Self, ClientError> {
+        let mut client = Self::open(path.as_ref(), timeout)?;
         client.negotiate()?;
         Ok(client)
     }
 
     /// Connects and reads the greeting only.
     pub fn connect_without_negotiation(path: impl AsRef<Path>) -> Result<Self, ClientError> {
-        let path = path.as_ref();
+        Self::open(path.as_ref(), None)
+    }
+
+    fn open(path: &Path, timeout: Option<Duration>) -> Result<Self, ClientError> {
         let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
             path: path.to_path_buf(),
             source,
         })?;
+        stream.set_read_timeout(timeout)?;
+        stream.set_write_timeout(timeout)?;
         let writer = stream.try_clone()?;
         let mut client = Self {
             reader: BufReader::new(stream),

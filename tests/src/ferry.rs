@@ -279,13 +279,13 @@ impl FerryVm {
 
     /// A new, negotiated QMP connection.
     pub fn qmp(&self) -> qmp::client::QmpClient {
-        let mut c = match qmp::client::QmpClient::connect(self.qmp_path()) {
+        // Bounded from the greeting on: a VM that accepts and never
+        // answers fails the test with its stderr instead of hanging it.
+        let timeout = Some(Duration::from_secs(20));
+        match qmp::client::QmpClient::connect_with_timeout(self.qmp_path(), timeout) {
             Ok(c) => c,
             Err(e) => panic!("connect to QMP: {e:?}; the VM's stderr:\n{}", self.stderr()),
-        };
-        c.set_timeout(Some(Duration::from_secs(20)))
-            .expect("QMP timeout");
-        c
+        }
     }
 
     /// Runs one QMP command on a fresh connection.
