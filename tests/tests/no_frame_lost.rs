@@ -212,8 +212,8 @@ fn no_loss_with(test: &str, announce: Announce, tls: bool) {
     // The source's end record came before any held frame's bound.
     assert_eq!(df["hold-expired"], 0, "{ends}");
     println!(
-        "{test}: downtime {} ms; forwarded {forwarded} frames; {} of B's own held behind them",
-        src["downtime"], df["held"]
+        "{test}: downtime {} ms; forwarded {forwarded} frames; {} of B's own held behind them, at most {} µs",
+        src["downtime"], df["held"], df["longest-hold-us"]
     );
 }
 

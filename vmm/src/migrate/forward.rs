@@ -88,6 +88,7 @@ pub struct NicFrames {
     pub held: u64,
     /// Holds that ended by their own bound before the end record.
     pub hold_expired: u64,
+    pub longest_hold_us: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_by: Option<EndedBy>,
 }
@@ -310,6 +311,7 @@ pub fn received(parts: &VmParts) -> Vec<NicFrames> {
                 dropped: c.dropped,
                 held: c.held,
                 hold_expired: c.hold_expired,
+                longest_hold_us: c.longest_hold_us,
                 ..Default::default()
             }
         })

@@ -263,6 +263,8 @@ pub struct BacklogCounts {
     /// Holds ended by their time bound (`HOLD_MAX`) before the source's
     /// end record.
     pub hold_expired: u64,
+    /// The longest any held frame waited, µs.
+    pub longest_hold_us: u64,
 }
 
 #[cfg(test)]

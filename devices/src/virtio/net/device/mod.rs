@@ -163,7 +163,7 @@ pub struct Net<B: NetBackend = Tap> {
 /// switch moved; where the source never sees the move (no switch floods
 /// the announce back to it) it may forward for seconds, and this host's
 /// traffic must not wait that long.
-pub const HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(10);
+pub const HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Most frames (and bytes) a backlog and a hold keep.
 pub const BACKLOG_FRAMES: usize = 65_536;
@@ -368,7 +368,12 @@ impl<B: NetBackend> Net<B> {
     /// No more frames will be forwarded: the held TAP frames follow.
     pub fn release_hold(&mut self) {
         self.hold = false;
-        self.held_since = None;
+        if let Some(t) = self.held_since.take() {
+            self.backlog_counts.longest_hold_us = self
+                .backlog_counts
+                .longest_hold_us
+                .max(t.elapsed().as_micros() as u64);
+        }
         self.notify_handler();
     }
 

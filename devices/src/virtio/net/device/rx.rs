@@ -147,6 +147,7 @@ impl<B: NetBackend> Net<B> {
         if self.hold && self.hold_deadline().is_some_and(|d| Instant::now() >= d) {
             self.hold = false;
             self.backlog_counts.hold_expired += 1;
+            self.backlog_counts.longest_hold_us = super::HOLD_MAX.as_micros() as u64;
         }
         if !self.hold {
             self.held_since = None;
