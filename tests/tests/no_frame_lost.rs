@@ -2,8 +2,12 @@
 //! `ferry_tests::switch`: a switch namespace joining host A (the guest
 //! before), host B (after) and a client. The client sends a numbered UDP
 //! stream (64-byte datagrams, 10,000 a second) to the probe's echo port
-//! while the probe migrates A → B over TCP; every sequence number must
-//! come back exactly once and in order:
+//! while the probe migrates A → B over TCP. Every datagram must reach the
+//! guest (its counters travel in its memory), and every sequence number
+//! come back exactly once and in order, but for answers the guest itself
+//! counts as dropped (its 256-entry transmit ring overflowing while it
+//! works through a burst on a busy 2-core host; the test says so when it
+//! happens):
 //! - with Ferry's RARPs (`guest-announce=off`) and with the guest
 //!   announcing itself (GUEST_ANNOUNCE), and over TLS with multifd;
 //! - a migration cancelled at the last moment (stopped in
@@ -28,7 +32,7 @@ use ferry_tests::hosts::{
     assert_completed, migrate, set_multifd, status, wait_migration, A_TAP, B_ADDR, B_TAP,
 };
 use ferry_tests::probe::checks::GUEST_MAC;
-use ferry_tests::probe::{Cmdline, READY};
+use ferry_tests::probe::{Cmdline, Reply, READY};
 use ferry_tests::switch::{Switch, CLIENT_ADDR};
 use ferry_tests::tlscerts::{Side, TestCa};
 use ferry_tests::udpstream::{StreamReport, UdpStream};
@@ -160,6 +164,31 @@ fn assert_every_echo_once_in_order(what: &str, r: &StreamReport, extra: &str) {
     );
 }
 
+/// Ferry lost nothing: every datagram reached the guest (its counters,
+/// which travel in its memory), none twice, none out of order (the probe
+/// answers in the order it receives); every echo that did not come back
+/// is one the guest itself could not queue (a 256-entry transmit ring
+/// answering a burst on a busy 2-core host), which it counts.
+fn assert_guest_got_everything(what: &str, r: &StreamReport, c: &Reply, extra: &str) {
+    let n = |k: &str| c.number(k).unwrap_or(0);
+    let udp_received = n("rx_frames") - n("arp_replies") - n("ignored") - n("malformed");
+    let detail = format!("{:?}\n{extra}", c.lines);
+    assert_eq!(udp_received, r.sent, "{what}: {detail}");
+    assert!(
+        r.duplicated.is_empty() && r.reordered == 0,
+        "{what}: {detail}"
+    );
+    assert_eq!(r.lost.len() as u64, n("tx_dropped"), "{what}: {detail}");
+    if r.lost.is_empty() {
+        assert_every_echo_once_in_order(what, r, extra);
+    } else {
+        println!(
+            "{what}: every datagram reached the guest; it could not queue {} answers",
+            r.lost.len()
+        );
+    }
+}
+
 /// Migrates while the stream runs; the stream's report and both ends'
 /// `query-migrate`.
 fn migrate_during(p: &Pair, s: UdpStream) -> (StreamReport, Value, Value) {
@@ -196,12 +225,11 @@ fn no_loss_with(test: &str, announce: Announce, tls: bool) {
     let (sf, df) = (frames(&src), frames(&dst));
     let counters = p.dst.console.send_command("counters 0", T);
     let ends = format!(
-        "source x-frames {sf}\ndestination x-frames {df}\nthe probe on B: {:?}\nsource stderr {}\ndestination stderr {}",
-        counters.lines,
+        "source x-frames {sf}\ndestination x-frames {df}\nsource stderr {}\ndestination stderr {}",
         p.src.stderr(),
         p.dst.stderr()
     );
-    assert_every_echo_once_in_order(&format!("{test} ({announce:?})"), &r, &ends);
+    assert_guest_got_everything(&format!("{test} ({announce:?})"), &r, &counters, &ends);
     // The gap was real: frames reached A after the stop and went on.
     let forwarded = sf["forwarded"].as_u64().unwrap_or(0);
     assert!(forwarded > 0, "{ends}");
@@ -285,10 +313,10 @@ fn stop_before_switchover(p: &Pair, hold: Duration) {
     std::thread::sleep(hold);
 }
 
-/// How long the cancelled migration stands stopped. Longer, and the
-/// probe's own answers overflow its transmit ring (256) as it works
-/// through the backlog: it counts them as `tx_dropped`, having received
-/// every frame.
+/// How long the cancelled migration stands stopped (600 frames come
+/// meanwhile). Longer, and the probe's own answers overflow its transmit
+/// ring (256) more often as it works through the backlog: it counts them
+/// as `tx_dropped`, having received every frame.
 const HOLD: Duration = Duration::from_millis(60);
 
 #[test]
@@ -309,12 +337,8 @@ fn a_migration_cancelled_at_the_last_moment_gives_every_frame_back_to_the_guest(
     let r = s.stop(Duration::from_millis(300));
     assert_eq!(status(&p.src), "running");
     let f = frames(&info);
-    let counters = p.src.console.send_command("counters 0", T);
-    assert_every_echo_once_in_order(
-        test,
-        &r,
-        &format!("{info}\n{:?}\n{}", counters.lines, p.src.stderr()),
-    );
+    let c = p.src.console.send_command("counters 0", T);
+    assert_guest_got_everything(test, &r, &c, &format!("{info}\n{}", p.src.stderr()));
     // Stopped HOLD at 10,000 a second: hundreds came while it stood.
     let given_back = f["given-back"].as_u64().unwrap_or(0);
     assert!(given_back >= 400, "{f}");
@@ -467,7 +491,8 @@ fn a_source_told_to_quit_at_completion_still_forwards_every_frame() {
     let r = s.stop(Duration::from_millis(300));
     let dst = p.dst.execute("query-migrate", json!({})).expect("query");
     let df = frames(&dst);
-    assert_every_echo_once_in_order(test, &r, &format!("destination {df}"));
+    let c = p.dst.console.send_command("counters 0", T);
+    assert_guest_got_everything(test, &r, &c, &format!("destination {df}"));
     assert!(df["received"].as_u64().unwrap_or(0) > 0, "{df}");
     assert_eq!(df["hold-expired"], 0, "{df}");
 }
