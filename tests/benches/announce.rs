@@ -60,9 +60,9 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_tests::announce::announce_frames;
-use ferry_tests::bench_net::median;
+use ferry_tests::bench_net::{env_or, median};
 use ferry_tests::host::{require_kvm, require_root, require_tool};
-use ferry_tests::hosts::{A_TAP, B_ADDR, B_TAP};
+use ferry_tests::hosts::B_ADDR;
 use ferry_tests::probe::checks::{network_cmdline, GUEST_MAC};
 use ferry_tests::switch::{probe_identities, FdbMonitor, Outage, Pinger, Switch, PORT_A, PORT_B};
 use ferry_tests::vmms::{Guest, GuestNet, Vmm};
@@ -158,16 +158,7 @@ fn migrate_once(mode: Mode, run: usize) -> Sample {
     }
     let cmdline = cmdline.build();
     let name = mode.vmm.name();
-    let a = GuestNet {
-        ns: &sw.hosts.a,
-        tap: A_TAP,
-        mac: GUEST_MAC,
-    };
-    let b = GuestNet {
-        ns: &sw.hosts.b,
-        tap: B_TAP,
-        mac: GUEST_MAC,
-    };
+    let (a, b) = GuestNet::on_both_hosts(&sw.hosts, GUEST_MAC);
     let uri = format!("tcp:{B_ADDR}:4450");
     let mut src = Guest::boot(mode.vmm, &format!("annb-{name}-src"), &a, MIB, &cmdline);
     let mut params = json!({ "downtime-limit": 300 });
@@ -356,10 +347,7 @@ fn main() {
     {
         return;
     }
-    let runs: usize = std::env::var("FERRY_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let runs: usize = env_or("FERRY_BENCH_RUNS", 3);
     let verbose = verbose();
     let only = std::env::var("FERRY_BENCH_ONLY").ok();
     let mut modes: Vec<Mode> = Vec::new();

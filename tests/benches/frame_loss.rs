@@ -22,9 +22,9 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_tests::bench_net::median;
+use ferry_tests::bench_net::{env_or, median};
 use ferry_tests::host::{require_kvm, require_root, require_tool};
-use ferry_tests::hosts::{A_TAP, B_ADDR, B_TAP};
+use ferry_tests::hosts::B_ADDR;
 use ferry_tests::probe::checks::GUEST_MAC;
 use ferry_tests::probe::Cmdline;
 use ferry_tests::switch::{Switch, CLIENT_ADDR};
@@ -97,16 +97,7 @@ fn once(setup: Setup, rate: u64, size: usize, run: usize) -> Run {
     let cmdline = Cmdline::new()
         .identity(0, None, None, &format!("{GUEST_IP}/24"))
         .build();
-    let a = GuestNet {
-        ns: &sw.hosts.a,
-        tap: A_TAP,
-        mac: GUEST_MAC,
-    };
-    let b = GuestNet {
-        ns: &sw.hosts.b,
-        tap: B_TAP,
-        mac: GUEST_MAC,
-    };
+    let (a, b) = GuestNet::on_both_hosts(&sw.hosts, GUEST_MAC);
     let vmm = if setup == Setup::Qemu {
         Vmm::Qemu
     } else {
@@ -181,10 +172,7 @@ fn main() {
     {
         return;
     }
-    let runs: usize = std::env::var("FERRY_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let runs: usize = env_or("FERRY_BENCH_RUNS", 10);
     let rates = list("FERRY_BENCH_RATES", &[1000, 10_000, 50_000]);
     let sizes = list("FERRY_BENCH_SIZES", &[64, 1400]);
     let setups = [

@@ -26,6 +26,7 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_tests::bench_net::env_or;
 use ferry_tests::bench_net::{
     echo, median, namespace, ping, sink, source, EchoResult, ProbeVm, SinkResult, SourceResult,
     GUEST_CIDR, GUEST_IP, GUEST_MAC,
@@ -170,13 +171,6 @@ fn loadavg() -> String {
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "?".into())
-}
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// A table row: the measure, its unit, whether higher is better, and the

@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_tests::bench_net::median;
+use ferry_tests::bench_net::{env_or, median};
 use ferry_tests::ferry::{FerryVm, VmSpec};
 use ferry_tests::host::{require_kvm, require_root};
 use ferry_tests::hosts::{wait_migration, TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR};
@@ -25,13 +25,6 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(120);
 const PORT: u16 = 4444;
-
-fn env_or(key: &str, default: u64) -> u64 {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn creds(vm: &FerryVm, id: &str, dir: &Path, endpoint: &str) {
     vm.execute(

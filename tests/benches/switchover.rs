@@ -15,9 +15,9 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_tests::bench_net::median;
+use ferry_tests::bench_net::{env_or, median};
 use ferry_tests::host::{require_kvm, require_root, require_tool};
-use ferry_tests::hosts::{TwoHosts, A_TAP, B_ADDR, B_TAP, GUEST_ADDR};
+use ferry_tests::hosts::{TwoHosts, B_ADDR, GUEST_ADDR};
 use ferry_tests::probe::checks::GUEST_MAC;
 use ferry_tests::probe::Cmdline;
 use ferry_tests::vmms::{Guest, GuestNet, Vmm};
@@ -49,16 +49,7 @@ fn once(vmm: Vmm, run: usize) -> (f64, f64) {
         .pattern(5, "64M")
         .dirty("8M", "16M")
         .build();
-    let a = GuestNet {
-        ns: &hosts.a,
-        tap: A_TAP,
-        mac: GUEST_MAC,
-    };
-    let b = GuestNet {
-        ns: &hosts.b,
-        tap: B_TAP,
-        mac: GUEST_MAC,
-    };
+    let (a, b) = GuestNet::on_both_hosts(&hosts, GUEST_MAC);
     let name = vmm.name();
     let uri = format!("tcp:{B_ADDR}:4470");
     let mut src = Guest::boot(vmm, &format!("sw-{name}-src"), &a, MIB, &cmdline);
@@ -133,10 +124,7 @@ fn main() {
     {
         return;
     }
-    let runs: usize = std::env::var("FERRY_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let runs: usize = env_or("FERRY_BENCH_RUNS", 5);
     let mut got: Vec<(Vmm, Vec<(f64, f64)>)> = vec![(Vmm::Ferry, vec![]), (Vmm::Qemu, vec![])];
     for run in 0..runs {
         for (vmm, samples) in got.iter_mut() {

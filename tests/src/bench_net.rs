@@ -54,6 +54,15 @@ impl ProbeVm for FerryVm {
     }
 }
 
+/// The environment variable `key` parsed, or `default` (unset or not
+/// parsable): the benches' knobs (FERRY_BENCH_RUNS, ...).
+pub fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;

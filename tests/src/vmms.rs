@@ -39,6 +39,19 @@ pub struct GuestNet<'a> {
     pub mac: &'a str,
 }
 
+impl<'a> GuestNet<'a> {
+    /// The NIC on host A's TAP and on host B's, both with `mac`: a
+    /// migration's two ends.
+    pub fn on_both_hosts(
+        hosts: &'a crate::hosts::TwoHosts,
+        mac: &'a str,
+    ) -> (GuestNet<'a>, GuestNet<'a>) {
+        use crate::hosts::{A_TAP, B_TAP};
+        let net = |ns, tap| GuestNet { ns, tap, mac };
+        (net(&hosts.a, A_TAP), net(&hosts.b, B_TAP))
+    }
+}
+
 impl Guest {
     /// Boots the probe with `cmdline` (no `virtio_mmio.device=`: both VMMs
     /// add it) on `net`, `mib` MiB, and waits for its ready line.

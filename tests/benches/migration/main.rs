@@ -72,6 +72,7 @@ mod tls;
 
 use std::time::{Duration, Instant};
 
+use ferry_tests::bench_net::env_or;
 use ferry_tests::bench_net::GUEST_MAC;
 use ferry_tests::ferry::ferry_bin;
 use ferry_tests::host::{require_kvm, require_root, require_tool};
@@ -112,13 +113,6 @@ impl Env {
 
 fn verbose() -> bool {
     std::env::var("FERRY_BENCH_VERBOSE").is_ok_and(|v| v == "1")
-}
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// The 1-minute load average: this machine is shared, the figures say
