@@ -63,6 +63,18 @@ pub enum EndedBy {
     Broken,
 }
 
+impl EndedBy {
+    /// As `query-migrate` and the timeline name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            EndedBy::SwitchMoved => "switch-moved",
+            EndedBy::Quiet => "quiet",
+            EndedBy::TimeBound => "time-bound",
+            EndedBy::Broken => "broken",
+        }
+    }
+}
+
 /// One NIC's frames across the migration's end, as `query-migrate`
 /// (`x-frames`) and the timeline show them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -91,12 +103,6 @@ pub struct NicFrames {
     pub longest_hold_us: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_by: Option<EndedBy>,
-}
-
-/// The source's bounds.
-#[derive(Clone, Copy, Debug)]
-pub struct Bounds {
-    pub max_time: Duration,
 }
 
 /// Appends one frame record for NIC `nic` to `buf`.
@@ -150,14 +156,14 @@ pub fn read_record(r: &mut impl Read) -> io::Result<Record> {
 }
 
 /// Whether a NIC's forwarding is over, and why.
-fn ended(view: &CaptureView, since: Instant, now: Instant, bounds: Bounds) -> Option<EndedBy> {
+fn ended(view: &CaptureView, since: Instant, now: Instant, max_time: Duration) -> Option<EndedBy> {
     let last = view.last_for_guest.map_or(since, |t| t.max(since));
     if let Some(moved) = view.moved_at {
         if now.saturating_duration_since(last.max(moved)) >= QUIET_AFTER_MOVE {
             return Some(EndedBy::SwitchMoved);
         }
     }
-    if now.saturating_duration_since(since) >= bounds.max_time {
+    if now.saturating_duration_since(since) >= max_time {
         return Some(EndedBy::TimeBound);
     }
     if now.saturating_duration_since(last) >= QUIET {
@@ -173,7 +179,7 @@ pub fn send(
     out: &mut dyn Write,
     parts: &VmParts,
     captures: &[Arc<Capture>],
-    bounds: Bounds,
+    max_time: Duration,
     mut on_batch: impl FnMut(u64),
 ) -> Vec<NicFrames> {
     let since = Instant::now();
@@ -199,7 +205,7 @@ pub fn send(
             let wait = if waited { Duration::ZERO } else { POLL };
             waited = true;
             let view = capture.take(&mut frames, wait);
-            let end = ended(&view, since, Instant::now(), bounds);
+            let end = ended(&view, since, Instant::now(), max_time);
             if end.is_some() {
                 // Whatever arrived up to now still goes.
                 frames.extend(capture.close());
@@ -350,12 +356,22 @@ mod tests {
     }
 
     #[test]
+    fn why_it_ended_is_named_alike_in_query_migrate_and_the_timeline() {
+        for e in [
+            EndedBy::SwitchMoved,
+            EndedBy::Quiet,
+            EndedBy::TimeBound,
+            EndedBy::Broken,
+        ] {
+            assert_eq!(serde_json::to_value(e).unwrap(), e.name());
+        }
+    }
+
+    #[test]
     fn forwarding_ends_by_the_first_rule_that_holds() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
-        let bounds = Bounds {
-            max_time: Duration::from_millis(1000),
-        };
+        let bounds = Duration::from_millis(1000);
         let view = |last: Option<u64>, moved: Option<u64>, dropped| CaptureView {
             counts: CaptureCounts {
                 dropped,

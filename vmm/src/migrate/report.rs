@@ -67,6 +67,10 @@ fn send(mut to: ReportTo, announcer: &Mutex<Announcer>, parts: &VmParts) {
         }
     };
     let log = devices::bus::lock(announcer).log();
+    let frames = forward::received(parts);
+    if to.forward_ms.is_some() {
+        to.job.update(|i| i.frames = frames.clone());
+    }
     let report = timeline::Destination {
         resumed_ms: parts.started_at.get().map(|&t| ms(t)),
         announce: log
@@ -81,7 +85,7 @@ fn send(mut to: ReportTo, announcer: &Mutex<Announcer>, parts: &VmParts) {
             })
             .collect(),
         announce_left_out: log.events_left_out,
-        forwarded: forward::received(parts)
+        forwarded: frames
             .into_iter()
             .map(|f| timeline::Delivered {
                 nic: f.nic,
@@ -93,9 +97,6 @@ fn send(mut to: ReportTo, announcer: &Mutex<Announcer>, parts: &VmParts) {
             })
             .collect(),
     };
-    if to.forward_ms.is_some() {
-        to.job.update(|i| i.frames = forward::received(parts));
-    }
     let Ok(json) = serde_json::to_vec(&report) else {
         return;
     };

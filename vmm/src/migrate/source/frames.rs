@@ -7,7 +7,7 @@ use devices::bus::lock;
 use devices::virtio::net::forward::CaptureLimits;
 
 use super::*;
-use crate::migrate::forward::{self, Bounds, NicFrames};
+use crate::migrate::forward::{self, NicFrames};
 
 impl Outgoing<'_> {
     /// Whether this migration forwards frames: over a connection (a file
@@ -74,10 +74,8 @@ impl Outgoing<'_> {
         self.job.set_forwarding(true);
         let start_ms = self.job.now_ms();
         let job = self.job;
-        let bounds = Bounds {
-            max_time: Duration::from_millis(self.params.forward_max_ms),
-        };
-        let stats = forward::send(out, self.parts(), &captures, bounds, |frames| {
+        let max_time = Duration::from_millis(self.params.forward_max_ms);
+        let stats = forward::send(out, self.parts(), &captures, max_time, |frames| {
             let at_ms = job.now_ms();
             job.record(|t| {
                 t.forward_batches
@@ -108,11 +106,7 @@ impl Outgoing<'_> {
                     captured: s.captured,
                     forwarded: s.forwarded,
                     dropped: s.dropped,
-                    ended_by: s
-                        .ended_by
-                        .and_then(|e| serde_json::to_value(e).ok())
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
+                    ended_by: s.ended_by.map(|e| e.name().to_string()).unwrap_or_default(),
                 })
                 .collect();
         });

@@ -70,7 +70,9 @@ impl<B: NetBackend> Net<B> {
         let mut delivered = false;
         let mut queued = 0;
         loop {
-            if queued >= QUEUED_BURST && self.rx_pending.is_none() {
+            let from_queue = self.rx_pending.is_none()
+                && (!self.backlog.is_empty() || (!self.hold && !self.held.is_empty()));
+            if from_queue && queued >= QUEUED_BURST {
                 // The rest after the guest's transmit queue has been
                 // served: a guest that answers each frame (an echo, a
                 // TCP ACK) must not find it full after a burst of
@@ -78,8 +80,7 @@ impl<B: NetBackend> Net<B> {
                 self.notify_handler();
                 break;
             }
-            let from_queue = !self.backlog.is_empty() || (!self.hold && !self.held.is_empty());
-            queued += usize::from(from_queue && self.rx_pending.is_none());
+            queued += usize::from(from_queue);
             let len = match self.rx_pending {
                 Some(len) => len,
                 None => match self.next_frame() {
